@@ -1,0 +1,1 @@
+"""Trained runs + stores -> concept metrics, figures, HTML report, activation maximisation."""

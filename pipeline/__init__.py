@@ -1,0 +1,1 @@
+"""Images -> aligned token-activation stores (manifest, backbone registry, extract, store)."""

@@ -1,0 +1,473 @@
+"""Token activations <-> the on-disk store (zarr v3), the contract between every stage.
+
+Layout, attributes and commit protocol are documented in docs/contracts.md. In short: one
+float16 array per backbone of shape (n_images * tokens_per_image, width), image-major, the
+same chunk rows in every backbone, no compressor; a chunk is committed by a small JSON marker
+written after its data, so an interrupted writer resumes by skipping committed chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FORMAT = "usae-activations"
+_META = "_usae"
+
+
+class StoreError(RuntimeError):
+    """A store is missing, incomplete, incompatible or malformed."""
+
+
+def _zarr():
+    import zarr
+
+    warnings.filterwarnings("ignore", message=".*vlen-utf8.*")
+    warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="zarr")
+    return zarr
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a store's content."""
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in ("zarr", "torch", "timm", "open_clip", "dask", "PIL"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception:  # noqa: BLE001 - optional libraries
+            continue
+    return out
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of a JSON-serialisable object."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def holdout_mask(image_ids: Sequence[str], fraction: float, salt: str = "usae-holdout") -> np.ndarray:
+    """Held-out flag per image from a stable hash of its id (same answer in every stage)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    out = np.zeros(len(image_ids), dtype=bool)
+    if fraction == 0.0:
+        return out
+    for i, iid in enumerate(image_ids):
+        h = hashlib.blake2b(f"{salt}:{iid}".encode(), digest_size=8).digest()
+        out[i] = int.from_bytes(h, "little") / 2**64 < fraction
+    return out
+
+
+# ---------------------------------------------------------------- running statistics
+@dataclass
+class RunningStats:
+    """Exact per-channel count/mean/M2 (float64), mergeable across chunks (Chan et al.)."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, width: int) -> RunningStats:
+        return cls(0, np.zeros(width, np.float64), np.zeros(width, np.float64))
+
+    @classmethod
+    def of(cls, x_nd: np.ndarray) -> RunningStats:
+        x = np.asarray(x_nd, dtype=np.float64)
+        if x.shape[0] == 0:
+            return cls.empty(x.shape[1])
+        mean = x.mean(axis=0)
+        return cls(int(x.shape[0]), mean, ((x - mean) ** 2).sum(axis=0))
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        return RunningStats(n, mean, m2)
+
+    def scalar(self) -> tuple[float, float]:
+        """Scalar mean/std over all tokens AND channels (the paper's standardisation)."""
+        if self.count == 0:
+            return 0.0, 1.0
+        d = self.mean.shape[0]
+        mu = float(self.mean.mean())
+        ss = float(self.m2.sum() + self.count * ((self.mean - mu) ** 2).sum())
+        return mu, float(np.sqrt(ss / (self.count * d)))
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> RunningStats:
+        return cls(int(d["count"]), np.asarray(d["mean"], np.float64), np.asarray(d["m2"], np.float64))
+
+
+# ---------------------------------------------------------------- layout description
+@dataclass(frozen=True)
+class BackboneLayout:
+    """What the store needs to know about one backbone group."""
+
+    key: str
+    width: int
+    prefix_tokens: int = 0
+    spec: Mapping[str, Any] | None = None
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Store:
+    """A usae activation store. `Store.create` to write one, `Store.open` to read one."""
+
+    def __init__(self, path: str | os.PathLike, mode: str = "r"):
+        zarr = _zarr()
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise StoreError(f"{self.path} is not a usae store (no zarr.json)")
+        self._root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
+        attrs = dict(self._root.attrs)
+        if attrs.get("format") != FORMAT:
+            raise StoreError(f"{self.path} is not a usae activation store (format={attrs.get('format')!r})")
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema_version {attrs.get('schema_version')}, this usae reads {SCHEMA_VERSION}"
+            )
+        self.attrs: dict[str, Any] = attrs
+        self.n_images: int = int(attrs["n_images"])
+        self.tokens_per_image: int = int(attrs["tokens_per_image"])
+        self.grid: tuple[int, int] = tuple(attrs["grid"])  # type: ignore[assignment]
+        self.chunk_images: int = int(attrs["chunk_images"])
+        self.backbones: list[str] = list(attrs["backbones"])
+        self._groups = {k: self._root[f"backbones/{k}"] for k in self.backbones}
+        self.widths: dict[str, int] = {k: int(g.attrs["width"]) for k, g in self._groups.items()}
+        self.prefix_tokens: dict[str, int] = {k: int(g.attrs.get("prefix_tokens", 0)) for k, g in self._groups.items()}
+        self._direct = {k: self._is_raw(self._groups[k]["tokens"]) for k in self.backbones}
+        self._image_ids: np.ndarray | None = None
+
+    # ------------------------------------------------------------ creation
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        image_ids: Sequence[str],
+        backbones: Sequence[BackboneLayout],
+        *,
+        grid: tuple[int, int],
+        chunk_images: int,
+        source: str,
+        fingerprint_of: Any,
+        manifest_sha256: str = "",
+        split: Sequence[str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Store:
+        """Create an empty store, or return the existing one if it was made with the same settings.
+
+        An existing store whose fingerprint differs is refused (never overwritten).
+        """
+        zarr = _zarr()
+        path = Path(path)
+        fp = fingerprint(fingerprint_of)
+        if (path / "zarr.json").exists():
+            st = cls(path, mode="r+")
+            if st.attrs.get("fingerprint") != fp:
+                raise StoreError(
+                    f"{path} exists and was built from a different manifest or settings "
+                    f"(fingerprint {st.attrs.get('fingerprint')} != {fp}); choose another --store path "
+                    "or delete it yourself"
+                )
+            return st
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path} exists, is not empty and is not a usae store")
+        ids = [str(i) for i in image_ids]
+        if len(set(ids)) != len(ids):
+            raise StoreError("duplicate image ids")
+        n = len(ids)
+        t = int(grid[0] * grid[1])
+        root = zarr.open_group(str(path), mode="w")
+        a = root.create_array("image_id", shape=(n,), dtype=str, chunks=(max(n, 1),))
+        if n:
+            a[:] = np.asarray(ids, dtype=object)
+        root.create_array("valid", shape=(n,), dtype=bool, chunks=(chunk_images,), fill_value=False)
+        if split is not None:
+            s = root.create_array("split", shape=(n,), dtype=str, chunks=(max(n, 1),))
+            if n:
+                s[:] = np.asarray([str(x) for x in split], dtype=object)
+        bb = root.create_group("backbones")
+        for b in backbones:
+            g = bb.create_group(b.key)
+            g.create_array(
+                "tokens",
+                shape=(n * t, b.width),
+                dtype="float16",
+                chunks=(chunk_images * t, b.width),
+                compressors=None,
+                fill_value=0.0,
+                config={"write_empty_chunks": True},
+            )
+            if b.prefix_tokens:
+                g.create_array(
+                    "prefix",
+                    shape=(n, b.prefix_tokens, b.width),
+                    dtype="float16",
+                    chunks=(chunk_images, b.prefix_tokens, b.width),
+                    compressors=None,
+                    fill_value=0.0,
+                    config={"write_empty_chunks": True},
+                )
+            g.attrs.update({"width": b.width, "prefix_tokens": b.prefix_tokens, "spec": dict(b.spec or {})})
+        root.attrs.update(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "format": FORMAT,
+                "source": source,
+                "n_images": n,
+                "tokens_per_image": t,
+                "grid": [int(grid[0]), int(grid[1])],
+                "chunk_images": int(chunk_images),
+                "backbones": [b.key for b in backbones],
+                "fingerprint": fp,
+                "manifest_sha256": manifest_sha256,
+                "library_versions": library_versions(),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "complete": False,
+                "failures": [],
+                "extra": dict(extra or {}),
+            }
+        )
+        (path / _META / "commits").mkdir(parents=True, exist_ok=True)
+        return cls(path, mode="r+")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, require_complete: bool = True) -> Store:
+        st = cls(path, mode="r")
+        if require_complete and not st.complete:
+            raise StoreError(
+                f"{path} is incomplete (extraction not finished: {st.n_committed()}/{st.n_chunks} chunks); "
+                "re-run the same `usae extract` command to finish it"
+            )
+        return st
+
+    # ------------------------------------------------------------ properties
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_images // self.chunk_images)
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_images * self.tokens_per_image
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        if self._image_ids is None:
+            self._image_ids = np.asarray(self._root["image_id"][:], dtype=object) if self.n_images else np.zeros(0, object)
+        return self._image_ids
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.asarray(self._root["valid"][:], dtype=bool) if self.n_images else np.zeros(0, bool)
+
+    @property
+    def split(self) -> np.ndarray | None:
+        if "split" not in self._root:
+            return None
+        return np.asarray(self._root["split"][:], dtype=object)
+
+    @property
+    def failures(self) -> list[dict]:
+        return list(self.attrs.get("failures", []))
+
+    def spec(self, key: str) -> dict:
+        return dict(self._groups[key].attrs.get("spec", {}))
+
+    def stats(self, key: str) -> dict:
+        """Exact statistics of a backbone (count, mean[d], m2[d], scalar_mean, scalar_std)."""
+        s = self._groups[key].attrs.get("stats")
+        if s is None:
+            raise StoreError(f"{self.path}: backbone {key!r} has no statistics (store incomplete?)")
+        return dict(s)
+
+    def chunk_images_range(self, i: int) -> tuple[int, int]:
+        a = i * self.chunk_images
+        return a, min(a + self.chunk_images, self.n_images)
+
+    def chunk_rows(self, i: int) -> tuple[int, int]:
+        a, b = self.chunk_images_range(i)
+        return a * self.tokens_per_image, b * self.tokens_per_image
+
+    # ------------------------------------------------------------ reading
+    @staticmethod
+    def _is_raw(arr) -> bool:
+        md = arr.metadata
+        try:
+            codecs = [c.to_dict()["name"] for c in md.codecs]
+        except Exception:  # noqa: BLE001
+            return False
+        enc = getattr(md, "chunk_key_encoding", None)
+        sep_ok = enc is not None and getattr(enc, "separator", "/") == "/" and getattr(enc, "name", "default") == "default"
+        return codecs == ["bytes"] and sep_ok and np.dtype(arr.dtype).byteorder in "<=|"
+
+    def chunk_file(self, key: str, i: int) -> Path:
+        return self.path / "backbones" / key / "tokens" / "c" / str(i) / "0"
+
+    def read_chunk(self, key: str, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Token rows of chunk i of one backbone, float16 (rows, d); direct file read when raw."""
+        r0, r1 = self.chunk_rows(i)
+        d = self.widths[key]
+        rows = r1 - r0
+        if self._direct[key]:
+            f = self.chunk_file(key, i)
+            full = self.chunk_images * self.tokens_per_image
+            if out is None:
+                out = np.empty((rows, d), dtype=np.float16)
+            if not f.exists():  # never written: zarr's fill value
+                out[:] = 0
+                return out
+            with open(f, "rb") as fh:
+                nbytes = rows * d * 2
+                got = fh.readinto(memoryview(out.reshape(-1)).cast("B")[:nbytes])
+            if got != nbytes and got != full * d * 2:
+                raise StoreError(f"chunk file {f} is truncated ({got} of {nbytes} bytes)")
+            return out
+        arr = self._groups[key]["tokens"][r0:r1]
+        if out is not None:
+            out[:] = arr
+            return out
+        return np.asarray(arr)
+
+    def read_rows(self, key: str, r0: int, r1: int) -> np.ndarray:
+        """Contiguous rows through zarr (for small reads and tests, not for loaders)."""
+        return np.asarray(self._groups[key]["tokens"][r0:r1])
+
+    def read_prefix(self, key: str, i0: int, i1: int) -> np.ndarray | None:
+        if not self.prefix_tokens[key]:
+            return None
+        return np.asarray(self._groups[key]["prefix"][i0:i1])
+
+    # ------------------------------------------------------------ writing (one writer per chunk)
+    def _marker(self, i: int) -> Path:
+        return self.path / _META / "commits" / f"c{i}.json"
+
+    def is_committed(self, i: int) -> bool:
+        return self._marker(i).exists()
+
+    def committed_chunks(self) -> set[int]:
+        d = self.path / _META / "commits"
+        if not d.exists():
+            return set()
+        return {int(p.stem[1:]) for p in d.glob("c*.json")}
+
+    def n_committed(self) -> int:
+        return len(self.committed_chunks())
+
+    def write_chunk(
+        self,
+        i: int,
+        tokens: Mapping[str, np.ndarray],
+        valid: np.ndarray,
+        *,
+        prefix: Mapping[str, np.ndarray] | None = None,
+        failures: Sequence[Mapping[str, str]] = (),
+    ) -> None:
+        """Write chunk i of every backbone, then its commit marker (the chunk's only writer)."""
+        if self.complete:
+            raise StoreError(f"{self.path} is complete and immutable")
+        a, b = self.chunk_images_range(i)
+        r0, r1 = self.chunk_rows(i)
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != (b - a,):
+            raise ValueError(f"valid mask has shape {valid.shape}, chunk {i} holds {b - a} images")
+        stats = {}
+        for key in self.backbones:
+            x = np.asarray(tokens[key])
+            if x.shape != (r1 - r0, self.widths[key]):
+                raise ValueError(f"{key}: chunk {i} expects shape {(r1 - r0, self.widths[key])}, got {x.shape}")
+            x16 = x.astype(np.float16, copy=False)
+            self._groups[key]["tokens"][r0:r1] = x16
+            rows_valid = np.repeat(valid, self.tokens_per_image)
+            stats[key] = RunningStats.of(x16[rows_valid]).to_json()
+            if self.prefix_tokens[key]:
+                p = (prefix or {}).get(key)
+                if p is not None:
+                    self._groups[key]["prefix"][a:b] = np.asarray(p).astype(np.float16)
+        self._root["valid"][a:b] = valid
+        marker = {
+            "chunk": i,
+            "n_images": b - a,
+            "n_valid": int(valid.sum()),
+            "failures": [dict(f) for f in failures],
+            "stats": stats,
+        }
+        _write_json_atomic(self._marker(i), marker)
+
+    def finalize(self) -> None:
+        """Merge the commit markers into statistics and failures; mark the store complete."""
+        missing = sorted(set(range(self.n_chunks)) - self.committed_chunks())
+        if missing:
+            raise StoreError(f"cannot finalize {self.path}: {len(missing)} chunks uncommitted (first: {missing[:5]})")
+        merged = {k: RunningStats.empty(self.widths[k]) for k in self.backbones}
+        failures: list[dict] = []
+        for i in range(self.n_chunks):
+            with open(self._marker(i)) as f:
+                m = json.load(f)
+            failures.extend(m["failures"])
+            for k in self.backbones:
+                merged[k] = merged[k].merge(RunningStats.from_json(m["stats"][k]))
+        for k in self.backbones:
+            mu, sd = merged[k].scalar()
+            self._groups[k].attrs["stats"] = {**merged[k].to_json(), "scalar_mean": mu, "scalar_std": sd}
+        self._root.attrs.update({"failures": failures, "complete": True})
+        self.attrs = dict(self._root.attrs)
+
+    def summary(self) -> dict:
+        """Plain-data description (what `usae info` prints)."""
+        out = {
+            "path": str(self.path),
+            "source": self.attrs.get("source"),
+            "complete": self.complete,
+            "n_images": self.n_images,
+            "n_valid": int(self.valid.sum()),
+            "tokens_per_image": self.tokens_per_image,
+            "grid": list(self.grid),
+            "chunk_images": self.chunk_images,
+            "chunks_committed": f"{self.n_committed()}/{self.n_chunks}",
+            "failures": len(self.failures),
+            "backbones": {},
+        }
+        for k in self.backbones:
+            s = self._groups[k].attrs.get("stats")
+            out["backbones"][k] = {
+                "width": self.widths[k],
+                "rows": self.n_rows,
+                "prefix_tokens": self.prefix_tokens[k],
+                "spec": self.spec(k),
+                "scalar_mean": None if s is None else s["scalar_mean"],
+                "scalar_std": None if s is None else s["scalar_std"],
+            }
+        return out

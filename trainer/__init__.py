@@ -1,0 +1,1 @@
+"""Activation stores -> trained Universal SAE runs (synth, model, loader, training loop)."""

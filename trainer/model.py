@@ -1,0 +1,145 @@
+"""Standardised token activations of M backbones <-> one shared TopK concept code (the USAE).
+
+Per backbone i: encoder Linear(d_i -> m) -> BatchNorm1d(m) -> ReLU -> TopK(k), decoder
+D_i (m, d_i) with unit-norm rows at every use and no bias (usae-spec.md section 2).
+Backbones are addressed by their position i in ``spec.backbones``; nothing here branches on a
+backbone's name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+STD_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a USAE (stored in the run's config.json)."""
+
+    backbones: tuple[str, ...]
+    """Backbone keys, in store order; index i addresses backbone i."""
+    widths: tuple[int, ...]
+    """Activation width d_i of each backbone."""
+    mu: tuple[float, ...]
+    """Scalar mean of each backbone's activations (standardisation)."""
+    sigma: tuple[float, ...]
+    """Scalar std of each backbone's activations (standardisation)."""
+    concepts: int
+    """m, size of the shared concept space."""
+    k: int
+    """Active concepts per token (TopK)."""
+    independent: bool = False
+    """True: one separate SAE per backbone (the paper's baseline); codes never cross models."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        return cls(
+            backbones=tuple(d["backbones"]),
+            widths=tuple(int(w) for w in d["widths"]),
+            mu=tuple(float(x) for x in d["mu"]),
+            sigma=tuple(float(x) for x in d["sigma"]),
+            concepts=int(d["concepts"]),
+            k=int(d["k"]),
+            independent=bool(d.get("independent", False)),
+        )
+
+
+class Codes(NamedTuple):
+    """Sparse codes of a batch of tokens."""
+
+    values_bk: Float[Tensor, "b k"]
+    """Activations of the k selected concepts (>= 0)."""
+    indices_bk: Int[Tensor, "b k"]
+    """Concept ids of the k selected concepts."""
+    pre_bm: Float[Tensor, "b m"]
+    """Pre-activations BN(W x + b) before ReLU/TopK (used by the aux loss, analysis, maximisation)."""
+
+
+class USAE(nn.Module):
+    """Universal Sparse Autoencoder: per-backbone encoders/decoders around one TopK code."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        m = spec.concepts
+        # With independent=True the same modules are simply never crossed; storage is identical.
+        self.encoders = nn.ModuleList(nn.Linear(d, m) for d in spec.widths)
+        self.bns = nn.ModuleList(nn.BatchNorm1d(m) for _ in spec.widths)
+        self.decoders = nn.ParameterList(nn.Parameter(torch.randn(m, d)) for d in spec.widths)
+        self.register_buffer("mu", torch.tensor(spec.mu, dtype=torch.float32), persistent=True)
+        self.register_buffer("sigma", torch.tensor(spec.sigma, dtype=torch.float32), persistent=True)
+
+    @property
+    def n_models(self) -> int:
+        return len(self.spec.backbones)
+
+    def index(self, key: str) -> int:
+        return self.spec.backbones.index(key)
+
+    def standardize(self, i: int, acts_bd: Tensor) -> Float[Tensor, "b d"]:
+        return (acts_bd - self.mu[i]) / (self.sigma[i] + STD_EPS)
+
+    def decoder_weight(self, j: int) -> Float[Tensor, "m d"]:
+        """Decoder of backbone j with unit-norm rows (gradient flows through the norm)."""
+        d = self.decoders[j]
+        return d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def encode_pre(self, i: int, x_bd: Float[Tensor, "b d"]) -> Float[Tensor, "b m"]:
+        return self.bns[i](self.encoders[i](x_bd))
+
+    def encode(self, i: int, x_bd: Float[Tensor, "b d"], k: int | None = None) -> Codes:
+        pre = self.encode_pre(i, x_bd)
+        vals, idx = torch.topk(F.relu(pre), k or self.spec.k, dim=-1, sorted=False)
+        return Codes(vals, idx, pre)
+
+    def decode(self, j: int, codes: Codes) -> Float[Tensor, "b d"]:
+        """x_hat_j = Z @ D_j with Z sparse: a weighted sum of k unit decoder rows per token."""
+        w = self.decoder_weight(j)
+        vals = codes.values_bk.to(w.dtype)
+        return F.embedding_bag(codes.indices_bk, w, per_sample_weights=vals, mode="sum")
+
+    def dense_codes(self, codes: Codes) -> Float[Tensor, "b m"]:
+        z = torch.zeros(codes.pre_bm.shape, dtype=codes.values_bk.dtype, device=codes.values_bk.device)
+        return z.scatter_(1, codes.indices_bk, codes.values_bk)
+
+    def forward(self, i: int, acts_bd: Tensor) -> tuple[Codes, list[Tensor | None]]:
+        """Encode raw activations of backbone i, decode into every backbone it may reach."""
+        codes = self.encode(i, self.standardize(i, acts_bd))
+        targets = [i] if self.spec.independent else range(self.n_models)
+        out: list[Tensor | None] = [None] * self.n_models
+        for j in targets:
+            out[j] = self.decode(j, codes)
+        return codes, out
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "model.safetensors") -> tuple[USAE, dict]:
+    """Rebuild a trained USAE from a run directory (config.json + safetensors, no pickle)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a usae run directory (no config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    spec = ModelSpec.from_dict(cfg["model"])
+    model = USAE(spec)
+    wpath = run_dir / weights
+    if not wpath.exists():
+        wpath = run_dir / "checkpoint" / "model.safetensors"
+    if not wpath.exists():
+        raise FileNotFoundError(f"{run_dir} holds no weights ({weights} or checkpoint/model.safetensors)")
+    model.load_state_dict(load_file(str(wpath), device=str(device)))
+    model.to(device).eval()
+    return model, cfg
