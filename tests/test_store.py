@@ -1,0 +1,162 @@
+"""Store contract: round trip, alignment, exact statistics, commit/resume, refusal."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from usae.pipeline.store import BackboneLayout, RunningStats, Store, StoreError, holdout_mask
+
+
+def _fill(store: Store, data: dict[str, np.ndarray], valid: np.ndarray, chunks=None) -> None:
+    for i in chunks if chunks is not None else range(store.n_chunks):
+        r0, r1 = store.chunk_rows(i)
+        a, b = store.chunk_images_range(i)
+        fails = [{"image_id": f"img{j}", "path": f"p{j}", "reason": "bad"} for j in range(a, b) if not valid[j]]
+        store.write_chunk(i, {k: v[r0:r1] for k, v in data.items()}, valid[a:b], failures=fails)
+
+
+def _make(tmp_path, n, tpi_hw, chunk, widths, seed=0, valid=None, name="s.zarr"):
+    rng = np.random.default_rng(seed)
+    t = tpi_hw[0] * tpi_hw[1]
+    layouts = [BackboneLayout(f"b{j}", w) for j, w in enumerate(widths)]
+    st_ = Store.create(
+        tmp_path / name, [f"img{i}" for i in range(n)], layouts, grid=tpi_hw, chunk_images=chunk,
+        source="synth", fingerprint_of={"seed": seed},
+    )
+    data = {f"b{j}": (rng.normal(size=(n * t, w)) * 3 + 1).astype(np.float16) for j, w in enumerate(widths)}
+    valid = np.ones(n, bool) if valid is None else valid
+    _fill(st_, data, valid)
+    st_.finalize()
+    return Store.open(tmp_path / name), data, valid
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 13),
+    gh=st.integers(1, 3),
+    gw=st.integers(1, 3),
+    chunk=st.integers(1, 5),
+    widths=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip_and_alignment(tmp_path_factory, n, gh, gw, chunk, widths, seed):
+    tmp = tmp_path_factory.mktemp("rt")
+    rng = np.random.default_rng(seed)
+    valid = rng.random(n) > 0.2
+    store, data, valid = _make(tmp, n, (gh, gw), chunk, widths, seed, valid)
+    t = gh * gw
+    assert store.n_rows == n * t and store.complete
+    assert list(store.image_ids) == [f"img{i}" for i in range(n)]
+    np.testing.assert_array_equal(store.valid, valid)
+    for k, x in data.items():
+        direct = np.concatenate([store.read_chunk(k, i) for i in range(store.n_chunks)])
+        np.testing.assert_array_equal(direct, x)  # direct chunk-file reads == what was written
+        np.testing.assert_array_equal(store.read_rows(k, 0, n * t), x)  # zarr path agrees
+        # exact stats over valid rows only
+        rows = np.repeat(valid, t)
+        ref = x[rows].astype(np.float64)
+        s = store.stats(k)
+        assert s["count"] == rows.sum()
+        if rows.any():
+            np.testing.assert_allclose(s["mean"], ref.mean(0), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(s["scalar_mean"], ref.mean(), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(s["scalar_std"], ref.std(), rtol=1e-9, atol=1e-9)
+    # failures merged from the commit markers, in image order
+    assert [f["image_id"] for f in store.failures] == [f"img{i}" for i in range(n) if not valid[i]]
+
+
+def test_row_is_same_image_and_position_in_every_backbone(tmp_path):
+    n, g, chunk = 7, (2, 3), 3
+    t = g[0] * g[1]
+    st_ = Store.create(tmp_path / "a.zarr", [str(i) for i in range(n)],
+                       [BackboneLayout("x", 2), BackboneLayout("y", 5)], grid=g, chunk_images=chunk,
+                       source="synth", fingerprint_of=1)
+    # content encodes (image, token) differently per backbone
+    img, tok = np.divmod(np.arange(n * t), t)
+    data = {"x": np.stack([img, tok], 1).astype(np.float16),
+            "y": np.stack([tok, img, img, tok, img + tok], 1).astype(np.float16)}
+    _fill(st_, data, np.ones(n, bool))
+    st_.finalize()
+    s = Store.open(tmp_path / "a.zarr")
+    for i in range(s.n_chunks):
+        x, y = s.read_chunk("x", i), s.read_chunk("y", i)
+        np.testing.assert_array_equal(x[:, 0], y[:, 1])
+        np.testing.assert_array_equal(x[:, 1], y[:, 0])
+
+
+def test_running_stats_merge_equals_whole():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(101, 4)) * 5 + 2
+    parts = [x[:10], x[10:11], x[11:11], x[11:]]
+    m = RunningStats.empty(4)
+    for p in parts:
+        m = m.merge(RunningStats.of(p))
+    np.testing.assert_allclose(m.mean, x.mean(0))
+    np.testing.assert_allclose(m.m2, ((x - x.mean(0)) ** 2).sum(0))
+    mu, sd = m.scalar()
+    assert np.isclose(mu, x.mean()) and np.isclose(sd, x.std())
+
+
+def test_resume_skips_committed_and_refuses_other_settings(tmp_path):
+    ids = [f"i{j}" for j in range(10)]
+    lay = [BackboneLayout("a", 3)]
+    s = Store.create(tmp_path / "s.zarr", ids, lay, grid=(1, 2), chunk_images=4, source="synth", fingerprint_of="v1")
+    data = {"a": np.arange(60, dtype=np.float16).reshape(20, 3)}
+    _fill(s, data, np.ones(10, bool), chunks=[0])
+    with pytest.raises(StoreError, match="uncommitted"):
+        s.finalize()
+    with pytest.raises(StoreError, match="incomplete"):
+        Store.open(tmp_path / "s.zarr")
+    # same settings: reopened, not recreated; committed chunk kept
+    s2 = Store.create(tmp_path / "s.zarr", ids, lay, grid=(1, 2), chunk_images=4, source="synth", fingerprint_of="v1")
+    assert s2.committed_chunks() == {0}
+    _fill(s2, data, np.ones(10, bool), chunks=[1, 2])
+    s2.finalize()
+    np.testing.assert_array_equal(Store.open(tmp_path / "s.zarr").read_rows("a", 0, 20), data["a"])
+    with pytest.raises(StoreError, match="different manifest or settings"):
+        Store.create(tmp_path / "s.zarr", ids, lay, grid=(1, 2), chunk_images=4, source="synth", fingerprint_of="v2")
+    with pytest.raises(StoreError, match="immutable"):
+        s2.write_chunk(0, {"a": data["a"][:8]}, np.ones(4, bool))
+
+
+def test_rejects_foreign_or_future_stores(tmp_path):
+    with pytest.raises(StoreError, match="not a usae store"):
+        Store.open(tmp_path)
+    s, _, _ = _make(tmp_path, 3, (1, 1), 2, [2])
+    meta = tmp_path / "s.zarr" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["schema_version"] = 99
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match="schema_version 99"):
+        Store.open(tmp_path / "s.zarr")
+
+
+def test_truncated_chunk_file_is_detected(tmp_path):
+    s, _, _ = _make(tmp_path, 4, (2, 2), 2, [3])
+    f = s.chunk_file("b0", 1)
+    f.write_bytes(f.read_bytes()[:10])
+    with pytest.raises(StoreError, match="truncated"):
+        s.read_chunk("b0", 1)
+
+
+def test_duplicate_ids_rejected(tmp_path):
+    with pytest.raises(StoreError, match="duplicate"):
+        Store.create(tmp_path / "d.zarr", ["a", "a"], [BackboneLayout("x", 1)], grid=(1, 1), chunk_images=1,
+                     source="synth", fingerprint_of=0)
+
+
+def test_holdout_mask_is_stable_and_near_fraction():
+    ids = [f"n{i:05d}" for i in range(20000)]
+    m1 = holdout_mask(ids, 0.1)
+    m2 = holdout_mask(list(reversed(ids)), 0.1)[::-1]
+    np.testing.assert_array_equal(m1, m2)
+    assert 0.09 < m1.mean() < 0.11
+    # a given id's answer does not depend on which other ids are present
+    assert holdout_mask(ids[5:6], 0.1)[0] == m1[5]
+    assert not holdout_mask(ids, 0.0).any()
+    with pytest.raises(ValueError):
+        holdout_mask(ids, 1.0)
