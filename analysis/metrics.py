@@ -95,11 +95,11 @@ class _Accumulator:
             self.sum_x2[j] += (x64 * x64).sum(0)
             for i in range(self.n_models):
                 if xhat[i][j] is not None:
-                    err = (x_bd.float() - xhat[i][j].float()).to(torch.float64)
+                    err = (x_bd - xhat[i][j].to(x_bd.dtype)).to(torch.float64)
                     self.sse[i][j] += (err * err).sum(0)
         fired_list = []
         for i, c in enumerate(codes):
-            vals = c.values_bk.float()
+            vals = c.values_bk
             fired_bk = vals > self.tau
             self.active[i] += int((vals > 0).sum())
             self.fires[i] += torch.bincount(c.indices_bk[fired_bk], minlength=self.m)
