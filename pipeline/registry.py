@@ -81,15 +81,35 @@ class BackboneSpec:
 # The paper's three backbones, pinned to exact tags (see shared/usae-spec.md section 1).
 REGISTRY: dict[str, BackboneSpec] = {
     "dinov2": BackboneSpec(
-        "dinov2", "timm", "vit_small_patch14_dinov2.lvd142m", 224, 14, 384, 1, IMAGENET_MEAN, IMAGENET_STD
+        "dinov2",
+        "timm",
+        "vit_small_patch14_dinov2.lvd142m",
+        224,
+        14,
+        384,
+        1,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
     ),
-    "siglip": BackboneSpec("siglip", "timm", "vit_base_patch16_siglip_224.webli", 224, 16, 768, 0, HALF, HALF),
-    "vit": BackboneSpec("vit", "timm", "vit_base_patch16_224.augreg2_in21k_ft_in1k", 224, 16, 768, 1, HALF, HALF),
+    "siglip": BackboneSpec(
+        "siglip", "timm", "vit_base_patch16_siglip_224.webli", 224, 16, 768, 0, HALF, HALF
+    ),
+    "vit": BackboneSpec(
+        "vit", "timm", "vit_base_patch16_224.augreg2_in21k_ft_in1k", 224, 16, 768, 1, HALF, HALF
+    ),
 }
 DEFAULT_BACKBONES = ("dinov2", "siglip", "vit")
 
 # Parameters that feed only classification/pooling heads, never the tokens we extract.
-_HEAD_PREFIXES = ("head.", "fc_norm.", "attn_pool.", "head_drop.", "proj", "text_projection", "logit_")
+_HEAD_PREFIXES = (
+    "head.",
+    "fc_norm.",
+    "attn_pool.",
+    "head_drop.",
+    "proj",
+    "text_projection",
+    "logit_",
+)
 
 
 class Activations(NamedTuple):
@@ -111,7 +131,7 @@ def resolve(name: str) -> BackboneSpec:
 
     An optional "alias=" prefix sets the key, e.g. "big=timm:vit_large_patch14_dinov2.lvd142m".
     """
-    alias, body = (name.split("=", 1) if "=" in name else (None, name))
+    alias, body = name.split("=", 1) if "=" in name else (None, name)
     body = body.strip()
     if body in REGISTRY:
         spec = REGISTRY[body]
@@ -126,7 +146,9 @@ def resolve(name: str) -> BackboneSpec:
         )
     if alias is not None:
         if _safe_key(alias) != alias:
-            raise RegistryError(f"backbone alias {alias!r} may only contain letters, digits, '_', '.', '-'")
+            raise RegistryError(
+                f"backbone alias {alias!r} may only contain letters, digits, '_', '.', '-'"
+            )
         spec = replace(spec, key=alias)
     return spec
 
@@ -141,14 +163,20 @@ def _timm_spec(model_name: str) -> BackboneSpec:
     with torch.device("meta"):  # shapes only: no memory, no init cost
         m = timm.create_model(model_name, pretrained=False)
     if not isinstance(m, VisionTransformer):
-        raise RegistryError(f"timm:{model_name} is a {type(m).__name__}; only timm VisionTransformer models are supported")
+        raise RegistryError(
+            f"timm:{model_name} is a {type(m).__name__}; only timm VisionTransformer models are supported"
+        )
     patch = m.patch_embed.patch_size
     img = m.patch_embed.img_size
     if patch[0] != patch[1] or img[0] != img[1]:
         raise RegistryError(f"timm:{model_name} has a non-square patch or input ({patch}, {img})")
     mean = tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN
     std = tuple(cfg.std) if cfg is not None else IMAGENET_STD
-    interp = cfg.interpolation if cfg is not None and cfg.interpolation in ("bicubic", "bilinear") else "bicubic"
+    interp = (
+        cfg.interpolation
+        if cfg is not None and cfg.interpolation in ("bicubic", "bilinear")
+        else "bicubic"
+    )
     return BackboneSpec(
         _safe_key(model_name), "timm", model_name, int(img[0]), int(patch[0]), int(m.embed_dim),
         int(m.num_prefix_tokens), mean, std, interp,
@@ -164,7 +192,9 @@ def _open_clip_spec(ref: str) -> BackboneSpec:
         raise RegistryError(f"open_clip has no model config {model!r}")
     vcfg = cfg["vision_cfg"]
     if isinstance(vcfg.get("layers"), (tuple, list)) or vcfg.get("timm_model_name"):
-        raise RegistryError(f"open_clip:{model} is not a plain ViT vision tower; only those are supported")
+        raise RegistryError(
+            f"open_clip:{model} is not a plain ViT vision tower; only those are supported"
+        )
     if vcfg.get("attentional_pool") or vcfg.get("final_ln_after_pool"):
         raise RegistryError(f"open_clip:{model} pools tokens before its final norm; not supported")
     pcfg = open_clip.get_pretrained_cfg(model, tag) if tag else {}
@@ -260,7 +290,9 @@ def read_state_file(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickles with code, TorchScript archives, junk
-        raise WeightsUnavailable(f"{p} is not a plain state dict torch can load safely: {e}") from None
+        raise WeightsUnavailable(
+            f"{p} is not a plain state dict torch can load safely: {e}"
+        ) from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -299,7 +331,9 @@ def hub_cache_file(spec: BackboneSpec) -> Path | None:
     return None
 
 
-def _adapt_state(spec: BackboneSpec, model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def _adapt_state(
+    spec: BackboneSpec, model: nn.Module, state: dict[str, Tensor]
+) -> dict[str, Tensor]:
     """Checkpoint layout -> this model's (timm's own conversions, open_clip's visual. prefix)."""
     if spec.source == "timm":
         from timm.models.vision_transformer import checkpoint_filter_fn
@@ -310,7 +344,9 @@ def _adapt_state(spec: BackboneSpec, model: nn.Module, state: dict[str, Tensor])
     return state
 
 
-def _load_state(spec: BackboneSpec, model: nn.Module, state: dict[str, Tensor], origin: str) -> None:
+def _load_state(
+    spec: BackboneSpec, model: nn.Module, state: dict[str, Tensor], origin: str
+) -> None:
     state = _adapt_state(spec, model, state)
     res = model.load_state_dict(state, strict=False)
     missing = [k for k in res.missing_keys if not k.startswith(_HEAD_PREFIXES)]
@@ -347,7 +383,15 @@ def missing_weights_message(spec: BackboneSpec) -> str:
 class Backbone(nn.Module):
     """A frozen vision model: [0, 1] RGB images -> patch tokens on a common grid (+ prefix)."""
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, *, layer: int | None, identity: dict, dtype: torch.dtype):
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        model: nn.Module,
+        *,
+        layer: int | None,
+        identity: dict,
+        dtype: torch.dtype,
+    ):
         super().__init__()
         self.spec = spec
         self.model = model
@@ -355,8 +399,14 @@ class Backbone(nn.Module):
         self.identity = identity
         self.dtype = dtype
         self.width = int(model.embed_dim if spec.source == "timm" else model.transformer.width)
-        self.register_buffer("mean_c", torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std_c", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean_c",
+            torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1),
+            persistent=False,
+        )
+        self.register_buffer(
+            "std_c", torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
 
     def train(self, mode: bool = True) -> Backbone:  # always inference behaviour (no dropout)
         return super().train(False)
@@ -372,8 +422,12 @@ class Backbone(nn.Module):
         x = (x.float() - self.mean_c) / self.std_c
         return x.to(self.dtype)
 
-    def forward(self, images_b3hw: Float[Tensor, "b 3 h w"], grid: tuple[int, int] = (14, 14)) -> Activations:
-        tokens_btd = _TOKEN_FNS[self.spec.source](self.model, self.preprocess(images_b3hw), self.layer)
+    def forward(
+        self, images_b3hw: Float[Tensor, "b 3 h w"], grid: tuple[int, int] = (14, 14)
+    ) -> Activations:
+        tokens_btd = _TOKEN_FNS[self.spec.source](
+            self.model, self.preprocess(images_b3hw), self.layer
+        )
         p = self.spec.prefix_tokens
         prefix_bpd, patch_btd = tokens_btd[:, :p], tokens_btd[:, p:]
         return Activations(resample_grid(patch_btd, self.spec.native_grid, grid), prefix_bpd)
@@ -381,7 +435,9 @@ class Backbone(nn.Module):
 
 def resize_square(x_b3hw: Tensor, size: int, mode: str = "bicubic") -> Tensor:
     """Squash-resize to size x size with an antialiased filter, clamped to [0, 1]."""
-    x = F.interpolate(x_b3hw.float(), size=(size, size), mode=mode, antialias=True, align_corners=False)
+    x = F.interpolate(
+        x_b3hw.float(), size=(size, size), mode=mode, antialias=True, align_corners=False
+    )
     return x.clamp(0.0, 1.0)
 
 
@@ -393,7 +449,9 @@ def resample_grid(patch_btd: Tensor, native: tuple[int, int], grid: tuple[int, i
     if tuple(native) == tuple(grid):
         return patch_btd
     x_bdhw = patch_btd.float().transpose(1, 2).reshape(b, d, native[0], native[1])
-    x_bdhw = F.interpolate(x_bdhw, size=tuple(grid), mode="bilinear", antialias=True, align_corners=False)
+    x_bdhw = F.interpolate(
+        x_bdhw, size=tuple(grid), mode="bilinear", antialias=True, align_corners=False
+    )
     return x_bdhw.reshape(b, d, grid[0] * grid[1]).transpose(1, 2).to(patch_btd.dtype)
 
 
@@ -416,7 +474,9 @@ def load_backbone(
     cached = None
     if weights is None and not random_init:
         if tiny:
-            raise WeightsUnavailable("tiny backbones have no pretrained weights: use random_init or a weights file")
+            raise WeightsUnavailable(
+                "tiny backbones have no pretrained weights: use random_init or a weights file"
+            )
         cached = hub_cache_file(spec)
         if cached is None:
             raise WeightsUnavailable(missing_weights_message(spec))
@@ -433,7 +493,9 @@ def load_backbone(
         source = "random-init"
     depth = _depth(model, spec.source)
     if layer is not None and not 0 <= layer < depth:
-        raise RegistryError(f"layer {layer} is out of range for {spec.key} ({depth} blocks, 0-based: 0..{depth - 1})")
+        raise RegistryError(
+            f"layer {layer} is out of range for {spec.key} ({depth} blocks, 0-based: 0..{depth - 1})"
+        )
     model.eval().requires_grad_(False)
     identity = {
         "weights": source,
