@@ -1,0 +1,429 @@
+"""Image folder -> manifest table (Parquet or CSV), and manifest file -> validated table.
+
+A manifest lists the images of a data set, one row per image, in the order the store keeps
+them. Columns (all stored and read as strings; a missing value is the empty string):
+
+- ``image_id`` (required): unique, stable name of the image; the store's key.
+- ``path`` (required): path relative to an image root, or an fsspec URL (``s3://...``).
+- ``split`` (optional): ``train`` / ``val`` / ``test``; anything but ``train`` is held out
+  when a stage is asked to hold out by split.
+- ``label`` (optional): class or source name. ``sha256`` (optional): hash of the file bytes.
+- Any other column is kept as is (e.g. ``source`` in the demo manifest).
+
+The image root of a manifest file is, unless given, the folder the manifest file is in.
+``read_manifest`` refuses duplicate ids and paths that leave the image root (absolute paths
+outside it, ``..``, symlinks that resolve outside it). ``manifest_sha256`` hashes the table's
+content, not its file format: the same table as CSV or Parquet has the same hash.
+
+``build_manifest`` makes one from a folder tree: files walked in sorted order, ``image_id``
+= relative path without extension (POSIX separators). When two files would get the same id
+(``a.jpg`` and ``a.png``), every file in that collision keeps its extension in its id
+(``a.jpg``, ``a.png``); repeated until all ids are unique. An id is therefore stable as long
+as no file with the same name but another extension is added next to it.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import inspect
+import json
+import os
+import posixpath
+import textwrap
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from usae.pipeline.images import has_scheme
+
+REQUIRED_COLUMNS = ("image_id", "path")
+OPTIONAL_COLUMNS = ("split", "label", "sha256")
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
+_EXAMPLES = 5  # how many offending rows an error message lists
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used (missing columns, duplicate ids, escaping paths)."""
+
+
+# ---------------------------------------------------------------- paths
+def resolve_path(root: str | os.PathLike | None, rel: str) -> str | Path:
+    """Where a manifest ``path`` points: a URL string (fsspec) or a local ``Path``.
+
+    ``rel`` with a scheme is used as is; with a URL root it is joined with ``/``; an absolute
+    local path stays absolute; anything else is relative to ``root`` (cwd when None).
+    """
+    if has_scheme(rel):
+        return rel
+    if root is not None and has_scheme(root):
+        return os.fspath(root).rstrip("/") + "/" + rel.lstrip("/")
+    p = Path(rel)
+    if p.is_absolute() or root is None:
+        return p
+    return Path(root) / p
+
+
+def open_path(resolved: str | os.PathLike):
+    """Binary file object for a resolved path: through fsspec for URLs, ``open`` otherwise."""
+    if has_scheme(resolved):
+        import fsspec
+
+        return fsspec.open(os.fspath(resolved), "rb").open()
+    return open(resolved, "rb")
+
+
+def _escape_reason(root: str | os.PathLike, rel: str, root_real: Path | None) -> str | None:
+    """Why ``rel`` leaves ``root`` (None when it stays inside)."""
+    if has_scheme(rel):
+        return None  # a full URL names its own location
+    if has_scheme(root):  # a URL root: lexical check only (no symlinks in object stores)
+        norm = posixpath.normpath(rel)
+        if rel.startswith("/") or norm == ".." or norm.startswith("../"):
+            return "leaves the image root"
+        return None
+    root_abs = Path(os.path.abspath(root))
+    full = Path(os.path.abspath(root_abs / rel))  # lexical: catches '..' and absolute paths
+    if full != root_abs and root_abs not in full.parents:
+        return "absolute path outside the image root" if os.path.isabs(rel) else "'..' leaves the image root"
+    real = Path(os.path.realpath(full))  # follows symlinks on every component
+    if root_real is not None and real != root_real and root_real not in real.parents:
+        return "symlink resolves outside the image root"
+    return None
+
+
+def check_paths(df: pd.DataFrame, root: str | os.PathLike) -> None:
+    """Raise ManifestError listing rows whose path leaves ``root``."""
+    root_real = None if has_scheme(root) else Path(os.path.realpath(root))
+    bad = []
+    for iid, rel in zip(df["image_id"], df["path"], strict=True):
+        why = _escape_reason(root, rel, root_real)
+        if why:
+            bad.append(f"{iid!r}: {rel!r} ({why})")
+    if bad:
+        raise ManifestError(
+            f"{len(bad)} path(s) leave the image root {os.fspath(root)!r}, e.g. "
+            + "; ".join(bad[:_EXAMPLES])
+        )
+
+
+# ---------------------------------------------------------------- table rules
+def canonical(df: pd.DataFrame) -> pd.DataFrame:
+    """Every column as str, missing -> "" (the form that is written, read and hashed).
+
+    Float columns holding only whole numbers are written as integers ("3", not "3.0").
+    """
+    out = {}
+    for c in df.columns:
+        col = df[c].reset_index(drop=True)
+        if pd.api.types.is_float_dtype(col) and (col.dropna() % 1 == 0).all():
+            col = col.astype("Int64")  # ints that pandas made float because of a missing value
+        col = col.astype(object)
+        missing = col.isna().to_numpy()
+        vals = col.astype(str)
+        vals[missing] = ""
+        out[str(c)] = vals
+    return pd.DataFrame(out, index=pd.RangeIndex(len(df)), columns=[str(c) for c in df.columns])
+
+
+def validate(df: pd.DataFrame) -> None:
+    """Required columns present, ids and paths non-empty, ids unique (errors list examples)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"manifest lacks required column(s) {missing}; it has {list(df.columns)}")
+    for c in REQUIRED_COLUMNS:
+        empty = df.index[df[c] == ""].tolist()
+        if empty:
+            raise ManifestError(f"{len(empty)} row(s) have an empty {c!r}, e.g. rows {empty[:_EXAMPLES]}")
+    counts = Counter(df["image_id"])
+    dups = [(k, n) for k, n in counts.items() if n > 1]
+    if dups:
+        shown = ", ".join(f"{k!r} x{n}" for k, n in dups[:_EXAMPLES])
+        raise ManifestError(f"{len(dups)} duplicate image_id value(s), e.g. {shown}")
+
+
+def manifest_sha256(df: pd.DataFrame) -> str:
+    """Hex sha256 of the table's content: row order matters, column order and format do not."""
+    c = canonical(df)
+    h = hashlib.sha256(b"usae-manifest-v1\n")
+    for name in sorted(c.columns):
+        h.update(json.dumps([name, c[name].tolist()], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- files
+def _kind(path: Path) -> str:
+    suf = path.suffix.lower()
+    if suf in (".parquet", ".pq"):
+        return "parquet"
+    if suf == ".csv":
+        return "csv"
+    raise ManifestError(f"{path}: a manifest must end in .parquet or .csv")
+
+
+def write_manifest(df: pd.DataFrame, out: str | os.PathLike) -> Path:
+    """Validate and write (atomically) as Parquet or CSV, chosen by the suffix of ``out``."""
+    out = Path(out)
+    kind = _kind(out)
+    c = canonical(df)
+    validate(c)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    if kind == "parquet":
+        c.to_parquet(tmp, index=False)
+    else:
+        # pandas leaves a lone "\r" unquoted, which splits the row on reading: quote all then
+        has_cr = any(c[col].str.contains("\r", regex=False).any() for col in c.columns)
+        c.to_csv(tmp, index=False, lineterminator="\n", quoting=csv.QUOTE_ALL if has_cr else csv.QUOTE_MINIMAL)
+    os.replace(tmp, out)
+    return out
+
+
+def read_manifest(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Read a Parquet or CSV manifest, validate it, and return it with string columns.
+
+    ``image_root`` defaults to the manifest's folder. The returned frame's ``attrs`` hold
+    ``image_root`` (str) and ``manifest_sha256`` for the stages that follow.
+    """
+    path = Path(path)
+    kind = _kind(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} not found")
+    try:
+        if kind == "parquet":
+            raw = pd.read_parquet(path)
+        else:
+            raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except Exception as e:  # noqa: BLE001 - a broken file is a user error with a clear message
+        raise ManifestError(f"cannot read manifest {path}: {type(e).__name__}: {e}") from None
+    df = canonical(raw)
+    validate(df)
+    root = os.fspath(image_root) if image_root is not None else str(path.parent)
+    check_paths(df, root)
+    df.attrs["image_root"] = root
+    df.attrs["manifest_sha256"] = manifest_sha256(df)
+    return df
+
+
+# ---------------------------------------------------------------- building from a folder
+class _Found(NamedTuple):
+    rel: str  # POSIX path relative to the folder
+    stem_id: str  # rel without extension
+
+
+def _walk(image_dir: Path, extensions: Sequence[str]) -> tuple[list[_Found], int]:
+    """Sorted image files under image_dir (hidden entries skipped); also the count of
+    symlinks skipped because they resolve outside the folder."""
+    exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+    root_real = Path(os.path.realpath(image_dir))
+    found, skipped = [], 0
+    for dirpath, dirnames, filenames in os.walk(image_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
+                continue
+            full = Path(dirpath) / name
+            real = Path(os.path.realpath(full))
+            if root_real not in real.parents:
+                skipped += 1
+                continue
+            rel = full.relative_to(image_dir).as_posix()
+            found.append(_Found(rel, os.path.splitext(rel)[0]))
+    found.sort(key=lambda f: f.rel)
+    return found, skipped
+
+
+def unique_ids(found: Sequence[_Found]) -> tuple[list[str], int]:
+    """ids = stems; files in a collision keep their extension (repeat until unique).
+    Also returns how many files keep their extension."""
+    full = [False] * len(found)
+    while True:
+        ids = [f.rel if k else f.stem_id for f, k in zip(found, full, strict=True)]
+        counts = Counter(ids)
+        clash = [i for i, x in enumerate(ids) if counts[x] > 1 and not full[i]]
+        if not clash:
+            return ids, sum(full)
+        for i in clash:
+            full[i] = True
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _hashes(image_dir: Path, rels: Sequence[str], show_progress: bool) -> list[str]:
+    out = []
+    with _progress(None) as bar:
+        task = bar.add_task("hashing images", total=len(rels), visible=show_progress)
+        for rel in rels:
+            out.append(_sha256_file(image_dir / rel))
+            bar.advance(task)
+    return out
+
+
+def build_manifest(
+    image_dir: str | os.PathLike,
+    *,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    split_from_dirs: bool = True,
+    label_from_parent: bool = False,
+    hash_files: bool = True,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Manifest of every image file under ``image_dir`` (see the module docstring for ids).
+
+    ``split`` (column added only when some file is under one) is the first folder level when
+    it is train/val/test, else "". ``label`` is the parent folder's name (ImageFolder layout).
+    """
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise ManifestError(f"{image_dir} is not a folder")
+    found, skipped = _walk(image_dir, tuple(extensions))
+    ids, kept_ext = unique_ids(found)
+    rels = [f.rel for f in found]
+    df = pd.DataFrame({"image_id": ids, "path": rels})
+    if split_from_dirs:
+        split = [r.split("/", 1)[0] if "/" in r and r.split("/", 1)[0] in SPLITS else "" for r in rels]
+        if any(split):
+            df["split"] = split
+    if label_from_parent:
+        df["label"] = [posixpath.basename(posixpath.dirname(r)) for r in rels]
+    if hash_files:
+        df["sha256"] = _hashes(image_dir, rels, show_progress)
+    df.attrs.update({"image_root": str(image_dir), "ids_with_extension": kept_ext, "skipped_symlinks": skipped})
+    return df
+
+
+# ---------------------------------------------------------------- command
+@dataclass(frozen=True)
+class ManifestConfig:
+    """`usae manifest`: build a manifest from a folder of images."""
+
+    image_dir: Path
+    """Folder to walk (recursively, sorted); manifest paths are relative to it."""
+    out: Path = Path("manifest.parquet")
+    """Manifest file to write: .parquet or .csv."""
+    split_from_dirs: bool = True
+    """Take `split` from a first-level train/val/test folder."""
+    label_from_parent: bool = False
+    """Set `label` to each file's parent folder name (ImageFolder layout)."""
+    hash_files: bool = True
+    """Store the sha256 of each file's bytes (reads every file once)."""
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    """File extensions counted as images (case-insensitive)."""
+
+
+class ManifestResult(NamedTuple):
+    """What `run_manifest` wrote."""
+
+    path: Path  # the manifest file
+    n_images: int  # rows
+    manifest_sha256: str  # content hash (format-independent)
+    splits: dict[str, int]  # images per split ("" = none)
+    ids_with_extension: int  # files whose id keeps its extension (name collisions)
+    skipped_symlinks: int  # symlinks skipped because they point outside the folder
+
+
+def run_manifest(cfg: ManifestConfig) -> ManifestResult:
+    """Build, check and write the manifest of ``cfg.image_dir``."""
+    _kind(cfg.out)
+    df = build_manifest(
+        cfg.image_dir,
+        extensions=cfg.extensions,
+        split_from_dirs=cfg.split_from_dirs,
+        label_from_parent=cfg.label_from_parent,
+        hash_files=cfg.hash_files,
+    )
+    if len(df) == 0:
+        raise ManifestError(f"no image files under {cfg.image_dir} (extensions {', '.join(cfg.extensions)})")
+    check_paths(df, cfg.image_dir)
+    path = write_manifest(df, cfg.out)
+    splits = dict(Counter(df["split"])) if "split" in df else {}
+    return ManifestResult(
+        path, len(df), manifest_sha256(df), splits, df.attrs["ids_with_extension"], df.attrs["skipped_symlinks"]
+    )
+
+
+def _summary(cfg: ManifestConfig, res: ManifestResult, console: Console) -> None:
+    console.print(f"wrote [bold]{res.path}[/bold]: {res.n_images} images, sha256 {res.manifest_sha256[:16]}…")
+    if res.splits:
+        console.print("splits: " + ", ".join(f"{k or '(none)'}={v}" for k, v in sorted(res.splits.items())))
+    if res.ids_with_extension:
+        console.print(f"{res.ids_with_extension} files share a name with another extension: their ids keep it")
+    if res.skipped_symlinks:
+        console.print(f"skipped {res.skipped_symlinks} symlink(s) pointing outside {cfg.image_dir}")
+    if os.path.realpath(cfg.out.parent) != os.path.realpath(cfg.image_dir):
+        console.print(
+            f"note: paths are relative to {cfg.image_dir}; pass it as the image root when reading "
+            f"this manifest (the default root is the manifest's folder, {cfg.out.parent})"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `usae manifest` to the CLI."""
+
+    @app.command("manifest")
+    def manifest_cmd(
+        image_dir: Path = typer.Argument(..., help=_doc("image_dir")),
+        out: Path = typer.Option(ManifestConfig.out, "--out", "-o", help=_doc("out")),
+        split_from_dirs: bool = typer.Option(True, help=_doc("split_from_dirs")),
+        label_from_parent: bool = typer.Option(False, help=_doc("label_from_parent")),
+        hash_files: bool = typer.Option(True, "--hash/--no-hash", help=_doc("hash_files")),
+        extensions: str = typer.Option(",".join(IMAGE_EXTENSIONS), help=_doc("extensions") + " Comma-separated."),
+    ) -> None:
+        """Build a manifest (image_id, path, split, label, sha256) from a folder of images."""
+        if not image_dir.is_dir():
+            raise typer.BadParameter(f"{image_dir} is not a folder", param_hint="IMAGE_DIR")
+        if out.suffix.lower() not in (".parquet", ".pq", ".csv"):
+            raise typer.BadParameter("must end in .parquet or .csv", param_hint="--out")
+        exts = tuple(e.strip() for e in extensions.split(",") if e.strip())
+        if not exts:
+            raise typer.BadParameter("give at least one extension", param_hint="--extensions")
+        cfg = ManifestConfig(image_dir, out, split_from_dirs, label_from_parent, hash_files, exts)
+        console = Console()
+        try:
+            res = run_manifest(cfg)
+        except ManifestError as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(1) from None
+        _summary(cfg, res, console)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string under each field), for help texts."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for a, b in zip(body, body[1:], strict=False):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
+    return docs
+
+
+def _doc(field: str) -> str:
+    """Help text of a ManifestConfig field: its docstring, written once in the dataclass."""
+    return _field_docs(ManifestConfig)[field]
