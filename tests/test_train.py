@@ -1,0 +1,239 @@
+"""Training step math vs a slow obvious implementation; run loop, run directory, resume, bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as hst
+from usae.trainer.model import USAE, ModelSpec
+from usae.trainer.train import (
+    StepContext,
+    TrainConfig,
+    TrainState,
+    keep_top,
+    lr_at,
+    make_optimizer,
+    source_loss,
+    train_step,
+)
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- slow obvious versions
+def slow_loss(model: USAE, i: int, x_list, targets, loss="l1", aux_weight=0.1):
+    """The spec's formulas with dense codes, torch.topk and the nn.BatchNorm1d module."""
+    pre = model.bns[i](model.encoders[i](x_list[i]))
+    act = F.relu(pre)
+    m = act.shape[1]
+    v, ix = torch.topk(act, model.spec.k, dim=1)
+    z = torch.zeros_like(act).scatter(1, ix, v)
+    av, ai = torch.topk(act - z, m // 2, dim=1)
+    a = torch.zeros_like(act).scatter(1, ai, av)
+    err = (lambda e: e.abs().mean()) if loss == "l1" else (lambda e: (e**2).mean())
+    total = 0.0
+    for j in targets:
+        d = model.decoders[j] / model.decoders[j].norm(dim=1, keepdim=True)
+        r = x_list[j] - z @ d
+        total = total + err(r) + aux_weight * err(r - a @ d)
+    return total
+
+
+def tiny(widths=(6, 10, 8), m=24, k=3, independent=False, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    spec = ModelSpec(tuple(f"b{j}" for j in range(len(widths))), widths, (0.0,) * len(widths),
+                     (1.0,) * len(widths), m, k, independent)
+    return USAE(spec).to(dtype).train()
+
+
+def batch(widths, b=40, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, d, generator=g, dtype=dtype) for d in widths]
+
+
+def grads(model):
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------- keep_top
+@settings(max_examples=40, deadline=None)
+@given(rows=hst.integers(1, 6), m=hst.integers(2, 40), frac=hst.floats(0, 1), seed=hst.integers(0, 10_000))
+def test_keep_top_matches_topk_scatter(rows, m, frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = F.relu(torch.randn(rows, m, generator=g, dtype=torch.float64) + (frac - 0.5) * 2)
+    n = m // 2
+    v, ix = torch.topk(a, n, dim=1)
+    want = torch.zeros_like(a).scatter(1, ix, v)
+    assert torch.equal(keep_top(a, n), want)
+
+
+# ---------------------------------------------------------------- loss and gradients
+@pytest.mark.parametrize("loss", ["l1", "l2"])
+def test_paper_loss_and_grads_match_slow(loss):
+    model = tiny()
+    slow = copy.deepcopy(model)
+    x = batch(model.spec.widths)
+    for i in range(3):
+        model.zero_grad(set_to_none=True)
+        slow.zero_grad(set_to_none=True)
+        fast = source_loss(model, i, x, [0, 1, 2], loss=loss, aux_weight=0.1)
+        ref = slow_loss(slow, i, x, [0, 1, 2], loss=loss)
+        fast.loss.backward()
+        ref.backward()
+        assert torch.allclose(fast.loss, ref, rtol=1e-10, atol=1e-12)
+        gf, gs = grads(model), grads(slow)
+        for name in gf:
+            if gs[name] is None:
+                assert gf[name] is None, name
+            else:
+                assert torch.allclose(gf[name], gs[name], rtol=1e-8, atol=1e-12), name
+        # the BN running statistics moved the same way
+        assert torch.allclose(model.bns[i].running_var, slow.bns[i].running_var)
+
+
+def test_reference_detaches_other_decoders_only():
+    model = tiny()
+    slow = copy.deepcopy(model)
+    x = batch(model.spec.widths)
+    i = 1
+    fast = source_loss(model, i, x, [0, 1, 2], loss="l1", aux_weight=0.1, detach=[0, 2])
+    fast.loss.backward()
+    slow_loss(slow, i, x, [0, 1, 2]).backward()
+    assert model.decoders[0].grad is None and model.decoders[2].grad is None
+    assert model.encoders[0].weight.grad is None
+    for mod_f, mod_s in [(model.encoders[1], slow.encoders[1]), (model.bns[1], slow.bns[1])]:
+        for pf, ps in zip(mod_f.parameters(), mod_s.parameters(), strict=True):
+            assert torch.allclose(pf.grad, ps.grad, rtol=1e-8, atol=1e-12)
+    assert torch.allclose(model.decoders[1].grad, slow.decoders[1].grad, rtol=1e-8, atol=1e-12)
+
+
+def test_r2_and_codes_reported():
+    model = tiny()
+    x = batch(model.spec.widths)
+    out = source_loss(model, 0, x, [0, 1, 2], loss="l1", aux_weight=0.1, with_r2=True)
+    z = model.dense_codes(out.codes)
+    for j in range(3):
+        d = model.decoder_weight(j).detach()
+        xx = x[j]
+        want = 1 - ((xx - z @ d) ** 2).mean() / ((xx - xx.mean()) ** 2).mean()
+        assert torch.allclose(out.r2_j[j], want)
+    assert out.codes.indices_bk.shape == (40, 3)
+
+
+# ---------------------------------------------------------------- full optimiser steps
+def _ctx(cfg, total=10, warmup=3):
+    return StepContext(cfg, total, warmup, 1, None)
+
+
+def _state(model, cfg, seed=5):
+    n = model.n_models
+    return TrainState(model, make_optimizer(model, cfg), torch.Generator().manual_seed(seed), 0, [0] * n, 0,
+                      torch.zeros(n, model.spec.concepts, dtype=torch.long), [None] * n)
+
+
+def _slow_steps(model, cfg, xs, sources, total, warmup):
+    """Slow update: one AdamW per backbone written out with explicit schedules."""
+    n = model.n_models
+    opts = [torch.optim.AdamW([*model.encoders[j].parameters(), *model.bns[j].parameters(), model.decoders[j]],
+                              lr=cfg.lr, weight_decay=cfg.weight_decay) for j in range(n)]
+    picks = [0] * n
+    for t, (x, i) in enumerate(zip(xs, sources, strict=True)):
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        if cfg.independent:
+            loss = sum(slow_loss(model, j, x, [j], cfg.loss, cfg.aux_weight) for j in range(n))
+        else:
+            loss = slow_loss(model, i, x, range(n), cfg.loss, cfg.aux_weight)
+        loss.backward()
+        if cfg.update == "reference" and not cfg.independent:
+            for j in range(n):  # other backbones' optimisers do not step: their grads are dropped
+                if j != i:
+                    opts[j].zero_grad(set_to_none=True)
+            ps = [p for p in model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(ps, cfg.grad_clip)
+            opts[i].param_groups[0]["lr"] = lr_at(picks[i], total, warmup, cfg.lr, cfg.lr_min)
+            picks[i] += 1
+            opts[i].step()
+            continue
+        if cfg.independent:
+            for o in opts:
+                torch.nn.utils.clip_grad_norm_([p for p in o.param_groups[0]["params"] if p.grad is not None],
+                                               cfg.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+        for o in opts:
+            o.param_groups[0]["lr"] = lr_at(t, total, warmup, cfg.lr, cfg.lr_min)
+            o.step()
+
+
+@pytest.mark.parametrize("update,independent", [("paper", False), ("reference", False), ("paper", True)])
+def test_train_steps_match_slow_update(update, independent):
+    cfg = TrainConfig(lr=1e-2, lr_min=1e-4, update=update, independent=independent, grad_clip=0.05)
+    model = tiny(independent=independent)
+    slow = copy.deepcopy(model)
+    st = _state(model, cfg)
+    xs = [batch(model.spec.widths, seed=s) for s in range(6)]
+    sources = []
+    for x in xs:
+        out = train_step(st, _ctx(cfg), x)
+        sources.append(out.sources[0])
+        assert math.isfinite(out.loss)
+    if not independent:
+        assert len(set(sources)) > 1  # several backbones were drawn
+    _slow_steps(slow, cfg, xs, sources, 10, 3)
+    for (n, pf), ps in zip(model.named_parameters(), slow.parameters(), strict=True):
+        assert torch.allclose(pf, ps, rtol=1e-7, atol=1e-9), n
+    if update == "reference":
+        assert st.group_steps == [sources.count(j) for j in range(3)]
+
+
+def test_source_draws_follow_seed():
+    cfg = TrainConfig()
+    a, b = _state(tiny(), cfg, seed=3), _state(tiny(), cfg, seed=3)
+    x = batch((6, 10, 8))
+    sa = [train_step(a, _ctx(cfg), x).sources[0] for _ in range(8)]
+    sb = [train_step(b, _ctx(cfg), x).sources[0] for _ in range(8)]
+    assert sa == sb
+
+
+def test_non_finite_loss_stops_before_the_update():
+    from usae.trainer.train import TrainError
+
+    model = tiny()
+    st = _state(model, TrainConfig())
+    before = copy.deepcopy(model.state_dict())
+    x = batch(model.spec.widths)
+    for a in x:
+        a[0, 0] = float("inf")
+    with pytest.raises(TrainError, match="non-finite"):
+        train_step(st, _ctx(TrainConfig()), x)
+    for kk, v in model.state_dict().items():
+        if "running" not in kk and "num_batches" not in kk:
+            assert torch.equal(v, before[kk]), kk
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0, 1e-3) == pytest.approx(1e-3)
+    vals = [lr_at(t, 100, 10, 1.0, 0.0) for t in range(10, 100)]
+    assert all(a >= b for a, b in zip(vals, vals[1:], strict=False))
+
+
+def test_bf16_step_close_to_fp32():
+    if torch.cpu._is_avx512_bf16_supported() is False and not torch.cuda.is_available():
+        pytest.skip("no bf16 support")
+    model = tiny(widths=(32, 48), m=64, k=4, dtype=torch.float32)
+    x = batch((32, 48), b=256, dtype=torch.float32)
+    f32 = source_loss(model, 0, x, [0, 1], loss="l1", aux_weight=0.1).loss
+    bf = source_loss(model, 0, x, [0, 1], loss="l1", aux_weight=0.1, amp=torch.bfloat16).loss
+    assert abs(float(f32) - float(bf)) < 0.02 * float(f32)
+    assert np.isfinite(float(bf))
