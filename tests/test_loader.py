@@ -1,0 +1,229 @@
+"""ChunkLoader: exactly-once epochs, cross-backbone alignment, determinism, exact resume,
+rank slicing, equality with a slow reference of the contract's stream, bounded memory."""
+
+from __future__ import annotations
+
+import threading
+import tracemalloc
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from usae.pipeline.store import BackboneLayout, Store, StoreError
+from usae.trainer.loader import ChunkLoader
+
+WIDTHS = {"a": 3, "b": 5}
+
+
+def _make_store(path, n_images, tpi, chunk_images, valid=None, widths=WIDTHS):
+    """Row r holds (r % 1024, r // 1024, backbone index, ...) exactly in float16."""
+    layouts = [BackboneLayout(k, d) for k, d in widths.items()]
+    s = Store.create(path, [f"i{i}" for i in range(n_images)], layouts, grid=(1, tpi),
+                     chunk_images=chunk_images, source="synth", fingerprint_of={"n": n_images})
+    valid = np.ones(n_images, bool) if valid is None else valid
+    for c in range(s.n_chunks):
+        r0, r1 = s.chunk_rows(c)
+        rows = np.arange(r0, r1)
+        toks = {}
+        for j, (k, d) in enumerate(widths.items()):
+            x = np.full((r1 - r0, d), j, np.float16)
+            x[:, 0], x[:, 1] = rows % 1024, rows // 1024
+            toks[k] = x
+        a, b = s.chunk_images_range(c)
+        s.write_chunk(c, toks, valid[a:b])
+    s.finalize()
+    return Store.open(path)
+
+
+def _ids(t: torch.Tensor) -> np.ndarray:
+    x = t.numpy().astype(np.int64)
+    return x[:, 0] + 1024 * x[:, 1]
+
+
+def _epoch(loader, n=None):
+    return list(islice(iter(loader), n if n is not None else loader.batches_per_epoch))
+
+
+def _slow_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
+    """The contract's definition of epoch `epoch`, with plain zarr row reads."""
+    t = store.tokens_per_image
+    sel = store.valid & (np.ones(store.n_images, bool) if images is None else images)
+    counts = [sel[slice(*store.chunk_images_range(c))].sum() for c in range(store.n_chunks)]
+    active = [c for c in range(store.n_chunks) if counts[c]]
+    order = np.random.default_rng([seed, 0, epoch]).permutation(np.array(active, dtype=np.int64))
+    stream = {k: [] for k in keys}
+    for bi, b0 in enumerate(range(0, len(order), buffer_chunks)):
+        rows = []
+        for c in order[b0 : b0 + buffer_chunks]:
+            for img in range(*store.chunk_images_range(int(c))):
+                if sel[img]:
+                    rows.extend(range(img * t, (img + 1) * t))
+        perm = np.random.default_rng([seed, 1, epoch, bi]).permutation(len(rows))
+        for k in keys:
+            stream[k].extend(store.read_rows(k, rows[p], rows[p] + 1)[0] for p in perm)
+    n = len(stream[keys[0]]) // bsz
+    return [[np.stack(stream[k][i * bsz : (i + 1) * bsz]) for k in keys] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    valid = np.ones(50, bool)
+    valid[[3, 17, 18, 40]] = False
+    return _make_store(tmp_path_factory.mktemp("ld") / "s.zarr", 50, 6, 7, valid)
+
+
+def test_every_row_once_per_epoch_and_aligned(store):
+    held = np.zeros(50, bool)
+    held[[0, 9, 25, 49]] = True
+    ld = ChunkLoader(store, ["b", "a"], 12, images=~held, seed=3, buffer_chunks=2)
+    expect = np.flatnonzero(np.repeat(store.valid & ~held, 6))
+    assert ld.tokens_per_epoch == len(expect) == 252 and ld.batches_per_epoch == 21
+    batches = _epoch(ld)
+    ids_b = np.concatenate([_ids(b.acts[0]) for b in batches])
+    ids_a = np.concatenate([_ids(b.acts[1]) for b in batches])
+    np.testing.assert_array_equal(ids_a, ids_b)  # aligned across backbones
+    np.testing.assert_array_equal(np.sort(ids_a), expect)  # exactly once, nothing held out/invalid
+    assert not np.array_equal(ids_a, expect)  # shuffled
+    for j, k in enumerate(["b", "a"]):  # content == slow reads through zarr
+        got = np.concatenate([b.acts[j].numpy() for b in batches])
+        np.testing.assert_array_equal(got, store.read_rows(k, 0, store.n_rows)[ids_a])
+    b0 = batches[0]
+    assert b0.acts[0].dtype == torch.float16 and b0.acts[0].shape == (12, 5) and b0.acts[1].shape == (12, 3)
+    assert [(b.epoch, b.step) for b in batches] == [(0, i) for i in range(21)]
+
+
+def test_partial_last_batch_dropped_and_epochs_differ(store):
+    ld = ChunkLoader(store, ["a"], 50, seed=1)
+    assert ld.tokens_per_epoch == 276 and ld.batches_per_epoch == 5
+    it = iter(ld)
+    e0 = [next(it) for _ in range(5)]
+    e1 = [next(it) for _ in range(5)]
+    assert {b.epoch for b in e0} == {0} and {b.epoch for b in e1} == {1}
+    ids0 = np.concatenate([_ids(b.acts[0]) for b in e0])
+    ids1 = np.concatenate([_ids(b.acts[0]) for b in e1])
+    assert len(set(ids0)) == 250 and len(set(ids1)) == 250 and not np.array_equal(ids0, ids1)
+    assert ld.state_dict() == {"epoch": 2, "step": 0}
+
+
+def test_deterministic_for_seed(store):
+    a = [_ids(b.acts[0]) for b in _epoch(ChunkLoader(store, ["a"], 16, seed=5))]
+    b = [_ids(b.acts[0]) for b in _epoch(ChunkLoader(store, ["a"], 16, seed=5, prefetch=0))]
+    c = [_ids(b.acts[0]) for b in _epoch(ChunkLoader(store, ["a"], 16, seed=6))]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+@pytest.mark.parametrize("stop_at", [0, 1, 7, 16, 17, 25])
+def test_resume_equals_uninterrupted(store, stop_at):
+    ref = ChunkLoader(store, ["a", "b"], 16, seed=2, buffer_chunks=3)
+    assert ref.batches_per_epoch == 17
+    full = _epoch(ref, 34)
+    ld = ChunkLoader(store, ["a", "b"], 16, seed=2, buffer_chunks=3)
+    got = _epoch(ld, stop_at)
+    state = ld.state_dict()
+    assert state == {"epoch": stop_at // 17, "step": stop_at % 17}
+    fresh = ChunkLoader(store, ["a", "b"], 16, seed=2, buffer_chunks=3)
+    fresh.load_state_dict(state)
+    got += _epoch(fresh, 34 - stop_at)
+    for x, y in zip(full, got, strict=True):
+        assert (x.epoch, x.step) == (y.epoch, y.step)
+        for p, q in zip(x.acts, y.acts, strict=True):
+            assert torch.equal(p, q)
+
+
+def test_rank_slices_concatenate_to_global_batch(store):
+    full = _epoch(ChunkLoader(store, ["a", "b"], 14, seed=4, buffer_chunks=2))
+    parts = [_epoch(ChunkLoader(store, ["a", "b"], 14, seed=4, buffer_chunks=2, rank=r, world_size=2))
+             for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(full)
+    for g, r0, r1 in zip(full, *parts, strict=True):
+        assert r0.acts[0].shape[0] == 7
+        for j in range(2):
+            assert torch.equal(torch.cat([r0.acts[j], r1.acts[j]]), g.acts[j])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n_images=st.integers(1, 14), tpi=st.integers(1, 4), chunk=st.integers(1, 5), bsz=st.integers(1, 20),
+    buffer_chunks=st.integers(1, 4), prefetch=st.integers(0, 2), seed=st.integers(0, 99),
+    data=st.data(),
+)
+def test_property_matches_slow_reference(tmp_path_factory, n_images, tpi, chunk, bsz, buffer_chunks,
+                                         prefetch, seed, data):
+    valid = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
+    images = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
+    store = _make_store(tmp_path_factory.mktemp("p") / "s.zarr", n_images, tpi, chunk, valid)
+    n_sel = int((valid & images).sum()) * tpi
+    if n_sel < bsz:
+        with pytest.raises(ValueError, match="larger than"):
+            ChunkLoader(store, ["a", "b"], bsz, images=images)
+        return
+    ws = data.draw(st.sampled_from([w for w in (1, 2, 3) if bsz % w == 0]))
+    rank = data.draw(st.integers(0, ws - 1))
+    ld = ChunkLoader(store, ["a", "b"], bsz, images=images, seed=seed, buffer_chunks=buffer_chunks,
+                     prefetch=prefetch, rank=rank, world_size=ws)
+    n = ld.batches_per_epoch
+    got = _epoch(ld, 2 * n)
+    lo, hi = rank * bsz // ws, (rank + 1) * bsz // ws
+    for e in range(2):
+        ref = _slow_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e)
+        assert len(ref) == n
+        for i in range(n):
+            assert (got[e * n + i].epoch, got[e * n + i].step) == (e, i)
+            for j in range(2):
+                np.testing.assert_array_equal(got[e * n + i].acts[j].numpy(), ref[i][j][lo:hi])
+
+
+def _peak_bytes(store, **kw):
+    ld = ChunkLoader(store, ["a", "b"], 64, seed=0, **kw)
+    tracemalloc.start()
+    try:
+        seen = sum(b.acts[0].shape[0] for b in islice(iter(ld), ld.batches_per_epoch))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == ld.batches_per_epoch * 64 == ld.tokens_per_epoch
+    return peak
+
+
+def test_memory_bounded_by_chunk_pool(tmp_path):
+    widths = {"a": 64, "b": 96}
+    small = _make_store(tmp_path / "s.zarr", 400, 16, 10, widths=widths)  # 40 chunks
+    big = _make_store(tmp_path / "b.zarr", 1600, 16, 10, widths=widths)  # 160 chunks
+    chunk_bytes, batch_bytes = 10 * 16 * 160 * 2, 64 * 160 * 2
+    p_small = _peak_bytes(small, buffer_chunks=3, prefetch=2)
+    p_big = _peak_bytes(big, buffer_chunks=3, prefetch=2)
+    # pool of 3 + 2 chunks, a few queued batches, small index arrays; whatever the store size
+    assert p_small < 5 * chunk_bytes + 10 * batch_bytes + 64 * 1024, p_small
+    assert p_big < 1.1 * p_small + 16 * 1024, (p_small, p_big)
+    assert p_big < 0.2 * 160 * chunk_bytes
+
+
+def test_threads_stop_and_errors_reach_the_trainer(tmp_path):
+    store = _make_store(tmp_path / "s.zarr", 20, 4, 5)
+    ld = ChunkLoader(store, ["a"], 8)
+    for _ in islice(iter(ld), 3):
+        pass
+    assert not [t for t in threading.enumerate() if t.name.startswith("usae-loader")]
+    with open(store.chunk_file("a", 2), "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(StoreError, match="truncated"):
+        for _ in ChunkLoader(store, ["a"], 8, buffer_chunks=1):
+            pass
+    assert not [t for t in threading.enumerate() if t.name.startswith("usae-loader")]
+
+
+def test_argument_errors(store):
+    with pytest.raises(ValueError, match="not in the store"):
+        ChunkLoader(store, ["zz"], 8)
+    with pytest.raises(ValueError, match="images mask"):
+        ChunkLoader(store, ["a"], 8, images=np.ones(3, bool))
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        ChunkLoader(store, ["a"], 9, world_size=2)
+    with pytest.raises(ValueError, match="rank"):
+        ChunkLoader(store, ["a"], 8, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="larger than"):
+        ChunkLoader(store, ["a"], 10_000)

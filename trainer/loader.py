@@ -1,0 +1,329 @@
+"""Activation store -> an endless stream of shuffled, cross-model aligned token batches.
+
+How the stream of epoch ``e`` is defined (docs/contracts.md, "Loader"):
+
+1. the chunks holding at least one selected row are put in a random order drawn from (seed, e);
+2. consecutive groups of ``buffer_chunks`` chunks form blocks; the selected rows of a block
+   (valid images, and images in the ``images`` mask) are shuffled with a permutation drawn
+   from (seed, e, block): one permutation for all backbones, so row r of every backbone's
+   batch is the same image and token;
+3. the epoch's stream is the concatenation of the shuffled blocks; batch n is stream rows
+   [n*B, (n+1)*B) (a batch may span two blocks; the last partial batch is dropped);
+4. with ``world_size`` W, rank r receives rows [r*B/W, (r+1)*B/W) of every global batch.
+
+Everything is a function of (seed, epoch, block), so resuming at (epoch, step) only needs the
+per-chunk row counts: no data is read to skip ahead.
+
+Reading: whole chunk files only (``Store.read_chunk``, direct file reads that release the GIL;
+never a random row gather through zarr). A reader thread reads chunks ahead into a fixed pool
+of ``buffer_chunks + prefetch`` chunk slots; a batcher thread shuffles and gathers batches
+into a small queue. Memory is bounded by that pool, whatever the store size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from usae.pipeline.store import Store
+
+_QUEUE_BATCHES = 4  # finished batches waiting for the trainer (small next to the chunk pool)
+_POLL_S = 0.05  # how often blocked worker threads look at the stop flag
+
+
+class Batch(NamedTuple):
+    """One batch of aligned token activations."""
+
+    acts: list[Float[Tensor, "b d"]]
+    """float16 (b, d_i) per backbone, in the loader's ``backbones`` order; row r is the same
+    image and token in every backbone."""
+    epoch: int
+    """Epoch this batch belongs to."""
+    step: int
+    """Index of the batch within its epoch (0-based)."""
+
+
+class _Block(NamedTuple):
+    """One shuffle block of an epoch: its chunks and where it sits in the epoch's stream."""
+
+    chunks: np.ndarray
+    """Chunk ids, in stream order."""
+    start: int
+    """Stream position of the block's first row."""
+    rows: int
+    """Selected rows in the block."""
+
+
+class _Stop(Exception):
+    """Raised inside worker threads when the loader is being shut down."""
+
+
+class ChunkLoader:
+    """Shuffled, aligned, resumable batches of token rows read whole-chunk from a Store."""
+
+    def __init__(
+        self,
+        store: Store | str | Path,
+        backbones: Sequence[str],
+        batch_tokens: int,
+        *,
+        images: np.ndarray | None = None,
+        seed: int = 0,
+        buffer_chunks: int = 4,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+        pin_memory: bool = False,
+    ):
+        self.store = store if isinstance(store, Store) else Store.open(store)
+        self.backbones = list(backbones)
+        self.batch_tokens, self.seed = int(batch_tokens), int(seed)
+        self.buffer_chunks, self.prefetch = int(buffer_chunks), int(prefetch)
+        self.rank, self.world_size, self.pin_memory = int(rank), int(world_size), bool(pin_memory)
+        self._check_args()
+        st = self.store
+        self._t = st.tokens_per_image
+        self._chunk_rows = st.chunk_images * self._t
+        selected = st.valid
+        if images is not None:
+            images = np.asarray(images, dtype=bool)
+            if images.shape != (st.n_images,):
+                raise ValueError(f"images mask has shape {images.shape}, the store has {st.n_images} images")
+            selected = selected & images
+        self._selected = selected
+        self._count = np.array(
+            [int(selected[slice(*st.chunk_images_range(c))].sum()) * self._t for c in range(st.n_chunks)],
+            dtype=np.int64,
+        )
+        self._active = np.flatnonzero(self._count)
+        self.tokens_per_epoch = int(self._count.sum())
+        self.batches_per_epoch = self.tokens_per_epoch // self.batch_tokens
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"batch of {self.batch_tokens} tokens is larger than the {self.tokens_per_epoch} "
+                "selected tokens of the store: lower the batch size"
+            )
+        self._epoch, self._step = 0, 0
+        self._workers: _Workers | None = None
+
+    def _check_args(self) -> None:
+        missing = [k for k in self.backbones if k not in self.store.backbones]
+        if missing or not self.backbones:
+            raise ValueError(f"backbones {missing or '[]'} not in the store (it has {self.store.backbones})")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if self.batch_tokens < 1 or self.batch_tokens % self.world_size:
+            raise ValueError(f"batch_tokens {self.batch_tokens} must be a positive multiple of world_size {self.world_size}")
+        if self.buffer_chunks < 1 or self.prefetch < 0:
+            raise ValueError("buffer_chunks must be >= 1 and prefetch >= 0")
+
+    # ------------------------------------------------------------ the stream's definition
+    def epoch_blocks(self, epoch: int) -> list[_Block]:
+        """Shuffle blocks of an epoch (chunk order drawn from (seed, epoch))."""
+        order = np.random.default_rng([self.seed, 0, epoch]).permutation(self._active)
+        blocks, start = [], 0
+        for b0 in range(0, len(order), self.buffer_chunks):
+            chunks = order[b0 : b0 + self.buffer_chunks]
+            rows = int(self._count[chunks].sum())
+            blocks.append(_Block(chunks, start, rows))
+            start += rows
+        return blocks
+
+    def block_permutation(self, epoch: int, block: int, rows: int) -> np.ndarray:
+        """The shuffle of one block's selected rows, drawn from (seed, epoch, block)."""
+        return np.random.default_rng([self.seed, 1, epoch, block]).permutation(rows)
+
+    def chunk_selected_rows(self, chunk: int) -> np.ndarray:
+        """Selected row offsets inside a chunk, ascending."""
+        a, b = self.store.chunk_images_range(chunk)
+        imgs = np.flatnonzero(self._selected[a:b])
+        return (imgs[:, None] * self._t + np.arange(self._t)).reshape(-1)
+
+    @property
+    def local_batch_tokens(self) -> int:
+        """Rows per batch on this rank."""
+        return self.batch_tokens // self.world_size
+
+    # ------------------------------------------------------------ position
+    def state_dict(self) -> dict:
+        """Position of the next batch to be yielded."""
+        return {"epoch": self._epoch, "step": self._step}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Resume at a position from state_dict(); a running iteration is stopped."""
+        self.close()
+        epoch, step = int(d["epoch"]), int(d["step"])
+        if epoch < 0 or step < 0:
+            raise ValueError(f"bad loader state {d}")
+        epoch += step // self.batches_per_epoch
+        self._epoch, self._step = epoch, step % self.batches_per_epoch
+
+    # ------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[Batch]:
+        self.close()
+        workers = _Workers(self, self._epoch, self._step)
+        self._workers = workers
+        try:
+            while True:
+                batch = workers.next_batch()
+                nxt = batch.step + 1
+                self._epoch, self._step = (batch.epoch + 1, 0) if nxt == self.batches_per_epoch else (batch.epoch, nxt)
+                yield batch
+        finally:
+            workers.stop()
+            if self._workers is workers:
+                self._workers = None
+
+    def close(self) -> None:
+        """Stop the worker threads of a running iteration (the position is kept)."""
+        if self._workers is not None:
+            self._workers.stop()
+            self._workers = None
+
+    def __enter__(self) -> ChunkLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class _Workers:
+    """Reader + batcher threads for one iteration, starting at (epoch, step)."""
+
+    def __init__(self, loader: ChunkLoader, epoch: int, step: int):
+        self.ld = loader
+        st = loader.store
+        n_slots = loader.buffer_chunks + loader.prefetch
+        self.pool = {k: np.empty((n_slots, loader._chunk_rows, st.widths[k]), np.float16) for k in loader.backbones}
+        self.free: queue.Queue = queue.Queue()
+        for s in range(n_slots):
+            self.free.put(s)
+        self.ready: queue.Queue = queue.Queue()
+        self.out: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
+        self._stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._guard, args=(self._read, self.ready, epoch, step), daemon=True, name="usae-loader-read"),
+            threading.Thread(target=self._guard, args=(self._batch, self.out, epoch, step), daemon=True, name="usae-loader-batch"),
+        ]
+        for t in self.threads:
+            t.start()
+
+    # -------------------------------------------------------- plumbing
+    def _put(self, q: queue.Queue, item) -> None:
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+        raise _Stop
+
+    def _get(self, q: queue.Queue):
+        while not self._stop.is_set():
+            try:
+                item = q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        raise _Stop
+
+    def _guard(self, fn, errors_to: queue.Queue, epoch: int, step: int) -> None:
+        try:
+            fn(epoch, step)
+        except _Stop:
+            return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            try:
+                self._put(errors_to, e)
+            except _Stop:
+                pass
+
+    def next_batch(self) -> Batch:
+        return self._get(self.out)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(timeout=10)
+
+    def _start_block(self, blocks: list[_Block], step: int) -> int:
+        pos = step * self.ld.batch_tokens
+        return next(i for i, b in enumerate(blocks) if b.start <= pos < b.start + b.rows)
+
+    def _epochs(self, epoch: int, step: int):
+        """(epoch, first step, blocks, first block) from the start position onwards, forever."""
+        while True:
+            blocks = self.ld.epoch_blocks(epoch)
+            yield epoch, step, blocks, self._start_block(blocks, step)
+            epoch, step = epoch + 1, 0
+
+    # -------------------------------------------------------- reader thread
+    def _read(self, epoch: int, step: int) -> None:
+        st = self.ld.store
+        for _, _, blocks, b0 in self._epochs(epoch, step):
+            for blk in blocks[b0:]:
+                for c in blk.chunks:
+                    slot = self._get(self.free)
+                    r0, r1 = st.chunk_rows(int(c))
+                    for k, pool in self.pool.items():
+                        st.read_chunk(k, int(c), out=pool[slot, : r1 - r0])
+                    self._put(self.ready, slot)
+
+    # -------------------------------------------------------- batcher thread
+    def _batch(self, epoch: int, step: int) -> None:
+        ld = self.ld
+        bsz, lo = ld.batch_tokens, ld.rank * ld.local_batch_tokens
+        hi = lo + ld.local_batch_tokens
+        for ep, step0, blocks, b0 in self._epochs(epoch, step):
+            pos, filled, out = step0 * bsz, 0, self._new_out()
+            for bi in range(b0, len(blocks)):
+                blk = blocks[bi]
+                slots = [self._get(self.ready) for _ in blk.chunks]
+                where = self._block_rows(ep, bi, blk, slots)
+                off = pos + filled - blk.start  # first unconsumed row of this block
+                while off < blk.rows:
+                    take = min(bsz - filled, blk.rows - off)
+                    w0, w1 = max(lo, filled), min(hi, filled + take)
+                    if w1 > w0:  # part of this rank's window
+                        idx = where[off + w0 - filled : off + w1 - filled]
+                        for k, pool in self.pool.items():
+                            np.take(pool.reshape(-1, pool.shape[2]), idx, axis=0, out=out[k][w0 - lo : w1 - lo], mode="clip")
+                    filled, off = filled + take, off + take
+                    if filled == bsz:
+                        self._put(self.out, self._finish(out, ep, pos // bsz))
+                        pos, filled, out = pos + bsz, 0, self._new_out()
+                for s in slots:
+                    self.free.put(s)
+
+    def _block_rows(self, epoch: int, bi: int, blk: _Block, slots: list[int]) -> np.ndarray:
+        """Pool row (slot * chunk_rows + offset) of each stream row of the block, shuffled."""
+        base = np.concatenate(
+            [s * self.ld._chunk_rows + self.ld.chunk_selected_rows(int(c)) for c, s in zip(blk.chunks, slots, strict=True)]
+        )
+        return base[self.ld.block_permutation(epoch, bi, blk.rows)]
+
+    def _new_out(self) -> dict[str, np.ndarray]:
+        n = self.ld.local_batch_tokens
+        return {k: np.empty((n, pool.shape[2]), np.float16) for k, pool in self.pool.items()}
+
+    def _finish(self, out: dict[str, np.ndarray], epoch: int, step: int) -> Batch:
+        acts = [torch.from_numpy(out[k]) for k in self.ld.backbones]
+        if self.ld.pin_memory and torch.cuda.is_available():
+            acts = [a.pin_memory() for a in acts]
+        return Batch(acts, epoch, step)
