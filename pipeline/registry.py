@@ -347,8 +347,13 @@ def _adapt_state(
 def _load_state(
     spec: BackboneSpec, model: nn.Module, state: dict[str, Tensor], origin: str
 ) -> None:
-    state = _adapt_state(spec, model, state)
-    res = model.load_state_dict(state, strict=False)
+    try:
+        res = model.load_state_dict(_adapt_state(spec, model, state), strict=False)
+    except (RuntimeError, KeyError, ValueError) as e:  # shape mismatches, foreign layouts
+        msg = str(e).strip().splitlines()
+        raise WeightsUnavailable(
+            f"{origin} does not fit {spec.source}:{spec.name} ({spec.key}): {msg[:3]}"
+        ) from None
     missing = [k for k in res.missing_keys if not k.startswith(_HEAD_PREFIXES)]
     unexpected = [k for k in res.unexpected_keys if not k.startswith(_HEAD_PREFIXES)]
     if missing or unexpected:
