@@ -346,6 +346,8 @@ class TrainState:
     last_fired_mt: Tensor | None = None
     """(M, m) token count at which each concept was last selected from backbone i."""
     self_r2: list[float | None] = field(default_factory=list)
+    log_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """Sum and count of step losses since the last metrics line."""
 
 
 class StepOut(NamedTuple):
@@ -534,24 +536,32 @@ def make_loader(st: Store, keys: Sequence[str], cfg: TrainConfig, images: np.nda
 
     if cfg.batch_tokens % d.world:
         raise TrainError(f"batch_tokens {cfg.batch_tokens} is not divisible by the {d.world} DDP processes")
-    return ChunkLoader(
-        st, list(keys), cfg.batch_tokens, images=images, seed=cfg.seed,
-        buffer_chunks=cfg.buffer_chunks, rank=d.rank, world_size=d.world,
-    )
+    try:
+        return ChunkLoader(
+            st, list(keys), cfg.batch_tokens, images=images, seed=cfg.seed,
+            buffer_chunks=cfg.buffer_chunks, rank=d.rank, world_size=d.world,
+        )
+    except ValueError as e:
+        raise TrainError(f"cannot load batches from {st.path}: {e}") from None
 
 
-def check_finite(st: Store, keys: Sequence[str], acts: Sequence[Tensor], train_images: np.ndarray) -> None:
-    """Stop with the backbone and chunk when a batch holds NaN/inf activations."""
-    for k, a in zip(keys, acts, strict=True):
-        if bool(torch.isfinite(a).all()):
-            continue
-        rows = np.repeat(train_images, st.tokens_per_image)
-        for c in range(st.n_chunks):
-            r0, r1 = st.chunk_rows(c)
-            x = st.read_chunk(k, c)[rows[r0:r1]]
-            if not np.isfinite(x).all():
-                raise TrainError(f"non-finite activations (NaN/inf) in backbone {k!r}, store chunk {c}")
-        raise TrainError(f"non-finite activations (NaN/inf) in backbone {k!r}")
+def check_finite(st: Store, keys: Sequence[str], acts: Sequence[Tensor], train_images: np.ndarray,
+                 world: int = 1) -> None:
+    """Stop with the backbone and chunk when a batch holds NaN/inf activations (on any rank)."""
+    bad = next((j for j, a in enumerate(acts) if not bool(torch.isfinite(a).all())), -1)
+    if world > 1:  # every rank must stop together, not hang in the next all_reduce
+        flag = torch.tensor([bad + 1], dtype=torch.long, device=acts[0].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = int(flag) - 1
+    if bad < 0:
+        return
+    k = keys[bad]
+    rows = np.repeat(train_images, st.tokens_per_image)
+    for c in range(st.n_chunks):
+        r0, r1 = st.chunk_rows(c)
+        if not np.isfinite(st.read_chunk(k, c)[rows[r0:r1]]).all():
+            raise TrainError(f"non-finite activations (NaN/inf) in backbone {k!r}, store chunk {c} (rows {r0}..{r1})")
+    raise TrainError(f"non-finite activations (NaN/inf) in backbone {k!r}")
 
 
 # ---------------------------------------------------------------- held-out evaluation
@@ -677,7 +687,7 @@ def new_state(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> TrainS
 def save_state(paths: RunPaths, s: TrainState, loader) -> None:
     """Atomic checkpoint; a failed write (disk full...) leaves the previous one intact."""
     rng = {"gen": s.gen.get_state(), "torch": torch.get_rng_state(), "last_fired": s.last_fired_mt.cpu()}
-    js = {"step": s.step, "tokens": s.tokens, "group_steps": s.group_steps, "self_r2": s.self_r2,
+    js = {"step": s.step, "tokens": s.tokens, "group_steps": s.group_steps, "self_r2": s.self_r2, "log_loss": s.log_loss,
           "loader": loader.state_dict()}
     try:
         ckpt.save_checkpoint(paths.checkpoint, s.model.state_dict(), s.opt.state_dict(), rng, js)
@@ -698,6 +708,7 @@ def restore_state(paths: RunPaths, s: TrainState, loader) -> None:
         s.last_fired_mt.copy_(c.rng["last_fired"])
         s.step, s.tokens = int(c.state["step"]), int(c.state["tokens"])
         s.group_steps, s.self_r2 = list(c.state["group_steps"]), list(c.state["self_r2"])
+        s.log_loss = [float(v) for v in c.state["log_loss"]]
         loader.load_state_dict(c.state["loader"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise ckpt.CheckpointError(f"checkpoint in {paths.checkpoint} does not fit this run ({e})") from None
@@ -717,14 +728,14 @@ class _Logger:
 
     def __init__(self, paths: RunPaths, keys: Sequence[str], cfg: TrainConfig, enabled: bool):
         self.paths, self.keys, self.cfg, self.enabled = paths, list(keys), cfg, enabled
-        self.loss_sum, self.n, self.t0, self.tok0 = 0.0, 0, time.perf_counter(), 0
+        self.t0, self.tok0 = time.perf_counter(), 0
 
     def start(self, tokens: int) -> None:
         self.t0, self.tok0 = time.perf_counter(), tokens
 
     def log(self, s: TrainState, out: StepOut, epoch: int) -> dict | None:
-        self.loss_sum += out.loss
-        self.n += 1
+        s.log_loss[0] += out.loss
+        s.log_loss[1] += 1
         for p, i in zip(out.parts, out.sources, strict=True):
             pos = p.codes.values_bk > 0
             s.last_fired_mt[i, p.codes.indices_bk[pos]] = s.tokens
@@ -736,7 +747,7 @@ class _Logger:
         if self.enabled:
             with open(self.paths.metrics_jsonl, "a") as f:
                 f.write(json.dumps(line) + "\n")
-        self.loss_sum, self.n = 0.0, 0
+        s.log_loss = [0.0, 0.0]
         self.start(s.tokens)
         return line
 
@@ -757,7 +768,7 @@ class _Logger:
             l0 = float((p.codes.values_bk > 0).sum(1).float().mean())
         dt = max(time.perf_counter() - self.t0, 1e-9)
         return {
-            "step": s.step, "epoch": epoch, "tokens": s.tokens, "loss": self.loss_sum / max(self.n, 1),
+            "step": s.step, "epoch": epoch, "tokens": s.tokens, "loss": s.log_loss[0] / max(s.log_loss[1], 1),
             "source": [keys[i] for i in out.sources], "rec": rec, "aux": aux, "r2_from_source": r2,
             "self_r2": dict(zip(keys, s.self_r2, strict=True)), "l0": l0, "dead_fraction": dead,
             "lr": dict(zip(keys, out.lrs, strict=True)), "tokens_per_s": (s.tokens - self.tok0) / dt,
@@ -788,7 +799,7 @@ def _loop(cfg: TrainConfig, s: TrainState, ctx: StepContext, loader, st: Store, 
         logger.start(s.tokens)
         while s.step < ctx.total_steps:
             batch = next(it)
-            check_finite(st, keys, batch.acts, train_images)
+            check_finite(st, keys, batch.acts, train_images, ctx.world)
             x = [s.model.standardize(j, a.to(dev, non_blocking=True).float()) for j, a in enumerate(batch.acts)]
             want = (s.step + 1) % cfg.log_every == 0 or s.step + 1 == ctx.total_steps
             try:
@@ -832,8 +843,16 @@ def _run(cfg: TrainConfig, d: Dist) -> TrainResult:
     train_images, held_images = image_masks(st, cfg.holdout)
     if not train_images.any():
         raise TrainError("no training images left (all invalid or held out)")
-    spec = model_spec(st, keys, cfg)
     loader = make_loader(st, keys, cfg, train_images, d)
+    try:
+        return _train(cfg, d, st, keys, loader, paths, resuming, train_images, held_images)
+    finally:
+        loader.close()
+
+
+def _train(cfg: TrainConfig, d: Dist, st: Store, keys: list[str], loader, paths: RunPaths, resuming: bool,
+           train_images: np.ndarray, held_images: np.ndarray) -> TrainResult:
+    spec = model_spec(st, keys, cfg)
     per_epoch = int(loader.batches_per_epoch)
     if per_epoch < 1:
         raise TrainError(f"the training images hold fewer tokens than one batch of {cfg.batch_tokens}")
