@@ -305,3 +305,45 @@ def test_cli_options_mirror_config() -> None:
     assert params == {f.name for f in dataclasses.fields(ManifestConfig)}
     for p in cmd.params:
         assert getattr(p, "help", None) or p.name == "image_dir"
+
+
+# -------------------------------------------------------------- demo images (real bundled photos)
+def test_demo_images_offline_deterministic(tmp_path: Path, monkeypatch) -> None:
+    import socket
+
+    from usae.pipeline.demo_images import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, build_demo_images
+    from usae.pipeline.images import load_image
+
+    def no_network(*a, **k):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    n = len(SKIMAGE_PHOTOS) + len(SKLEARN_PHOTOS) + 5
+    a = read_manifest(build_demo_images(tmp_path / "a", n=n, seed=0, show_progress=False))
+    b = read_manifest(build_demo_images(tmp_path / "b", n=n, seed=0, show_progress=False))
+    c = read_manifest(build_demo_images(tmp_path / "c", n=n, seed=1, show_progress=False))
+    short = read_manifest(build_demo_images(tmp_path / "d", n=7, seed=0, show_progress=False))
+    assert list(a.columns) == ["image_id", "path", "split", "label", "source", "sha256"]
+    assert a.attrs["manifest_sha256"] == b.attrs["manifest_sha256"] != c.attrs["manifest_sha256"]
+    pd.testing.assert_frame_equal(short, a.iloc[:7])  # image i does not depend on n
+    assert set(a["source"]) == set(SKIMAGE_PHOTOS) | set(SKLEARN_PHOTOS)
+    assert set(a["split"]) <= {"train", "val"} and (a["split"] == "train").sum() > n // 2
+    for rel, digest in zip(a["path"], a["sha256"], strict=True):
+        data = (tmp_path / "a" / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == digest
+        assert data == (tmp_path / "b" / rel).read_bytes()
+        rgb = load_image(tmp_path / "a" / rel)
+        assert rgb.shape[2] == 3 and 160 <= max(rgb.shape[:2]) <= 320 and rgb.std() > 1.0
+    assert {Path(p).suffix for p in a["path"]} == {".jpg", ".png"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(h=st.integers(8, 2000), w=st.integers(8, 2000), seed=st.integers(0, 2**31), i=st.integers(0, 10**6))
+def test_demo_crop_inside_photo(h: int, w: int, seed: int, i: int) -> None:
+    from usae.pipeline.demo_images import draw_crop
+
+    c = draw_crop(h, w, seed, i)
+    assert 0 <= c.top and c.top + c.height <= h and 0 <= c.left and c.left + c.width <= w
+    assert c.height >= 1 and c.width >= 1 and 160 <= c.long_side <= 320
+    assert c == draw_crop(h, w, seed, i)
