@@ -84,3 +84,9 @@ def image_set(tmp_path: Path) -> ImageSet:
 def shared_image_set(tmp_path_factory: pytest.TempPathFactory) -> ImageSet:
     """12 photo crops with a manifest, shared read-only by the whole session."""
     return make_image_set(tmp_path_factory.mktemp("shared_images"), 12, seed=1)
+
+
+@pytest.fixture
+def photo_crops():
+    """The `write_photo_crops(folder, n, seed)` helper, for tests that build their own folder."""
+    return write_photo_crops
