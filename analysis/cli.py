@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         try:
             res = run_analyze(cfg)
         except AnalyzeError as e:
-            Console(stderr=True).print(f"error: {e}", style="red", markup=False, highlight=False)
+            Console(stderr=True, soft_wrap=True).print(f"error: {e}", style="red", markup=False, highlight=False)
             raise typer.Exit(2) from None
         typer.echo(f"report: {res.out / 'index.html'}")
 

@@ -540,11 +540,11 @@ def _fig_cfp(plt, keys, rec, t, m):
     rank = np.arange(1, len(order) + 1)
     for i, k in enumerate(keys):
         cfp = t.cfp_mm[i, order]
-        ax.scatter(rank, cfp, s=6, alpha=0.35, label=k)
+        ax.scatter(rank, cfp, s=6, alpha=0.35, label=k, color=f"C{i}")
         w = max(1, len(order) // 30)
         if len(order) >= w:
             smooth = pd.Series(cfp).rolling(w, min_periods=1, center=True).mean()
-            ax.plot(rank, smooth, lw=1.5)
+            ax.plot(rank, smooth, lw=1.5, color=f"C{i}")
     ax.set_xscale("log")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("importance rank")
