@@ -336,6 +336,10 @@ def test_demo_images_offline_deterministic(tmp_path: Path, monkeypatch) -> None:
         rgb = load_image(tmp_path / "a" / rel)
         assert rgb.shape[2] == 3 and 160 <= max(rgb.shape[:2]) <= 320 and rgb.std() > 1.0
     assert {Path(p).suffix for p in a["path"]} == {".jpg", ".png"}
+    # data_manifests/example.csv is the start of this manifest (file bytes aside)
+    example = read_manifest(Path(__file__).parents[1] / "data_manifests" / "example.csv", image_root=tmp_path / "a")
+    cols = ["image_id", "path", "split", "label", "source"]
+    pd.testing.assert_frame_equal(example[cols], a[cols].iloc[: len(example)])
 
 
 @settings(max_examples=200, deadline=None)
