@@ -233,8 +233,8 @@ def test_bf16_step_close_to_fp32():
         pytest.skip("no bf16 support")
     model = tiny(widths=(32, 48), m=64, k=4, dtype=torch.float32)
     x = batch((32, 48), b=256, dtype=torch.float32)
-    f32 = source_loss(model, 0, x, [0, 1], loss="l1", aux_weight=0.1).loss
-    bf = source_loss(model, 0, x, [0, 1], loss="l1", aux_weight=0.1, amp=torch.bfloat16).loss
+    f32 = source_loss(model, 0, x, [0, 1], loss="l1", aux_weight=0.1).loss.detach()
+    bf = source_loss(model, 0, x, [0, 1], loss="l1", aux_weight=0.1, amp=torch.bfloat16).loss.detach()
     assert abs(float(f32) - float(bf)) < 0.02 * float(f32)
     assert np.isfinite(float(bf))
 
@@ -339,3 +339,234 @@ def test_training_improves_reconstruction(store, tmp_path):
     res = run_train(small_cfg(store, tmp_path / "r", steps=150, ckpt_every=0, log_every=50, lr=1e-2, k=4))
     assert min(res.metrics["self_r2"].values()) > 0.5
 
+
+
+# ---------------------------------------------------------------- failures: checkpoints
+def test_disk_full_keeps_previous_checkpoint(store, tmp_path, monkeypatch):
+    import errno
+
+    real = ckpt.save_file
+    calls = {"n": 0}
+
+    def flaky(tensors, filename, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:  # second checkpoint (3 files each), after a partial write
+            real(tensors, filename, *a, **kw)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *a, **kw)
+
+    monkeypatch.setattr(ckpt, "save_file", flaky)
+    with pytest.raises(TrainError, match="intact"):
+        run_train(small_cfg(store, tmp_path / "b"))
+    monkeypatch.setattr(ckpt, "save_file", real)
+    assert ckpt.load_checkpoint(tmp_path / "b" / "checkpoint").state["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint", "config.json", "metrics.jsonl"]
+    run_train(TrainConfig(resume=str(tmp_path / "b")))
+    run_train(small_cfg(store, tmp_path / "a"))
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[kk], wb[kk]) for kk in wa)
+
+
+def test_crash_between_renames_falls_back_to_old(store, tmp_path):
+    import os
+
+    run_train(small_cfg(store, tmp_path / "r", steps=8, stop_after=0))
+    c = tmp_path / "r" / "checkpoint"
+    os.replace(c, c.with_name("checkpoint.old"))  # the state right after the first rename
+    assert ckpt.load_checkpoint(c).state["step"] == 8
+
+
+class _Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path(__file__).with_name(".pwned"),))
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch.save", "garbage"])
+def test_crafted_checkpoint_is_refused_without_running_code(store, tmp_path, kind):
+    import pickle
+
+    from usae.trainer.model import load_run
+
+    run = tmp_path / "r"
+    with pytest.raises(SimulatedKill):
+        run_train(small_cfg(store, run, stop_after=5))
+    target = run / "checkpoint" / "model.safetensors"
+    marker = Path(__file__).with_name(".pwned")
+    marker.unlink(missing_ok=True)
+    if kind == "pickle":
+        target.write_bytes(pickle.dumps({"w": _Evil()}))
+    elif kind == "torch.save":
+        torch.save({"w": _Evil()}, target)
+    else:
+        target.write_bytes(b"\xff" * 64)
+    with pytest.raises(ckpt.CheckpointError, match="not a valid safetensors"):
+        run_train(TrainConfig(resume=str(run)))
+    with pytest.raises(ckpt.CheckpointError, match="not a valid safetensors"):
+        load_run(run)  # no final model.safetensors: falls back to the checkpoint's
+    assert not marker.exists()
+
+
+def test_checkpoint_with_wrong_tensors_is_refused(store, tmp_path):
+    from safetensors.torch import save_file
+
+    run = tmp_path / "r"
+    with pytest.raises(SimulatedKill):
+        run_train(small_cfg(store, run, stop_after=5))
+    save_file({"x": torch.zeros(2)}, str(run / "checkpoint" / "model.safetensors"))
+    with pytest.raises(ckpt.CheckpointError, match="does not fit"):
+        run_train(TrainConfig(resume=str(run)))
+
+
+@settings(max_examples=15, deadline=None)
+@given(shapes=hst.lists(hst.tuples(hst.integers(1, 5), hst.integers(1, 4)), min_size=1, max_size=4),
+       lr=hst.floats(1e-5, 1.0), step=hst.integers(0, 10**6), seed=hst.integers(0, 2**31))
+def test_checkpoint_round_trip(tmp_path_factory, shapes, lr, step, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    opt = torch.optim.AdamW([{"params": params[:1], "lr": lr}, {"params": params[1:], "lr": lr / 2}])
+    for p in params[::2]:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    model = {f"p{i}": p.detach() for i, p in enumerate(params)}
+    rng = {"gen": g.get_state(), "np": ckpt.numpy_rng_state(np.random.default_rng(seed))}
+    d = tmp_path_factory.mktemp("c") / "checkpoint"
+    ckpt.save_checkpoint(d, model, opt.state_dict(), rng, {"step": step, "loader": {"epoch": 1, "step": 2}})
+    ckpt.save_checkpoint(d, model, opt.state_dict(), rng, {"step": step + 1, "loader": {"epoch": 1, "step": 3}})
+    c = ckpt.load_checkpoint(d)
+    assert c.state["step"] == step + 1 and c.state["loader"] == {"epoch": 1, "step": 3}
+    assert all(torch.equal(c.model[k], v) for k, v in model.items())
+    opt2 = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}])
+    opt2.load_state_dict(c.optim)
+    a, b = opt.state_dict(), opt2.state_dict()
+    assert a["param_groups"] == [{**gg, "betas": tuple(gg["betas"])} for gg in b["param_groups"]] or \
+        a["param_groups"] == b["param_groups"]
+    for pid, st in a["state"].items():
+        for name, v in st.items():
+            assert torch.equal(v, b["state"][pid][name]), (pid, name)
+    assert torch.equal(c.rng["gen"], g.get_state())
+    r = np.random.default_rng(0)
+    ckpt.set_numpy_rng_state(r, c.rng["np"])
+    assert r.random() == np.random.default_rng(seed).random()
+    assert [p.name for p in d.parent.iterdir()] == ["checkpoint"]
+
+
+# ---------------------------------------------------------------- failures: inputs
+def test_incomplete_store_refused(tmp_path):
+    s = make_store(tmp_path / "s.zarr", finalize=False)
+    with pytest.raises(StoreError, match="incomplete"):
+        run_train(small_cfg(s, tmp_path / "r"))
+
+
+def test_other_schema_refused(tmp_path):
+    import json
+
+    s = make_store(tmp_path / "s.zarr")
+    meta = json.loads((s / "zarr.json").read_text())
+    meta["attributes"]["schema_version"] = 99
+    (s / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="schema_version"):
+        run_train(small_cfg(s, tmp_path / "r"))
+
+
+def test_missing_backbone_refused(store, tmp_path):
+    with pytest.raises(TrainError, match="not in the store"):
+        run_train(small_cfg(store, tmp_path / "r", backbones=("b0", "zz")))
+
+
+def test_backbones_disagreeing_on_rows_refused(tmp_path):
+    import json
+
+    s = make_store(tmp_path / "s.zarr")
+    p = s / "backbones" / "b1" / "tokens" / "zarr.json"
+    meta = json.loads(p.read_text())
+    meta["shape"][0] -= 8  # one image fewer in b1
+    p.write_text(json.dumps(meta))
+    with pytest.raises(TrainError, match="disagree"):
+        run_train(small_cfg(s, tmp_path / "r"))
+    s2 = make_store(tmp_path / "s2.zarr")
+    g = s2 / "backbones" / "b0" / "zarr.json"
+    meta = json.loads(g.read_text())
+    meta["attributes"]["stats"]["count"] -= 8
+    g.write_text(json.dumps(meta))
+    with pytest.raises(TrainError, match="disagree"):
+        run_train(small_cfg(s2, tmp_path / "r2"))
+
+
+def test_nan_activations_name_backbone_and_chunk(tmp_path):
+    s = make_store(tmp_path / "s.zarr", nan_at=("b1", 2))
+    with pytest.raises(TrainError, match=r"'b1', store chunk 2"):
+        run_train(small_cfg(s, tmp_path / "r", holdout=0.0, steps=40))
+    # NaN written after the statistics were computed: caught in the batch, chunk named
+    s2 = make_store(tmp_path / "s2.zarr")
+    st = Store.open(s2)
+    f = st.chunk_file("b0", 3)
+    raw = np.fromfile(f, dtype=np.float16)
+    raw[5] = np.inf
+    raw.tofile(f)
+    with pytest.raises(TrainError, match=r"'b0', store chunk 3"):
+        run_train(small_cfg(s2, tmp_path / "r2", holdout=0.0, steps=40))
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
+    import usae.trainer.train as tr
+
+    real = tr.source_loss
+    count = {"n": 0}
+
+    def poisoned(*a, **kw):
+        out = real(*a, **kw)
+        count["n"] += 1
+        return out._replace(loss=out.loss * float("nan")) if count["n"] == 7 else out
+
+    monkeypatch.setattr(tr, "source_loss", poisoned)
+    with pytest.raises(TrainError, match="non-finite.*step 7.*last good checkpoint"):
+        run_train(small_cfg(store, tmp_path / "r"))
+    assert ckpt.load_checkpoint(tmp_path / "r" / "checkpoint").state["step"] == 4
+
+
+def test_existing_run_not_overwritten(store, tmp_path):
+    run_train(small_cfg(store, tmp_path / "r", steps=2))
+    with pytest.raises(TrainError, match="--resume"):
+        run_train(small_cfg(store, tmp_path / "r", steps=2))
+
+
+def test_resume_refuses_another_store(store, tmp_path):
+    with pytest.raises(SimulatedKill):
+        run_train(small_cfg(store, tmp_path / "r", stop_after=5))
+    other = make_store(tmp_path / "o.zarr", seed=3)
+    import json
+
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    cfg["train"]["store"] = str(other)
+    (tmp_path / "r" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TrainError, match="not the one"):
+        run_train(TrainConfig(resume=str(tmp_path / "r")))
+
+
+# ---------------------------------------------------------------- CLI
+def test_cli_end_to_end_and_errors(store, tmp_path):
+    from typer.testing import CliRunner
+
+    from usae.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "r"), "--steps", "6",
+                                 "--batch-tokens", "32", "--concepts", "16", "--k", "3", "--dtype", "fp32",
+                                 "--warmup", "2", "--log-every", "2", "--update", "reference"])
+    assert r.exit_code == 0, r.output
+    assert "held-out R2" in r.output and (tmp_path / "r" / "model.safetensors").exists()
+    import json
+
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["update"] == "reference"
+    bad = CliRunner().invoke(app, ["train", "--store", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "does not exist" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "x"), "--loss", "l3"])
+    assert bad.exit_code == 2 and "l1 or l2" in bad.output
+
+
+def test_cli_options_mirror_config_fields():
+    import dataclasses
+    import inspect
+
+    from usae.trainer.cli import train_cmd
+
+    assert set(inspect.signature(train_cmd).parameters) == {f.name for f in dataclasses.fields(TrainConfig)}

@@ -126,7 +126,7 @@ class USAE(nn.Module):
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "model.safetensors") -> tuple[USAE, dict]:
     """Rebuild a trained USAE from a run directory (config.json + safetensors, no pickle)."""
-    from safetensors.torch import load_file
+    from usae.trainer.checkpoint import CheckpointError, safe_load_safetensors
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
@@ -140,6 +140,11 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
         wpath = run_dir / "checkpoint" / "model.safetensors"
     if not wpath.exists():
         raise FileNotFoundError(f"{run_dir} holds no weights ({weights} or checkpoint/model.safetensors)")
-    model.load_state_dict(load_file(str(wpath), device=str(device)))
+    try:  # refuses anything but safetensors: a crafted file never runs code
+        model.load_state_dict(safe_load_safetensors(wpath))
+    except RuntimeError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{wpath} does not fit the model described by config.json ({e})") from None
     model.to(device).eval()
     return model, cfg

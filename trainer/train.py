@@ -520,6 +520,9 @@ def image_masks(st: Store, holdout: float) -> tuple[np.ndarray, np.ndarray]:
 def model_spec(st: Store, keys: Sequence[str], cfg: TrainConfig) -> ModelSpec:
     widths = tuple(st.widths[k] for k in keys)
     stats = [st.stats(k) for k in keys]
+    for k, s in zip(keys, stats, strict=True):
+        if not (math.isfinite(s["scalar_mean"]) and math.isfinite(s["scalar_std"])):
+            raise_non_finite(st, k)  # the statistics saw NaN/inf: name the chunk
     return ModelSpec(
         backbones=tuple(keys),
         widths=widths,
@@ -555,13 +558,17 @@ def check_finite(st: Store, keys: Sequence[str], acts: Sequence[Tensor], train_i
         bad = int(flag) - 1
     if bad < 0:
         return
-    k = keys[bad]
-    rows = np.repeat(train_images, st.tokens_per_image)
+    raise_non_finite(st, keys[bad], train_images)
+
+
+def raise_non_finite(st: Store, key: str, images: np.ndarray | None = None) -> None:
+    """Find the first store chunk of `key` with NaN/inf on the given images and stop with it."""
+    rows = np.repeat(st.valid if images is None else images, st.tokens_per_image)
     for c in range(st.n_chunks):
         r0, r1 = st.chunk_rows(c)
-        if not np.isfinite(st.read_chunk(k, c)[rows[r0:r1]]).all():
-            raise TrainError(f"non-finite activations (NaN/inf) in backbone {k!r}, store chunk {c} (rows {r0}..{r1})")
-    raise TrainError(f"non-finite activations (NaN/inf) in backbone {k!r}")
+        if not np.isfinite(st.read_chunk(key, c)[rows[r0:r1]]).all():
+            raise TrainError(f"non-finite activations (NaN/inf) in backbone {key!r}, store chunk {c} (rows {r0}..{r1})")
+    raise TrainError(f"non-finite activations (NaN/inf) in backbone {key!r}")
 
 
 # ---------------------------------------------------------------- held-out evaluation
