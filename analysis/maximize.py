@@ -6,7 +6,8 @@ activation ReLU(BN_i(W_i x_i))[k], averaged over tokens, is maximal. x_i is the 
 activation computed exactly as extraction computes it (``Backbone.forward`` with the store's
 grid: the backbone's own resize, normalisation and grid resampling), standardised by the run
 (``USAE.standardize``); BatchNorm is in eval mode. The images are independently parametrised
-and jointly scheduled: one loop, the same crop boxes each step, one NAdam over all phases.
+and jointly scheduled: one loop, the same crop boxes each step, one NAdam over all phases with
+one learning-rate schedule (cosine decay from ``lr`` to ``lr/100`` by default).
 
 Parametrisation (MaCo, Fel et al. 2023): each image is
 ``sigmoid(CONTRAST * C @ standardise(irfft2(A * exp(i * phase))))`` on a square canvas, where
@@ -80,7 +81,9 @@ class MaximizeConfig:
     steps: int = 1000
     """Optimisation steps per concept."""
     lr: float = 1.0
-    """NAdam learning rate on the Fourier phases."""
+    """NAdam learning rate on the Fourier phases (peak of the schedule)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule: "cosine" (decay to lr/100 over the steps) or "constant"."""
     canvas: int = 512
     """Side of the square image being optimised (pixels)."""
     crops: int = 6
@@ -108,6 +111,8 @@ class MaximizeConfig:
             raise MaximizeError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         if self.noise < 0:
             raise MaximizeError(f"--noise must be >= 0, got {self.noise}")
+        if self.schedule not in ("cosine", "constant"):
+            raise MaximizeError(f"--schedule must be cosine or constant, got {self.schedule!r}")
         if self.dtype not in DTYPES:
             raise MaximizeError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.top and self.report is None:
@@ -289,6 +294,12 @@ class Maximizer:
         self.gen = torch.Generator().manual_seed(_concept_seed(cfg.seed, k))
         self.images = PhaseImages(len(self.targets), cfg.canvas, self.gen).to(cfg.device)
         self.opt = torch.optim.NAdam(self.images.parameters(), lr=cfg.lr)
+        # Cosine decay to lr/100: large phase steps explore early, small ones settle the image.
+        self.sched = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, cfg.steps, eta_min=cfg.lr * 0.01)
+            if cfg.schedule == "cosine"
+            else None
+        )
         self.dtype = DTYPES[cfg.dtype]
 
     def _pre(self, t: Target, crops_b3hw: Tensor) -> Tensor:
@@ -311,6 +322,8 @@ class Maximizer:
             (-F.leaky_relu(pre_bt, LEAK).mean()).backward()
             out[j] = F.relu(pre_bt.detach()).mean().item()
         self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
         return out
 
     @torch.no_grad()
@@ -657,7 +670,8 @@ def register(app) -> None:
         store: Path | None = typer.Option(None, "--store", help="Store with the backbone specs (default: the run's)."),
         weights: list[str] = typer.Option([], "--weights", help="KEY=FILE weights for a backbone (repeatable)."),
         steps: int = typer.Option(1000, "--steps", help="Optimisation steps per concept."),
-        lr: float = typer.Option(1.0, "--lr", help="NAdam learning rate on the Fourier phases."),
+        lr: float = typer.Option(1.0, "--lr", help="NAdam learning rate on the Fourier phases (peak)."),
+        schedule: str = typer.Option("cosine", "--schedule", help="Learning-rate schedule: cosine (to lr/100) or constant."),
         canvas: int = typer.Option(512, "--canvas", help="Side of the optimised square image (pixels)."),
         crops: int = typer.Option(6, "--crops", help="Random crops per backbone and step."),
         crop_scale: tuple[float, float] = typer.Option(
@@ -675,7 +689,7 @@ def register(app) -> None:
         try:
             cfg = MaximizeConfig(
                 run=run, out=out, concepts=tuple(concept), top=top, report=report, store=store,
-                weights=tuple(weights), steps=steps, lr=lr, canvas=canvas, crops=crops,
+                weights=tuple(weights), steps=steps, lr=lr, schedule=schedule, canvas=canvas, crops=crops,
                 crop_scale=tuple(crop_scale), noise=noise, seed=seed, device=device, dtype=dtype,
             )  # fmt: skip
             res = run_maximize(cfg)

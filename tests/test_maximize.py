@@ -1,0 +1,429 @@
+"""Coordinated activation maximisation (usae.analysis.maximize) on tiny random-init backbones.
+
+A run directory is built the way the stages build it: a tiny store of real photos extracted
+through ``Backbone.forward`` (no_grad), a USAE standardised by the store's statistics with its
+BatchNorm statistics fitted on the store's tokens, config.json + model.safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+from usae.analysis import maximize as mx
+from usae.pipeline.registry import load_backbone, resolve
+from usae.pipeline.store import BackboneLayout, Store
+from usae.trainer.model import USAE, ModelSpec, load_run
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+KEYS = ("dinov2", "siglip")
+GRID = (7, 7)
+M_CONCEPTS = 24
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _photos_u8(n: int) -> list[np.ndarray]:
+    import skimage.data
+
+    names = ("astronaut", "chelsea", "coffee", "rocket")
+    return [getattr(skimage.data, names[i % len(names)])()[:, :, :3] for i in range(n)]
+
+
+def _tiny(key: str, seed: int = 0):
+    return load_backbone(resolve(key), random_init=True, seed=seed, tiny=True)
+
+
+def _write_store(path: Path, backbones: dict, images_u8: list[np.ndarray], spec_override=None) -> Store:
+    """A complete store of `images_u8` through Backbone.forward under no_grad (as extraction does)."""
+    layouts = []
+    for key, bb in backbones.items():
+        spec = {**bb.spec.to_json(), **bb.identity}
+        if spec_override and key in spec_override:
+            spec.update(spec_override[key])
+        layouts.append(BackboneLayout(key, bb.spec.width, bb.spec.prefix_tokens, spec))
+    ids = [f"img{i}" for i in range(len(images_u8))]
+    st_ = Store.create(path, ids, layouts, grid=GRID, chunk_images=len(ids), source="extract", fingerprint_of=str(path))
+    x_b3hw = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in _squash(images_u8)])
+    tokens, prefix = {}, {}
+    with torch.no_grad():
+        for key, bb in backbones.items():
+            acts = bb(x_b3hw, grid=GRID)
+            tokens[key] = acts.patch_btd.reshape(-1, bb.spec.width).numpy()
+            prefix[key] = acts.prefix_bpd.numpy()
+    st_.write_chunk(0, tokens, np.ones(len(ids), bool), prefix=prefix)
+    st_.finalize()
+    return Store.open(path)
+
+
+def _squash(images_u8):
+    """Same-size copies so they stack (the backbone resizes to its own size anyway)."""
+    return [np.asarray(Image.fromarray(im).resize((256, 256), Image.Resampling.BICUBIC)) for im in images_u8]
+
+
+def _write_run(run: Path, store: Store, seed: int = 0) -> USAE:
+    """A USAE on the store: standardised by its stats, BatchNorm statistics fitted on its tokens."""
+    mu, sigma = zip(*[(store.stats(k)["scalar_mean"], store.stats(k)["scalar_std"]) for k in KEYS], strict=True)
+    spec = ModelSpec(KEYS, tuple(store.widths[k] for k in KEYS), mu, sigma, M_CONCEPTS, 4)
+    torch.manual_seed(seed)
+    model = USAE(spec)
+    for bn in model.bns:
+        bn.momentum = None  # cumulative average: running stats = stats of the data seen
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    model.train()
+    with torch.no_grad():
+        for i, k in enumerate(KEYS):
+            x = model.standardize(i, torch.from_numpy(store.read_chunk(k, 0).astype(np.float32)))
+            model.encode_pre(i, x)
+    model.eval()
+    run.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
+    cfg = {
+        "schema_version": 1,
+        "train": {},
+        "model": spec.to_dict(),
+        "store": {"path": str(store.path), "fingerprint": store.attrs["fingerprint"], "backbones": list(KEYS)},
+    }
+    (run / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+@pytest.fixture(scope="module")
+def backbones():
+    return {k: _tiny(k) for k in KEYS}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, backbones):
+    base = tmp_path_factory.mktemp("mx")
+    store = _write_store(base / "s.zarr", backbones, _photos_u8(4))
+    _write_run(base / "run", store)
+    return base / "run"
+
+
+def _cfg(run: Path, out: Path, **kw) -> mx.MaximizeConfig:
+    base = dict(run=run, out=out, concepts=(5,), steps=40, canvas=96, crops=3, seed=0)
+    base.update(kw)
+    return mx.MaximizeConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def result(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mx_out")
+    return mx.run_maximize(_cfg(run_dir, out), progress=False)
+
+
+# ---------------------------------------------------------------- pieces against slow versions
+def _random_bn_model(seed: int, m: int = 16, widths=(8, 12)) -> USAE:
+    torch.manual_seed(seed)
+    model = USAE(ModelSpec(("a", "b"), widths, (0.3, -0.2), (1.7, 0.6), m, 3))
+    for bn in model.bns:
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.2, 3.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    return model.eval()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(0, 15), i=st.integers(0, 1), b=st.integers(1, 3), t=st.integers(1, 5))
+def test_concept_pre_equals_encode_pre(seed, k, i, b, t):
+    model = _random_bn_model(seed)
+    acts_btd = torch.randn(b, t, model.spec.widths[i], generator=torch.Generator().manual_seed(seed)) * 3
+    want = model.encode_pre(i, model.standardize(i, acts_btd.reshape(b * t, -1)))[:, k].reshape(b, t)
+    torch.testing.assert_close(mx.concept_pre(model, i, k, acts_btd), want, rtol=1e-5, atol=1e-5)
+
+
+def test_concept_pre_refuses_training_mode():
+    model = _random_bn_model(0).train()
+    with pytest.raises(mx.MaximizeError, match="eval mode"):
+        mx.concept_pre(model, 0, 0, torch.zeros(1, 1, 8))
+
+
+def test_crop_resize_equals_slicing_when_pixel_aligned():
+    img_3hw = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    # side 0.5 of 64 px = 32 px; centre -0.25 (x) and 0.375 (y) put the box at x 8..40, y 28..60
+    boxes = torch.tensor([[0.5, -0.25, 0.375], [0.5, 0.0, 0.0]])
+    crops = mx.crop_resize(img_3hw, boxes, 32)
+    torch.testing.assert_close(crops[0], img_3hw[:, 28:60, 8:40])
+    torch.testing.assert_close(crops[1], img_3hw[:, 16:48, 16:48])
+    # a resized crop: the same region through the obvious path (slice, then bilinear resize)
+    slow = torch.nn.functional.interpolate(img_3hw[None, :, 16:48, 16:48], size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(mx.crop_resize(img_3hw, boxes[1:], 16), slow, atol=1e-6, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), lo=st.floats(0.05, 1.0), span=st.floats(0.0, 1.0), n=st.integers(1, 8))
+def test_boxes_inside_canvas_with_requested_area(seed, lo, span, n):
+    hi = min(1.0, lo + span)
+    boxes = mx.sample_boxes(n, (lo, hi), torch.Generator().manual_seed(seed))
+    half, cx, cy = boxes.T
+    area = half**2
+    assert torch.all(area >= lo - 1e-6) and torch.all(area <= hi + 1e-6)
+    assert torch.all(cx.abs() + half <= 1 + 1e-6) and torch.all(cy.abs() + half <= 1 + 1e-6)
+
+
+def test_priors_are_the_photos_statistics():
+    pri = mx.natural_priors(64)
+    # slow version of the colour matrix: C @ C.T is the photos' RGB covariance (up to the scale)
+    pix = np.concatenate([mx._square(p, 64).reshape(-1, 3) for p in mx._photos()])
+    cov = np.cov(pix, rowvar=False)
+    cc = pri.colour_33.astype(np.float64) @ pri.colour_33.T.astype(np.float64)
+    np.testing.assert_allclose(cc / cc[0, 0], cov / cov[0, 0], rtol=1e-4)
+    assert np.abs(pri.colour_33).max() <= 1.0 + 1e-6
+    assert pri.magnitude_3hf.shape == (3, 64, 33) and pri.magnitude_3hf[:, 0, 0].max() == 0.0
+    # natural images: much more energy at low than at high spatial frequencies
+    assert pri.magnitude_3hf[0, 1:4, 1:4].mean() > 10 * pri.magnitude_3hf[0, 24:32, 24:32].mean()
+
+
+def test_phase_images_keep_the_magnitude_spectrum():
+    imgs = mx.PhaseImages(2, 64, torch.Generator().manual_seed(3))
+    pri = mx.natural_priors(64)
+    with torch.no_grad():
+        for j in range(2):
+            img = imgs(j).double()
+            assert img.shape == (3, 64, 64) and img.min() >= 0 and img.max() <= 1
+            # undo sigmoid and colour mixing: the decorrelated channels' spectrum is the prior's
+            z = torch.linalg.solve(torch.from_numpy(pri.colour_33).double(), torch.logit(img).reshape(3, -1) / mx.CONTRAST)
+            mag = torch.fft.rfft2(z.reshape(3, 64, 64), norm="ortho").abs()[:, :, 1:-1]
+            ref = torch.from_numpy(pri.magnitude_3hf).double()[:, :, 1:-1]
+            for c in range(3):  # each channel is standardised on its own: one scale per channel
+                ratio = (mag[c] / ref[c].clamp_min(1e-12))[ref[c] > 1e-2 * ref[c].max()]
+                torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.median().item()), rtol=1e-2, atol=0)
+    assert not torch.equal(imgs(0), imgs(1))
+
+
+# ---------------------------------------------------------------- the optimisation on a run
+def _random_phase_objective(model, i, k, bb, cfg, n=4):
+    """Objective of random-phase images with the same spectrum, on the evaluation crops."""
+    boxes = mx.sample_boxes(cfg.crops, cfg.crop_scale, torch.Generator().manual_seed(mx._concept_seed(cfg.seed, k, 1)))
+    vals = []
+    with torch.no_grad():
+        for s in range(n):
+            img = mx.PhaseImages(1, cfg.canvas, torch.Generator().manual_seed(1000 + s))(0)
+            vals.append(mx.concept_objective(bb, model, i, k, mx.crop_resize(img, boxes, 224), GRID).mean().item())
+    return np.array(vals)
+
+
+def test_objective_rises_above_random_phase_images(result, run_dir):
+    model, _ = load_run(run_dir)
+    (c,) = result.concepts
+    cfg = _cfg(run_dir, result.out)
+    for i, key in enumerate(KEYS):
+        curve = np.asarray(c.curve[key])
+        assert curve.shape == (cfg.steps,)
+        assert curve[-8:].mean() > 1.3 * curve[:8].mean() + 1e-3, (key, curve)
+        rand = _random_phase_objective(model, i, c.concept, _tiny(key), cfg)
+        fin = c.final[key]
+        assert fin.crops > 1.5 * rand.max(), (key, fin, rand)
+        assert fin.crops > 1.5 * fin.random_crops, (key, fin)
+        assert fin.full > fin.random_full, (key, fin)
+
+
+def test_objective_is_what_extraction_gives(result, run_dir, tmp_path):
+    """The optimised PNG, through the extraction path (no_grad forward, store, encode_pre), gives
+    the same objective as the differentiable path used by the optimisation."""
+    model, _ = load_run(run_dir)
+    (c,) = result.concepts
+    k = c.concept
+    pngs = [np.asarray(Image.open(c.images[key]).convert("RGB")) for key in KEYS]
+    bbs = {key: _tiny(key) for key in KEYS}
+    store = _write_store(tmp_path / "png.zarr", bbs, pngs * 1)
+    for i, key in enumerate(KEYS):
+        img = torch.from_numpy(np.array(_squash([pngs[i]])[0])).permute(2, 0, 1).float() / 255
+        img.requires_grad_(True)
+        obj = mx.concept_objective(bbs[key], model, i, k, img[None], GRID)
+        obj.sum().backward()
+        assert img.grad is not None and img.grad.abs().sum() > 0  # a real gradient path
+        rows = torch.from_numpy(store.read_chunk(key, 0).astype(np.float32)).reshape(len(pngs), -1, store.widths[key])
+        with torch.no_grad():
+            pre = model.encode_pre(i, model.standardize(i, rows[i]))[:, k]
+        want = torch.relu(pre).mean()
+        torch.testing.assert_close(obj.detach()[0], want, rtol=2e-2, atol=2e-3)  # the store is float16
+
+
+def test_gradient_matches_finite_differences(run_dir):
+    """d objective / d phase by autograd equals a central finite difference (float64 models)."""
+    model, _ = load_run(run_dir)
+    model = model.double()
+    bb = load_backbone(resolve("siglip"), random_init=True, seed=0, tiny=True, dtype=torch.float64)
+    imgs = mx.PhaseImages(1, 32, torch.Generator().manual_seed(0)).double()
+    direction = torch.randn(imgs.phase_n3hf.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def f() -> torch.Tensor:
+        return mx.concept_objective(bb, model, 1, 3, imgs(0)[None], GRID).sum() + mx.concept_pre(
+            model, 1, 3, bb(imgs(0)[None], grid=GRID).patch_btd
+        ).mean()
+
+    f().backward()
+    analytic = (imgs.phase_n3hf.grad * direction).sum().item()
+    eps = 1e-3  # the backbone normalises in float32: a smaller step drowns in rounding
+    with torch.no_grad():
+        imgs.phase_n3hf += eps * direction
+        up = f().item()
+        imgs.phase_n3hf -= 2 * eps * direction
+        down = f().item()
+    assert analytic != 0
+    assert abs((up - down) / (2 * eps) - analytic) <= 2e-3 * max(1.0, abs(analytic))
+
+
+def test_outputs_valid_and_deterministic(result, run_dir, tmp_path):
+    cfg = _cfg(run_dir, result.out)
+    (c,) = result.concepts
+    d = result.out / str(c.concept)
+    for key in KEYS:
+        img = Image.open(d / f"{key}.png")
+        assert img.mode == "RGB" and img.size == (cfg.canvas, cfg.canvas)
+        a = np.asarray(img)
+        assert a.dtype == np.uint8 and a.std() > 5  # an image, not a flat colour
+    for name in ("panel.png", "objective.png"):
+        with Image.open(d / name) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    blob = json.loads((d / "objective.json").read_text())
+    assert blob["concept"] == c.concept and blob["backbones"] == list(KEYS)
+    assert all(len(blob["curve"][k]) == cfg.steps for k in KEYS)
+    saved = json.loads((result.out / "config.json").read_text())
+    assert saved["steps"] == cfg.steps and saved["concepts"] == [c.concept]
+    # same seed -> byte-identical images; another seed -> other images
+    again = mx.run_maximize(_cfg(run_dir, tmp_path / "a"), progress=False)
+    other = mx.run_maximize(_cfg(run_dir, tmp_path / "b", seed=1, steps=3), progress=False)
+    for key in KEYS:
+        assert (d / f"{key}.png").read_bytes() == again.concepts[0].images[key].read_bytes()
+        assert (d / f"{key}.png").read_bytes() != other.concepts[0].images[key].read_bytes()
+    assert again.concepts[0].curve == c.curve
+
+
+# ---------------------------------------------------------------- command line and bad input
+def _cli(*args: str):
+    app = typer.Typer()
+
+    @app.callback()
+    def _main() -> None:
+        """usae (test app)"""
+
+    mx.register(app)
+    return CliRunner().invoke(app, ["maximize", *map(str, args)])
+
+
+def _fails(res, *needles: str) -> None:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    text = " ".join(res.output.split())
+    for n in needles:
+        assert n in text, (n, res.output)
+
+
+def test_cli_runs_and_writes_the_panel(run_dir, tmp_path):
+    res = _cli("--run", run_dir, "--concept", 7, "--out", tmp_path / "o", "--steps", 2, "--canvas", 48, "--crops", 1,
+               "--crop-scale", 0.5, 0.6, "--noise", 0, "--schedule", "constant", "--lr", 0.5)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / "7" / "panel.png").exists() and "concept 7" in res.output
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert saved["crop_scale"] == [0.5, 0.6] and saved["schedule"] == "constant" and saved["lr"] == 0.5
+
+
+def test_cli_options_mirror_config_fields():
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    mx.register(app)
+    cmd = typer.main.get_command(app).commands["maximize"]
+    opts = {p.name for p in cmd.params}
+    fields = {f.name for f in mx.MaximizeConfig.__dataclass_fields__.values()}
+    assert opts == (fields - {"concepts"}) | {"concept"}
+
+
+@pytest.mark.parametrize("k", [M_CONCEPTS, -1, 10_000])
+def test_unknown_concept_is_refused(run_dir, tmp_path, k):
+    _fails(_cli("--run", run_dir, "--concept", k, "--out", tmp_path / "o"), "unknown concept id", f"{M_CONCEPTS} concepts")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_options_are_refused(run_dir, tmp_path):
+    _fails(_cli("--run", run_dir, "--out", tmp_path / "o"), "nothing to do")
+    _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--top", 3), "--top needs --report")
+    _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--steps", 0), "--steps")
+    _fails(_cli("--run", tmp_path / "nope", "--concept", 1, "--out", tmp_path / "o"), "not a usae run directory")
+    _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--weights", "vit=x.pt"), "does not exist")
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--weights", f"vit={tmp_path / 'w.safetensors'}"),
+           "not in the run")  # fmt: skip
+
+
+def _copy_run(run_dir: Path, dst: Path, **store_entry) -> Path:
+    import shutil
+
+    shutil.copytree(run_dir, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["store"].update(store_entry)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_backbone_missing_from_store_is_refused(run_dir, tmp_path):
+    run = _copy_run(run_dir, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["model"]["backbones"] = ["dinov2", "clip"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "['clip']", "missing from the store")
+
+
+def test_unavailable_or_wrong_weights_are_refused(run_dir, tmp_path, backbones):
+    # a store extracted with cached pretrained weights that this machine does not have
+    pretrained = {"dinov2": {"random_init": False, "seed": None, "tiny": False, "weights": "cache:model.safetensors"}}
+    store = _write_store(tmp_path / "p.zarr", backbones, _photos_u8(2), spec_override=pretrained)
+    run = _copy_run(run_dir, tmp_path / "run", path=str(store.path), fingerprint=store.attrs["fingerprint"])
+    _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "'dinov2'", "cannot be had", "--weights dinov2=FILE")
+    # a weights file whose sha256 is not the recorded one
+    other = {k: v.contiguous() for k, v in _tiny("dinov2", seed=1).model.state_dict().items()}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--weights", f"dinov2={tmp_path / 'other.safetensors'}"),
+           "not the ones the store was extracted with")  # fmt: skip
+    # the right file is accepted
+    right = {k: v.contiguous() for k, v in backbones["dinov2"].model.state_dict().items()}
+    save_file(right, str(tmp_path / "right.safetensors"))
+    res = _cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "ok", "--steps", 1, "--canvas", 32, "--crops", 1,
+               "--weights", f"dinov2={tmp_path / 'right.safetensors'}")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    # a store whose recorded seed does not give the recorded weights
+    lying = {"siglip": {"seed": 5}}
+    store = _write_store(tmp_path / "l.zarr", backbones, _photos_u8(2), spec_override=lying)
+    run = _copy_run(run_dir, tmp_path / "run2", path=str(store.path), fingerprint=store.attrs["fingerprint"])
+    _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "'siglip'", "not the ones the store was extracted with")
+
+
+def test_store_of_another_run_is_refused(run_dir, tmp_path):
+    run = _copy_run(run_dir, tmp_path / "run", fingerprint="0123456789abcdef")
+    _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "not the run's store")
+    run = _copy_run(run_dir, tmp_path / "run3", path=str(tmp_path / "gone.zarr"))
+    _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "was not found", "--store")
+
+
+def test_top_concepts_from_report(run_dir, tmp_path):
+    import pandas as pd
+
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    imp = np.linspace(0, 1, M_CONCEPTS)[::-1].copy()
+    imp[[3, 11]] = [5.0, 7.0]
+    pd.DataFrame({"concept": np.arange(M_CONCEPTS), "importance": imp}).to_parquet(rep / "concepts.parquet")
+    assert mx.top_concepts(rep, 3) == [11, 3, 0]
+    cfg = _cfg(run_dir, tmp_path / "o", concepts=(3, 2), top=2, report=rep)
+    assert mx.select_concepts(cfg, M_CONCEPTS) == [3, 2, 11]
+    _fails(_cli("--run", run_dir, "--out", tmp_path / "o", "--top", 2, "--report", tmp_path), "no concepts.parquet")
