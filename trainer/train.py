@@ -198,14 +198,30 @@ def batch_norm_local(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
     return F.batch_norm(h_bm, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is also an all_reduce(SUM): the gradient of the sum of
+    every rank's loss with respect to each rank's contribution."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ARG004 - autograd signature
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # noqa: ARG004
+        g = g.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(g)
+        return g
+
+
 def batch_norm_global(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
     """Training-mode BatchNorm with statistics over the GLOBAL batch of all DDP ranks.
 
     SyncBatchNorm does not run on CPU; this all-reduces sum and centred sum of squares with a
     differentiable all_reduce, so gradients see the global statistics as well.
     """
-    from torch.distributed.nn.functional import all_reduce
-
+    all_reduce = _SumOverRanks.apply
     n = torch.tensor([float(h_bm.shape[0])], device=h_bm.device, dtype=h_bm.dtype)
     dist.all_reduce(n)
     mean_m = all_reduce(h_bm.sum(0)) / n
