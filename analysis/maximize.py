@@ -53,7 +53,10 @@ CONTRAST = 1.5
 """Gain between the unit-variance decorrelated image and the sigmoid's input."""
 LEAK = 0.01
 """Negative slope of the optimised surrogate (a silent concept still gets a gradient)."""
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
 
 
 class MaximizeError(RuntimeError):
@@ -96,8 +99,8 @@ class MaximizeConfig:
     """Seed of phases, crops and noise (same seed, same images)."""
     device: str = "cpu"
     """Torch device for backbones and optimisation."""
-    dtype: str = "float32"
-    """Backbone compute dtype: float32, bfloat16 or float16."""
+    dtype: str = "auto"
+    """Backbone compute dtype: auto (the dtype the store was extracted with), float32, bfloat16, float16."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -113,8 +116,8 @@ class MaximizeConfig:
             raise MaximizeError(f"--noise must be >= 0, got {self.noise}")
         if self.schedule not in ("cosine", "constant"):
             raise MaximizeError(f"--schedule must be cosine or constant, got {self.schedule!r}")
-        if self.dtype not in DTYPES:
-            raise MaximizeError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise MaximizeError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.top and self.report is None:
             raise MaximizeError("--top needs --report (the report whose concepts.parquet ranks concepts)")
         if not self.concepts and not self.top:
@@ -300,7 +303,6 @@ class Maximizer:
             if cfg.schedule == "cosine"
             else None
         )
-        self.dtype = DTYPES[cfg.dtype]
 
     def _pre(self, t: Target, crops_b3hw: Tensor) -> Tensor:
         acts = t.backbone(crops_b3hw, grid=self.grid)
@@ -601,6 +603,13 @@ def _spec_from_record(key: str, rec: dict):
         raise MaximizeError(f"backbone {key!r}: {e}") from e
 
 
+def _dtype(name: str, rec: dict) -> torch.dtype:
+    """--dtype, or with "auto" the compute dtype the store records for the backbone (else float32)."""
+    if name == "auto":
+        return DTYPES.get(str(rec.get("compute_dtype", "fp32")), torch.float32)
+    return DTYPES[name]
+
+
 def load_target(model: USAE, store, key: str, weights: Path | None, cfg: MaximizeConfig) -> Target:
     """Backbone `key` with the weights the store recorded (same seed / tiny flag, or a file)."""
     from usae.pipeline.registry import RegistryError, WeightsUnavailable, load_backbone
@@ -613,7 +622,7 @@ def load_target(model: USAE, store, key: str, weights: Path | None, cfg: Maximiz
         bb = load_backbone(
             spec, weights=weights, random_init=random_init, seed=int(ident.get("seed") or 0),
             layer=ident.get("layer"), tiny=bool(ident.get("tiny", False)),
-            device=cfg.device, dtype=DTYPES[cfg.dtype],
+            device=cfg.device, dtype=_dtype(cfg.dtype, rec),
         )  # fmt: skip
     except (WeightsUnavailable, RegistryError) as e:
         raise MaximizeError(
@@ -680,7 +689,9 @@ def register(app) -> None:
         noise: float = typer.Option(0.05, "--noise", help="Std of the Gaussian noise added to each crop."),
         seed: int = typer.Option(0, "--seed", help="Seed of phases, crops and noise."),
         device: str = typer.Option("cpu", "--device", help="Torch device (cpu, cuda, cuda:1, ...)."),
-        dtype: str = typer.Option("float32", "--dtype", help="Backbone compute dtype: float32, bfloat16, float16."),
+        dtype: str = typer.Option(
+            "auto", "--dtype", help="Backbone compute dtype: auto (the store's), float32, bfloat16, float16."
+        ),
     ) -> None:
         """Coordinated activation maximisation: one image per backbone for each concept."""
         from rich.console import Console

@@ -1,29 +1,36 @@
 """Coordinated activation maximisation (usae.analysis.maximize) on tiny random-init backbones.
 
-A run directory is built the way the stages build it: a tiny store of real photos extracted
-through ``Backbone.forward`` (no_grad), a USAE standardised by the store's statistics with its
-BatchNorm statistics fitted on the store's tokens, config.json + model.safetensors.
+The run directory comes from the real stages: demo photos -> `run_extract` (tiny random-init
+dinov2 + siglip, fp32) -> `run_train` (a short run), so the backbones are rebuilt from what
+the store recorded, exactly as a user's run would be.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import typer
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 from usae.analysis import maximize as mx
+from usae.pipeline.demo_images import build_demo_images
+from usae.pipeline.extract import ExtractConfig, run_extract
+from usae.pipeline.images import load_image
+from usae.pipeline.manifest import build_manifest, write_manifest
 from usae.pipeline.registry import load_backbone, resolve
-from usae.pipeline.store import BackboneLayout, Store
+from usae.pipeline.store import Store
 from usae.trainer.model import USAE, ModelSpec, load_run
+from usae.trainer.train import TrainConfig, run_train
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 KEYS = ("dinov2", "siglip")
@@ -39,70 +46,21 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _photos_u8(n: int) -> list[np.ndarray]:
-    import skimage.data
-
-    names = ("astronaut", "chelsea", "coffee", "rocket")
-    return [getattr(skimage.data, names[i % len(names)])()[:, :, :3] for i in range(n)]
-
-
 def _tiny(key: str, seed: int = 0):
     return load_backbone(resolve(key), random_init=True, seed=seed, tiny=True)
 
 
-def _write_store(path: Path, backbones: dict, images_u8: list[np.ndarray], spec_override=None) -> Store:
-    """A complete store of `images_u8` through Backbone.forward under no_grad (as extraction does)."""
-    layouts = []
-    for key, bb in backbones.items():
-        spec = {**bb.spec.to_json(), **bb.identity}
-        if spec_override and key in spec_override:
-            spec.update(spec_override[key])
-        layouts.append(BackboneLayout(key, bb.spec.width, bb.spec.prefix_tokens, spec))
-    ids = [f"img{i}" for i in range(len(images_u8))]
-    st_ = Store.create(path, ids, layouts, grid=GRID, chunk_images=len(ids), source="extract", fingerprint_of=str(path))
-    x_b3hw = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in _squash(images_u8)])
-    tokens, prefix = {}, {}
-    with torch.no_grad():
-        for key, bb in backbones.items():
-            acts = bb(x_b3hw, grid=GRID)
-            tokens[key] = acts.patch_btd.reshape(-1, bb.spec.width).numpy()
-            prefix[key] = acts.prefix_bpd.numpy()
-    st_.write_chunk(0, tokens, np.ones(len(ids), bool), prefix=prefix)
-    st_.finalize()
-    return Store.open(path)
+def _extract(manifest: Path, store: Path, **kw) -> Store:
+    cfg = ExtractConfig(
+        manifest=manifest, store=store, backbones=KEYS, tiny=True, random_init=True, dtype="fp32",
+        device="cpu", grid=GRID, chunk_images=4, batch_size=4, progress=False, **kw,
+    )  # fmt: skip
+    run_extract(cfg)
+    return Store.open(store)
 
 
-def _squash(images_u8):
-    """Same-size copies so they stack (the backbone resizes to its own size anyway)."""
-    return [np.asarray(Image.fromarray(im).resize((256, 256), Image.Resampling.BICUBIC)) for im in images_u8]
-
-
-def _write_run(run: Path, store: Store, seed: int = 0) -> USAE:
-    """A USAE on the store: standardised by its stats, BatchNorm statistics fitted on its tokens."""
-    mu, sigma = zip(*[(store.stats(k)["scalar_mean"], store.stats(k)["scalar_std"]) for k in KEYS], strict=True)
-    spec = ModelSpec(KEYS, tuple(store.widths[k] for k in KEYS), mu, sigma, M_CONCEPTS, 4)
-    torch.manual_seed(seed)
-    model = USAE(spec)
-    for bn in model.bns:
-        bn.momentum = None  # cumulative average: running stats = stats of the data seen
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.2, 0.2)
-    model.train()
-    with torch.no_grad():
-        for i, k in enumerate(KEYS):
-            x = model.standardize(i, torch.from_numpy(store.read_chunk(k, 0).astype(np.float32)))
-            model.encode_pre(i, x)
-    model.eval()
-    run.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors"))
-    cfg = {
-        "schema_version": 1,
-        "train": {},
-        "model": spec.to_dict(),
-        "store": {"path": str(store.path), "fingerprint": store.attrs["fingerprint"], "backbones": list(KEYS)},
-    }
-    (run / "config.json").write_text(json.dumps(cfg))
-    return model
+def _manifest_of(folder: Path) -> Path:
+    return write_manifest(build_manifest(folder, show_progress=False), folder / "manifest.csv")
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +69,22 @@ def backbones():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, backbones):
-    base = tmp_path_factory.mktemp("mx")
-    store = _write_store(base / "s.zarr", backbones, _photos_u8(4))
-    _write_run(base / "run", store)
-    return base / "run"
+def store(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mx_store")
+    manifest = build_demo_images(base / "demo", n=8, seed=0, show_progress=False)
+    return _extract(manifest, base / "s.zarr")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, store):
+    out = tmp_path_factory.mktemp("mx_run") / "run"
+    cfg = TrainConfig(
+        store=str(store.path), out=str(out), concepts=M_CONCEPTS, k=4, steps=40, batch_tokens=98,
+        lr=3e-3, lr_min=3e-4, warmup_steps=4, holdout=0.25, dtype="fp32", device="cpu",
+        log_every=20, ckpt_every=0,
+    )  # fmt: skip
+    run_train(cfg)
+    return out
 
 
 def _cfg(run: Path, out: Path, **kw) -> mx.MaximizeConfig:
@@ -237,26 +206,31 @@ def test_objective_rises_above_random_phase_images(result, run_dir):
         assert fin.full > fin.random_full, (key, fin)
 
 
-def test_objective_is_what_extraction_gives(result, run_dir, tmp_path):
-    """The optimised PNG, through the extraction path (no_grad forward, store, encode_pre), gives
-    the same objective as the differentiable path used by the optimisation."""
+def test_objective_is_what_extraction_gives(result, run_dir, backbones, tmp_path):
+    """The optimised PNGs, through `run_extract` (store, float16) + standardise + encode_pre, give
+    the objective that the differentiable path used by the optimisation computes."""
     model, _ = load_run(run_dir)
     (c,) = result.concepts
     k = c.concept
-    pngs = [np.asarray(Image.open(c.images[key]).convert("RGB")) for key in KEYS]
-    bbs = {key: _tiny(key) for key in KEYS}
-    store = _write_store(tmp_path / "png.zarr", bbs, pngs * 1)
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for key in KEYS:
+        shutil.copy(c.images[key], folder / f"{key}.png")
+    store = _extract(_manifest_of(folder), tmp_path / "png.zarr")
+    ids = list(store.image_ids)
     for i, key in enumerate(KEYS):
-        img = torch.from_numpy(np.array(_squash([pngs[i]])[0])).permute(2, 0, 1).float() / 255
+        img = torch.from_numpy(load_image(c.images[key]).copy()).permute(2, 0, 1).float() / 255
         img.requires_grad_(True)
-        obj = mx.concept_objective(bbs[key], model, i, k, img[None], GRID)
+        obj = mx.concept_objective(backbones[key], model, i, k, img[None], GRID)
         obj.sum().backward()
         assert img.grad is not None and img.grad.abs().sum() > 0  # a real gradient path
-        rows = torch.from_numpy(store.read_chunk(key, 0).astype(np.float32)).reshape(len(pngs), -1, store.widths[key])
+        rows = torch.from_numpy(store.read_chunk(key, 0).astype(np.float32)).reshape(len(ids), -1, store.widths[key])
         with torch.no_grad():
-            pre = model.encode_pre(i, model.standardize(i, rows[i]))[:, k]
+            pre = model.encode_pre(i, model.standardize(i, rows[ids.index(key)]))[:, k]
+            other = model.encode_pre(i, model.standardize(i, rows[1 - ids.index(key)]))[:, k]
         want = torch.relu(pre).mean()
-        torch.testing.assert_close(obj.detach()[0], want, rtol=2e-2, atol=2e-3)  # the store is float16
+        torch.testing.assert_close(obj.detach()[0], want, rtol=1e-2, atol=1e-3)  # the store is float16
+        assert abs(torch.relu(other).mean() - want) > 1e-2  # the comparison can tell images apart
 
 
 def test_gradient_matches_finite_differences(run_dir):
@@ -367,8 +341,6 @@ def test_bad_options_are_refused(run_dir, tmp_path):
 
 
 def _copy_run(run_dir: Path, dst: Path, **store_entry) -> Path:
-    import shutil
-
     shutil.copytree(run_dir, dst)
     cfg = json.loads((dst / "config.json").read_text())
     cfg["store"].update(store_entry)
@@ -384,28 +356,44 @@ def test_backbone_missing_from_store_is_refused(run_dir, tmp_path):
     _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "['clip']", "missing from the store")
 
 
-def test_unavailable_or_wrong_weights_are_refused(run_dir, tmp_path, backbones):
-    # a store extracted with cached pretrained weights that this machine does not have
-    pretrained = {"dinov2": {"random_init": False, "seed": None, "tiny": False, "weights": "cache:model.safetensors"}}
-    store = _write_store(tmp_path / "p.zarr", backbones, _photos_u8(2), spec_override=pretrained)
-    run = _copy_run(run_dir, tmp_path / "run", path=str(store.path), fingerprint=store.attrs["fingerprint"])
+def _save_weights(bb, path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(path))
+    return path
+
+
+def test_unavailable_or_wrong_weights_are_refused(run_dir, store, tmp_path):
+    # a store extracted with dinov2 weights from a file: without the file they cannot be had
+    f3 = _save_weights(_tiny("dinov2", seed=3), tmp_path / "d3.safetensors")
+    st3 = _extract(_manifest_of(_pngs(tmp_path)), tmp_path / "w.zarr", weights=(("dinov2", str(f3)),))
+    run = _copy_run(run_dir, tmp_path / "run", path=str(st3.path), fingerprint=st3.attrs["fingerprint"])
     _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "'dinov2'", "cannot be had", "--weights dinov2=FILE")
     # a weights file whose sha256 is not the recorded one
-    other = {k: v.contiguous() for k, v in _tiny("dinov2", seed=1).model.state_dict().items()}
-    save_file(other, str(tmp_path / "other.safetensors"))
-    _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--weights", f"dinov2={tmp_path / 'other.safetensors'}"),
+    f1 = _save_weights(_tiny("dinov2", seed=1), tmp_path / "d1.safetensors")
+    _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o", "--weights", f"dinov2={f1}"),
            "not the ones the store was extracted with")  # fmt: skip
     # the right file is accepted
-    right = {k: v.contiguous() for k, v in backbones["dinov2"].model.state_dict().items()}
-    save_file(right, str(tmp_path / "right.safetensors"))
-    res = _cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "ok", "--steps", 1, "--canvas", 32, "--crops", 1,
-               "--weights", f"dinov2={tmp_path / 'right.safetensors'}")  # fmt: skip
+    res = _cli("--run", run, "--concept", 1, "--out", tmp_path / "ok", "--steps", 1, "--canvas", 32, "--crops", 1,
+               "--weights", f"dinov2={f3}")  # fmt: skip
     assert res.exit_code == 0, res.output
     # a store whose recorded seed does not give the recorded weights
-    lying = {"siglip": {"seed": 5}}
-    store = _write_store(tmp_path / "l.zarr", backbones, _photos_u8(2), spec_override=lying)
-    run = _copy_run(run_dir, tmp_path / "run2", path=str(store.path), fingerprint=store.attrs["fingerprint"])
+    lying = tmp_path / "lying.zarr"
+    shutil.copytree(store.path, lying)
+    grp = zarr.open_group(str(lying / "backbones" / "siglip"), mode="r+")
+    spec = dict(grp.attrs["spec"])
+    spec["identity"] = {**spec["identity"], "seed": 5}
+    grp.attrs["spec"] = spec
+    run = _copy_run(run_dir, tmp_path / "run2", path=str(lying))
     _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "'siglip'", "not the ones the store was extracted with")
+
+
+def _pngs(tmp_path: Path) -> Path:
+    """A folder with two small random pictures (for a second, tiny extraction)."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for n in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / f"{n}.png")
+    return folder
 
 
 def test_store_of_another_run_is_refused(run_dir, tmp_path):
