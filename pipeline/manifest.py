@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
 import typer
 from rich.console import Console
@@ -81,38 +82,92 @@ def open_path(resolved: str | os.PathLike):
     return open(resolved, "rb")
 
 
-def _escape_reason(root: str | os.PathLike, rel: str, root_real: Path | None) -> str | None:
-    """Why ``rel`` leaves ``root`` (None when it stays inside)."""
-    if has_scheme(rel):
-        return None  # a full URL names its own location
-    if has_scheme(root):  # a URL root: lexical check only (no symlinks in object stores)
-        norm = posixpath.normpath(rel)
-        if rel.startswith("/") or norm == ".." or norm.startswith("../"):
-            return "leaves the image root"
-        return None
-    root_abs = Path(os.path.abspath(root))
-    full = Path(os.path.abspath(root_abs / rel))  # lexical: catches '..' and absolute paths
-    if full != root_abs and root_abs not in full.parents:
-        return "absolute path outside the image root" if os.path.isabs(rel) else "'..' leaves the image root"
-    real = Path(os.path.realpath(full))  # follows symlinks on every component
-    if root_real is not None and real != root_real and root_real not in real.parents:
-        return "symlink resolves outside the image root"
-    return None
+def _inside(path: str, root: str) -> bool:
+    """``path`` is ``root`` or below it (both absolute and normalised)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class _PathChecker:
+    """Why a manifest path leaves the image root (None when it stays inside), one path at a
+    time; the real path and the symlinks of each folder are looked up once per folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.url_root = has_scheme(root)
+        self.root_abs = os.path.abspath(root) if not self.url_root else ""
+        self.root_real = os.path.realpath(root) if not self.url_root else ""
+        self._folders: dict[str, tuple[str, frozenset[str]]] = {}
+
+    def folder(self, path: str) -> tuple[str, frozenset[str]]:
+        """(real path, names of the symlinks in it) of a local folder, cached."""
+        if path not in self._folders:
+            real = os.path.normpath(os.path.realpath(path))
+            self._folders[path] = (real, _symlinks_in(real))
+        return self._folders[path]
+
+    def __call__(self, rel: str) -> str | None:
+        if has_scheme(rel):
+            return None  # a full URL names its own location
+        if self.url_root:  # lexical check only (object stores have no symlinks)
+            norm = posixpath.normpath(rel)
+            bad = rel.startswith("/") or norm == ".." or norm.startswith("../")
+            return "leaves the image root" if bad else None
+        joined = os.path.join(self.root_abs, rel)  # an absolute rel replaces the root
+        if not _inside(os.path.normpath(joined), self.root_abs):
+            return "absolute path outside the image root" if os.path.isabs(rel) else "'..' leaves the image root"
+        parent, name = os.path.split(joined)
+        real_parent, links = self.folder(parent)
+        real = os.path.realpath(joined) if name in links else os.path.join(real_parent, name)
+        return None if _inside(os.path.normpath(real), self.root_real) else "symlink resolves outside the image root"
+
+
+def _symlinks_in(folder: str) -> frozenset[str]:
+    """Names of the symlinks in a folder (one directory listing, no stat per file)."""
+    try:
+        with os.scandir(folder) as it:
+            return frozenset(e.name for e in it if e.is_symlink())
+    except OSError:  # missing or unreadable folder: its files will fail at decoding
+        return frozenset()
+
+
+# Paths that are relative, with no '.', '..' or empty component, no backslash and no colon
+# (so no URL) cannot leave the root lexically: only their folder's real path and their own
+# symlink matter. Anything matching this goes through the one-by-one check instead.
+_NOT_PLAIN = r"^/|(?:^|/)\.{1,2}(?:/|$)|//|/$|\\|:"
+
+
+def escaping_paths(df: pd.DataFrame, root: str | os.PathLike) -> list[tuple[int, str]]:
+    """(row, reason) of every ``path`` that leaves ``root``, in row order.
+
+    Plain relative paths (the common case) are checked per folder: one realpath and one
+    listing per folder, a set lookup per file. Everything else goes through ``_PathChecker``.
+    """
+    check = _PathChecker(root)
+    rels = df["path"].reset_index(drop=True).astype(str)
+    if check.url_root:
+        plain = pd.Series(False, index=rels.index)
+    else:
+        plain = ~rels.str.contains(_NOT_PLAIN, regex=True)
+    bad = [(i, why) for i in np.flatnonzero(~plain.to_numpy()) if (why := check(rels[i]))]
+    if not plain.any():
+        return bad
+    parts = rels[plain].str.rpartition("/")
+    for folder, rows in parts.groupby(0, sort=False).groups.items():
+        real_dir, links = check.folder(os.path.join(check.root_abs, folder))
+        if not _inside(real_dir, check.root_real):
+            bad += [(int(i), "symlink resolves outside the image root") for i in rows]
+        elif links:
+            bad += [(int(i), why) for i in rows if parts.at[i, 2] in links and (why := check(rels[i]))]
+    return sorted(bad)
 
 
 def check_paths(df: pd.DataFrame, root: str | os.PathLike) -> None:
     """Raise ManifestError listing rows whose path leaves ``root``."""
-    root_real = None if has_scheme(root) else Path(os.path.realpath(root))
-    bad = []
-    for iid, rel in zip(df["image_id"], df["path"], strict=True):
-        why = _escape_reason(root, rel, root_real)
-        if why:
-            bad.append(f"{iid!r}: {rel!r} ({why})")
+    bad = escaping_paths(df, root)
     if bad:
-        raise ManifestError(
-            f"{len(bad)} path(s) leave the image root {os.fspath(root)!r}, e.g. "
-            + "; ".join(bad[:_EXAMPLES])
-        )
+        ids = df["image_id"].to_numpy()
+        paths = df["path"].to_numpy()
+        shown = "; ".join(f"{ids[i]!r}: {paths[i]!r} ({why})" for i, why in bad[:_EXAMPLES])
+        raise ManifestError(f"{len(bad)} path(s) leave the image root {os.fspath(root)!r}, e.g. {shown}")
 
 
 # ---------------------------------------------------------------- table rules
@@ -143,9 +198,10 @@ def validate(df: pd.DataFrame) -> None:
         empty = df.index[df[c] == ""].tolist()
         if empty:
             raise ManifestError(f"{len(empty)} row(s) have an empty {c!r}, e.g. rows {empty[:_EXAMPLES]}")
-    counts = Counter(df["image_id"])
-    dups = [(k, n) for k, n in counts.items() if n > 1]
-    if dups:
+    ids = df["image_id"]
+    repeated = ids[ids.duplicated(keep=False)]
+    if len(repeated):
+        dups = list(Counter(repeated).items())  # first-seen order
         shown = ", ".join(f"{k!r} x{n}" for k, n in dups[:_EXAMPLES])
         raise ManifestError(f"{len(dups)} duplicate image_id value(s), e.g. {shown}")
 

@@ -180,6 +180,7 @@ def _manifest_with(tmp_path: Path, paths: list[str]) -> Path:
         ("ABS", "absolute path outside"),
         ("link/x.jpg", "symlink resolves outside"),
         ("filelink.jpg", "symlink resolves outside"),
+        ("link/../x.jpg", "symlink resolves outside"),  # '..' after a symlink: the OS follows the link first
     ],
 )
 def test_escaping_paths_rejected(tmp_path: Path, bad: str, why: str) -> None:
@@ -233,6 +234,57 @@ def test_resolve_and_open_path(tmp_path: Path) -> None:
     fs.pipe("/usae-test/root/f.bin", b"memory bytes")
     with open_path(resolve_path("memory://usae-test/root", "f.bin")) as fh:
         assert fh.read() == b"memory bytes"
+
+
+# -------------------------------------------------------------- property: fast path check == slow rule
+@pytest.fixture(scope="module")
+def link_tree(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("links")
+    root, outside = base / "root", base / "outside"
+    _touch(root, "sub/x.jpg")
+    _touch(root, "sub/deep/y.jpg")
+    _touch(outside, "x.jpg")
+    os.symlink(root / "sub", root / "link_in")
+    os.symlink(root / "sub" / "deep", root / "link_deep")
+    os.symlink(outside, root / "link_out")
+    os.symlink(outside, root / "sub" / "link_out2")
+    os.symlink(outside / "x.jpg", root / "filelink_out.jpg")
+    os.symlink(root / "sub" / "x.jpg", root / "sub" / "filelink_in.jpg")
+    return base
+
+
+_PARTS = ["sub", "deep", "link_in", "link_deep", "link_out", "link_out2", "..", ".", "x.jpg", "y.jpg",
+          "filelink_out.jpg", "filelink_in.jpg", "nope", "", "root"]  # fmt: skip
+
+
+def _slow_escapes(root: Path, rel: str) -> bool:
+    """The documented rule, obviously: lexically outside, or really (symlinks followed) outside."""
+    joined = os.path.join(os.path.abspath(root), rel)
+    lexical, real = os.path.normpath(joined), os.path.realpath(joined)
+    r_abs, r_real = os.path.abspath(root), os.path.realpath(root)
+    return not (lexical == r_abs or lexical.startswith(r_abs + os.sep)) or not (
+        real == r_real or real.startswith(r_real + os.sep)
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rels=st.lists(
+        st.tuples(st.sampled_from(["", "ROOT/", "BASE/"]), st.lists(st.sampled_from(_PARTS), min_size=1, max_size=5)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_property_escape_check_matches_slow_rule(link_tree: Path, rels) -> None:
+    from usae.pipeline.manifest import escaping_paths
+
+    root = link_tree / "root"
+    prefix = {"": "", "ROOT/": f"{root}/", "BASE/": f"{link_tree}/"}
+    paths = [prefix[a] + "/".join(parts) for a, parts in rels]
+    paths = [p or "x" for p in paths]
+    df = pd.DataFrame({"image_id": [f"i{i}" for i in range(len(paths))], "path": paths})
+    got = {i for i, _ in escaping_paths(df, root)}
+    assert got == {i for i, p in enumerate(paths) if _slow_escapes(root, p)}, paths
 
 
 # -------------------------------------------------------------- property: write/read round trip
