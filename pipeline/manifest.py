@@ -277,23 +277,29 @@ class _Found(NamedTuple):
 
 
 def _walk(image_dir: Path, extensions: Sequence[str]) -> tuple[list[_Found], int]:
-    """Sorted image files under image_dir (hidden entries skipped); also the count of
-    symlinks skipped because they resolve outside the folder."""
+    """Sorted image files under image_dir (hidden entries skipped, symlinked folders not
+    followed); also the count of file symlinks skipped because they resolve outside."""
     exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
-    root_real = Path(os.path.realpath(image_dir))
-    found, skipped = [], 0
-    for dirpath, dirnames, filenames in os.walk(image_dir):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
+    root_real = os.path.realpath(image_dir)
+    found, skipped, todo = [], 0, [""]  # todo: folders relative to image_dir (POSIX)
+    while todo:
+        rel_dir = todo.pop()
+        try:
+            with os.scandir(image_dir / rel_dir) as it:
+                entries = list(it)
+        except OSError as e:
+            raise ManifestError(f"cannot list folder {image_dir / rel_dir}: {e.strerror or e}") from None
+        for e in entries:
+            if e.name.startswith("."):
                 continue
-            full = Path(dirpath) / name
-            real = Path(os.path.realpath(full))
-            if root_real not in real.parents:
-                skipped += 1
-                continue
-            rel = full.relative_to(image_dir).as_posix()
-            found.append(_Found(rel, os.path.splitext(rel)[0]))
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            if e.is_dir(follow_symlinks=False):
+                todo.append(rel)
+            elif os.path.splitext(e.name)[1].lower() in exts and e.is_file():
+                if e.is_symlink() and not _inside(os.path.realpath(e.path), root_real):
+                    skipped += 1
+                    continue
+                found.append(_Found(rel, os.path.splitext(rel)[0]))
     found.sort(key=lambda f: f.rel)
     return found, skipped
 
