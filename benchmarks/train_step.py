@@ -1,0 +1,147 @@
+"""Training-step throughput: usae's step (sparse TopK decode, selection-based aux, bf16) vs a plain
+dense fp32 PyTorch step of the same math -> a table of tokens/s and ratios, and a JSON file.
+
+Both start from the same weights, see the same batches and the same source backbones, so their
+loss trajectories must agree (the table shows the largest relative gap). Times are the median
+of --repeats runs of --steps steps each, measured side by side in one process.
+
+    python benchmarks/train_step.py                      # scaled-down CPU defaults
+    python benchmarks/train_step.py --tokens 6272 --concepts 6144   # the paper's sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from usae.trainer.model import USAE, ModelSpec
+from usae.trainer.train import StepContext, TrainConfig, TrainState, make_optimizer, train_step
+
+
+def dense_step(model: USAE, opt: torch.optim.AdamW, i: int, x_list: list[torch.Tensor], cfg: TrainConfig,
+               lr: float) -> float:
+    """The obvious implementation: dense (tokens x m) codes, topk for the aux codes, fp32 matmuls."""
+    opt.zero_grad(set_to_none=True)
+    pre = model.bns[i](model.encoders[i](x_list[i]))
+    act = F.relu(pre)
+    v, ix = torch.topk(act, model.spec.k, dim=1)
+    z = torch.zeros_like(act).scatter(1, ix, v)
+    av, ai = torch.topk(act - z, act.shape[1] // 2, dim=1)
+    a = torch.zeros_like(act).scatter(1, ai, av)
+    loss = 0.0
+    for j in range(model.n_models):
+        d = model.decoders[j] / model.decoders[j].norm(dim=1, keepdim=True)
+        r = x_list[j] - z @ d
+        loss = loss + r.abs().mean() + cfg.aux_weight * (r - a @ d).abs().mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    return float(loss.detach())
+
+
+def make_batches(widths, tokens, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lat = [torch.relu(torch.randn(tokens, 64, generator=g)) for _ in range(n)]
+    mix = [torch.randn(64, d, generator=g) / 8 for d in widths]
+    return [[(la @ m + 0.1 * torch.randn(tokens, m.shape[1], generator=g)) for m in mix] for la in lat]
+
+
+def _fast_state(model: USAE, cfg: TrainConfig, seed: int) -> TrainState:
+    n = model.n_models
+    return TrainState(model, make_optimizer(model, cfg), torch.Generator().manual_seed(seed), 0, [0] * n, 0,
+                      torch.zeros(1), [None] * n)
+
+
+def run_fast(init: USAE, cfg: TrainConfig, batches, amp, sources) -> tuple[float, list[float]]:
+    """usae's train_step; step 1 warms up, steps 2..N are timed."""
+    st = _fast_state(copy.deepcopy(init), cfg, SEED)
+    ctx = StepContext(cfg, 10**6, 0, 1, amp)
+    outs = [train_step(st, ctx, batches[0])]
+    t0 = time.perf_counter()
+    outs += [train_step(st, ctx, x) for x in batches[1:]]
+    dt = time.perf_counter() - t0
+    assert [o.sources[0] for o in outs] == sources, "source draws differ between the implementations"
+    return dt, [o.loss for o in outs[1:]]
+
+
+def run_dense(init: USAE, cfg: TrainConfig, batches, sources) -> tuple[float, list[float]]:
+    """The dense fp32 baseline; step 1 warms up, steps 2..N are timed."""
+    model = copy.deepcopy(init)
+    opt = make_optimizer(model, cfg)
+    dense_step(model, opt, sources[0], batches[0], cfg, cfg.lr)
+    t0 = time.perf_counter()
+    losses = [dense_step(model, opt, i, x, cfg, cfg.lr) for x, i in zip(batches[1:], sources[1:], strict=True)]
+    return time.perf_counter() - t0, losses
+
+
+SEED = 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per batch")
+    ap.add_argument("--widths", default="384,768,768", help="backbone widths")
+    ap.add_argument("--concepts", type=int, default=6144, help="concepts m")
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--out", default="benchmarks/results/train_step.json")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    widths = tuple(int(w) for w in a.widths.split(","))
+    spec = ModelSpec(tuple(f"m{j}" for j in range(len(widths))), widths, (0.0,) * len(widths),
+                     (1.0,) * len(widths), a.concepts, a.k)
+    cfg = TrainConfig(lr=3e-4)  # constant lr (no schedule) in both implementations
+    torch.manual_seed(0)
+    init = USAE(spec).train()
+    batches = make_batches(widths, a.tokens, a.steps + 1)
+    g = torch.Generator().manual_seed(SEED)  # the same draws train_step makes
+    sources = [int(torch.randint(len(widths), (1,), generator=g)) for _ in batches]
+    variants = {"dense fp32 (baseline)": "dense", "usae fp32": None}
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        variants["usae bf16"] = torch.bfloat16
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    losses: dict[str, list[float]] = {}
+    for _ in range(a.repeats):
+        for name, kind in variants.items():  # side by side, interleaved
+            if kind == "dense":
+                dt, ls = run_dense(init, cfg, batches, sources)
+            else:
+                dt, ls = run_fast(init, cfg, batches, kind, sources)
+            times[name].append(dt)
+            losses[name] = ls
+    report(a, variants, times, losses)
+
+
+def report(a, variants, times, losses) -> None:
+    base = statistics.median(times["dense fp32 (baseline)"])
+    ref = losses["dense fp32 (baseline)"]
+    rows = []
+    print(f"\ntraining step, {a.tokens} tokens/batch, widths {a.widths}, m={a.concepts}, k={a.k}, "
+          f"median of {a.repeats} x {a.steps} steps, {torch.get_num_threads()} threads")
+    print(f"{'variant':24} {'tokens/s':>10} {'speed-up':>9} {'max |dloss|/loss':>17}")
+    for name in variants:
+        med = statistics.median(times[name])
+        tps = a.tokens * a.steps / med
+        gap = max(abs(x - y) / abs(y) for x, y in zip(losses[name], ref, strict=True))
+        rows.append({"variant": name, "tokens_per_s": tps, "speedup": base / med, "max_rel_loss_gap": gap,
+                     "times_s": times[name], "losses": losses[name]})
+        print(f"{name:24} {tps:10.0f} {base / med:8.2f}x {gap:17.2e}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
