@@ -570,3 +570,34 @@ def test_cli_options_mirror_config_fields():
     from usae.trainer.cli import train_cmd
 
     assert set(inspect.signature(train_cmd).parameters) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_sigkill_then_resume_is_bitwise_identical(store, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = dict(steps=600, ckpt_every=10, log_every=50, concepts=8, k=2)
+    run_train(small_cfg(store, tmp_path / "a", **args))
+    cmd = [sys.executable, "-m", "usae.cli", "train", "--store", str(store), "--out", str(tmp_path / "b"),
+           "--batch-tokens", "32", "--steps", "600", "--concepts", "8", "--k", "2", "--lr", "3e-3",
+           "--log-every", "50", "--ckpt-every", "10", "--holdout", "0.2", "--dtype", "fp32", "--device", "cpu",
+           "--warmup-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = tmp_path / "b" / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    res = run_train(TrainConfig(resume=str(tmp_path / "b")))
+    assert res.steps == 600
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[kk], wb[kk]) for kk in wa)
+    assert not list((tmp_path / "b").glob(".checkpoint.tmp*"))

@@ -135,6 +135,13 @@ def save_checkpoint(ckpt_dir: Path, model: dict, optim: dict, rng: dict, state: 
     shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_stale_temporaries(ckpt_dir: Path) -> None:
+    """Delete temporary checkpoint directories a killed writer left behind."""
+    ckpt_dir = Path(ckpt_dir)
+    for p in ckpt_dir.parent.glob(f".{ckpt_dir.name}.tmp*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- reading
 def safe_load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """safetensors.load_file that turns every failure into a clear CheckpointError."""

@@ -888,6 +888,8 @@ def _train(cfg: TrainConfig, d: Dist, st: Store, keys: list[str], loader, paths:
     elif rank0:
         write_config(paths, cfg, spec, st)
     s = new_state(spec, cfg, d.device)
+    if resuming and rank0:
+        ckpt.remove_stale_temporaries(paths.checkpoint)
     if resuming and (paths.checkpoint.exists() or paths.checkpoint.with_name("checkpoint.old").exists()):
         restore_state(paths, s, loader)
         if rank0:
