@@ -13,8 +13,12 @@ store's failures table, so every way an image can be bad must end here as an ``I
   pixel data and decodes.
 - Size: images with more than ``max_pixels`` pixels are rejected from the header alone,
   before any pixel is decoded (no huge allocation). Pillow's own decompression-bomb check
-  (``PIL.Image.MAX_IMAGE_PIXELS``, a process-wide setting this module leaves alone) still
-  applies on top: a ``max_pixels`` above twice that limit cannot be reached without raising it.
+  (``PIL.Image.MAX_IMAGE_PIXELS``, ~89 Mpx, a process-wide setting this module leaves alone)
+  still applies on top: above twice that limit Pillow refuses to open the file (rejected
+  here with "too large (decompression bomb limit)"); between the two it emits its
+  DecompressionBombWarning, which is not silenced (``warnings.catch_warnings`` is not
+  thread-safe and decoding runs in threads), and which is a rejection too when warnings are
+  turned into errors.
 - Animated GIF / WebP / PNG and multi-page TIFF: the first frame.
 - EXIF orientation is applied (``ImageOps.exif_transpose``): the array is the picture as a
   person sees it. Unreadable EXIF metadata is ignored (the pixels are still good).
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -181,14 +184,12 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
     ``src``: a local path, an fsspec URL (``scheme://...``), raw bytes or a binary file object.
     """
-    with _open_source(src) as fh, warnings.catch_warnings():
-        # our own max_pixels check replaces Pillow's warning; its hard error is handled below
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with _open_source(src) as fh:
         try:
             im = Image.open(fh)
         except UnidentifiedImageError:
             raise ImageError("not an image (unrecognised format)") from None
-        except Image.DecompressionBombError as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # warning: -W error
             raise ImageError(f"too large (decompression bomb limit): {e}"[:200]) from None
         except Exception as e:  # noqa: BLE001
             raise ImageError(_decode_reason(e)) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -140,8 +141,12 @@ def test_bomb_rejected_before_decoding(tmp_path: Path, no_pixel_decoding) -> Non
     assert len(data) < 1_000_000
     p = tmp_path / "bomb.png"
     p.write_bytes(data)
-    r = _reason(p)  # default max_pixels (64 Mpx)
+    with pytest.warns(Image.DecompressionBombWarning):  # Pillow's own, above ~89 Mpx
+        r = _reason(p)  # default max_pixels (64 Mpx)
     assert r == "too large: 10000x10000 = 100000000 pixels > max_pixels 64000000"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # python -W error
+        assert _reason(p).startswith("too large (decompression bomb limit)")
     huge = bytearray(_gray_png_bomb(16, 16))
     huge[16:24] = struct.pack(">II", 100_000, 100_000)  # header claims 10^10 pixels
     huge[29:33] = struct.pack(">I", zlib.crc32(bytes(huge[12:29])))
