@@ -219,13 +219,13 @@ def manifest_sha256(df: pd.DataFrame) -> str:
 
 
 # ---------------------------------------------------------------- files
-def _kind(path: Path) -> str:
-    suf = path.suffix.lower()
+def _kind(path: str | os.PathLike) -> str:
+    suf = posixpath.splitext(os.fspath(path))[1].lower()
     if suf in (".parquet", ".pq"):
         return "parquet"
     if suf == ".csv":
         return "csv"
-    raise ManifestError(f"{path}: a manifest must end in .parquet or .csv")
+    raise ManifestError(f"{os.fspath(path)}: a manifest must end in .parquet or .csv")
 
 
 def write_manifest(df: pd.DataFrame, out: str | os.PathLike) -> Path:
@@ -247,25 +247,32 @@ def write_manifest(df: pd.DataFrame, out: str | os.PathLike) -> Path:
 
 
 def read_manifest(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Read a Parquet or CSV manifest, validate it, and return it with string columns.
+    """Read a Parquet or CSV manifest (a local file or an fsspec URL), validate it, and
+    return it with string columns.
 
     ``image_root`` defaults to the manifest's folder. The returned frame's ``attrs`` hold
     ``image_root`` (str) and ``manifest_sha256`` for the stages that follow.
     """
-    path = Path(path)
     kind = _kind(path)
-    if not path.is_file():
-        raise ManifestError(f"manifest {path} not found")
+    url = has_scheme(path)
+    if not url and not Path(path).is_file():
+        raise ManifestError(f"manifest {os.fspath(path)} not found")
     try:
-        if kind == "parquet":
-            raw = pd.read_parquet(path)
-        else:
-            raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        with open_path(path) as fh:
+            if kind == "parquet":
+                raw = pd.read_parquet(fh)
+            else:
+                raw = pd.read_csv(fh, dtype=str, keep_default_na=False, na_filter=False)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {os.fspath(path)} not found") from None
     except Exception as e:  # noqa: BLE001 - a broken file is a user error with a clear message
-        raise ManifestError(f"cannot read manifest {path}: {type(e).__name__}: {e}") from None
+        raise ManifestError(f"cannot read manifest {os.fspath(path)}: {type(e).__name__}: {e}") from None
     df = canonical(raw)
     validate(df)
-    root = os.fspath(image_root) if image_root is not None else str(path.parent)
+    if image_root is not None:
+        root = os.fspath(image_root)
+    else:
+        root = os.fspath(path).rsplit("/", 1)[0] if url else str(Path(path).parent)
     check_paths(df, root)
     df.attrs["image_root"] = root
     df.attrs["manifest_sha256"] = manifest_sha256(df)

@@ -219,6 +219,21 @@ def test_url_root_paths(tmp_path: Path) -> None:
     assert ok.attrs["image_root"] == "memory://bucket/imgs"
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_manifest_at_a_url(tmp_path: Path, suffix: str) -> None:
+    import fsspec
+
+    df = pd.DataFrame({"image_id": ["a", "b"], "path": ["x/a.jpg", "b.jpg"], "label": [1, 2]})
+    local = write_manifest(df, tmp_path / f"m{suffix}")
+    fsspec.filesystem("memory").pipe(f"/usae-manifests/set/m{suffix}", local.read_bytes())
+    back = read_manifest(f"memory://usae-manifests/set/m{suffix}")
+    assert back.equals(read_manifest(local))
+    assert back.attrs["image_root"] == "memory://usae-manifests/set"  # default: its folder
+    assert back.attrs["manifest_sha256"] == manifest_sha256(df)
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(f"memory://usae-manifests/set/missing{suffix}")
+
+
 def test_resolve_and_open_path(tmp_path: Path) -> None:
     assert resolve_path(tmp_path, "a/b.jpg") == tmp_path / "a" / "b.jpg"
     assert resolve_path(tmp_path, "/abs/b.jpg") == Path("/abs/b.jpg")
