@@ -477,7 +477,10 @@ def register(app: typer.Typer) -> None:
 
 def _field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass (the string under each field), for help texts."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # installed without sources: no help texts, still works
+        return {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for a, b in zip(body, body[1:], strict=False):
@@ -488,4 +491,4 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 def _doc(field: str) -> str:
     """Help text of a ManifestConfig field: its docstring, written once in the dataclass."""
-    return _field_docs(ManifestConfig)[field]
+    return _field_docs(ManifestConfig).get(field, "")
