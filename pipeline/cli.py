@@ -107,7 +107,9 @@ def extract_cmd(
     manifest: Path = typer.Option(..., "--manifest", "-m", help=_doc("manifest")),
     store: Path = typer.Option(..., "--store", "-s", help=_doc("store")),
     image_root: Path | None = typer.Option(None, help=_doc("image_root")),
-    backbones: str = typer.Option("dinov2,siglip,vit", help=_doc("backbones", "Comma-separated.")),
+    backbones: str = typer.Option(
+        ",".join(ExtractConfig.backbones), help=_doc("backbones", "Comma-separated.")
+    ),
     layer: int | None = typer.Option(
         None,
         help=_doc("layer", "E.g. --layer 5 stores the output of the 6th block (no final norm)."),
@@ -117,16 +119,20 @@ def extract_cmd(
         [], "--weights", "-w", help=_doc("weights", "As KEY=FILE; repeatable.")
     ),
     random_init: bool = typer.Option(False, "--random-init", help=_doc("random_init")),
-    seed: int = typer.Option(0, help=_doc("seed")),
+    seed: int = typer.Option(ExtractConfig.seed, help=_doc("seed")),
     tiny: bool = typer.Option(False, "--tiny", hidden=True, help=_doc("tiny")),
-    dtype: str = typer.Option("auto", help=_doc("dtype")),
-    batch_size: int = typer.Option(32, min=1, help=_doc("batch_size")),
-    device: str = typer.Option("auto", help=_doc("device")),
-    chunk_images: int = typer.Option(64, min=1, help=_doc("chunk_images")),
-    workers: int = typer.Option(0, min=0, help=_doc("workers")),
+    dtype: str = typer.Option(ExtractConfig.dtype, help=_doc("dtype")),
+    batch_size: int = typer.Option(ExtractConfig.batch_size, min=1, help=_doc("batch_size")),
+    device: str = typer.Option(ExtractConfig.device, help=_doc("device")),
+    chunk_images: int = typer.Option(ExtractConfig.chunk_images, min=1, help=_doc("chunk_images")),
+    workers: int = typer.Option(ExtractConfig.workers, min=0, help=_doc("workers")),
     scheduler: str | None = typer.Option(None, help=_doc("scheduler")),
-    max_failures: float = typer.Option(0.01, min=0.0, max=1.0, help=_doc("max_failures")),
-    decode_threads: int = typer.Option(2, min=1, help=_doc("decode_threads")),
+    max_failures: float = typer.Option(
+        ExtractConfig.max_failures, min=0.0, max=1.0, help=_doc("max_failures")
+    ),
+    decode_threads: int = typer.Option(
+        ExtractConfig.decode_threads, min=1, help=_doc("decode_threads")
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help=_doc("progress")),
 ) -> None:
     """Run backbones over the images of a manifest into an activation store (resumable)."""
@@ -160,6 +166,11 @@ def extract_cmd(
     console = Console()
     try:
         summary = run_extract(cfg)
+    except KeyboardInterrupt:
+        console.print(
+            "[yellow]interrupted[/yellow]: committed chunks are kept; re-run the same command to resume"
+        )
+        raise typer.Exit(130) from None
     except TooManyFailures as e:
         console.print(_summary_table(e.summary))
         console.print(f"[red]error:[/red] {e}")

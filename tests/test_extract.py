@@ -250,5 +250,14 @@ def test_cli_options_mirror_config() -> None:
 
     from usae.pipeline.cli import extract_cmd
 
-    params = set(inspect.signature(extract_cmd).parameters)
-    assert params == {f.name for f in dataclasses.fields(ExtractConfig)}
+    params = inspect.signature(extract_cmd).parameters
+    fields = {f.name: f for f in dataclasses.fields(ExtractConfig)}
+    assert set(params) == set(fields)
+    for name, p in params.items():  # CLI defaults are the config's defaults
+        default, want = p.default.default, fields[name].default
+        if name == "backbones":
+            default = tuple(default.split(","))
+        elif name in ("grid", "weights"):
+            continue  # parsed from text; checked by the CLI test
+        if want is not dataclasses.MISSING:
+            assert default == want, name
