@@ -227,3 +227,22 @@ def test_argument_errors(store):
         ChunkLoader(store, ["a"], 8, rank=2, world_size=2)
     with pytest.raises(ValueError, match="larger than"):
         ChunkLoader(store, ["a"], 10_000)
+
+
+def test_batch_buffers_recycled_only_when_dropped(store):
+    from usae.trainer.loader import _SPARE_BATCHES
+
+    ld = ChunkLoader(store, ["a", "b"], 8, seed=0)
+    ptrs, kept, views = set(), [], []
+    for n, b in enumerate(islice(iter(ld), 3 * ld.batches_per_epoch)):
+        ptrs.add(b.acts[1].data_ptr())
+        if n % 10 == 0:  # keep a view (not the batch or tensor object) and a copy of its content
+            views.append(b.acts[1][2:5])
+            kept.append(b.acts[1][2:5].clone())
+        if n == 7:
+            whole = b  # keep one whole batch
+            whole_copy = [a.clone() for a in b.acts]
+    for v, c in zip(views, kept, strict=True):
+        assert torch.equal(v, c)  # never overwritten while referenced
+    assert all(torch.equal(a, c) for a, c in zip(whole.acts, whole_copy, strict=True))
+    assert len(ptrs) <= _SPARE_BATCHES + len(views) + 2  # dropped batches' buffers were reused

@@ -18,11 +18,16 @@ Reading: whole chunk files only (``Store.read_chunk``, direct file reads that re
 never a random row gather through zarr). A reader thread reads chunks ahead into a fixed pool
 of ``buffer_chunks + prefetch`` chunk slots; a batcher thread shuffles and gathers batches
 into a small queue. Memory is bounded by that pool, whatever the store size.
+
+Batch buffers are recycled, but only once nothing outside the loader references them any more
+(their reference count is back to the loader's own): a fresh multi-MB array per batch costs
+page faults that made gathering ~4x slower, and a batch kept by the caller is never overwritten.
 """
 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,6 +40,7 @@ from torch import Tensor
 from usae.pipeline.store import Store
 
 _QUEUE_BATCHES = 4  # finished batches waiting for the trainer (small next to the chunk pool)
+_SPARE_BATCHES = _QUEUE_BATCHES + 4  # batch buffers kept for reuse once the trainer drops them
 _POLL_S = 0.05  # how often blocked worker threads look at the stop flag
 
 
@@ -200,6 +206,10 @@ class ChunkLoader:
             pass
 
 
+def _refs(a: np.ndarray) -> int:
+    return sys.getrefcount(a)
+
+
 class _Workers:
     """Reader + batcher threads for one iteration, starting at (epoch, step)."""
 
@@ -214,6 +224,7 @@ class _Workers:
         self.ready: queue.Queue = queue.Queue()
         self.out: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
         self._stop = threading.Event()
+        self._spare: list[tuple[dict[str, np.ndarray], int]] = []  # (buffers, idle refcount)
         self.threads = [
             threading.Thread(target=self._guard, args=(self._read, self.ready, epoch, step), daemon=True, name="usae-loader-read"),
             threading.Thread(target=self._guard, args=(self._batch, self.out, epoch, step), daemon=True, name="usae-loader-batch"),
@@ -301,6 +312,7 @@ class _Workers:
                     take = min(bsz - filled, blk.rows - off)
                     w0, w1 = max(lo, filled), min(hi, filled + take)
                     if w1 > w0:  # part of this rank's window
+                        # np.take, not torch.index_select: no intra-op thread pool shared with training
                         idx = where[off + w0 - filled : off + w1 - filled]
                         for k, pool in self.pool.items():
                             np.take(pool.reshape(-1, pool.shape[2]), idx, axis=0, out=out[k][w0 - lo : w1 - lo], mode="clip")
@@ -319,8 +331,15 @@ class _Workers:
         return base[self.ld.block_permutation(epoch, bi, blk.rows)]
 
     def _new_out(self) -> dict[str, np.ndarray]:
+        """Batch buffers: a spare set nobody references any more, else a new one."""
+        for bufs, idle in self._spare:
+            if all(_refs(a) <= idle for a in bufs.values()):
+                return bufs
         n = self.ld.local_batch_tokens
-        return {k: np.empty((n, pool.shape[2]), np.float16) for k, pool in self.pool.items()}
+        bufs = {k: np.empty((n, pool.shape[2]), np.float16) for k, pool in self.pool.items()}
+        if len(self._spare) < _SPARE_BATCHES:
+            self._spare.append((bufs, max(_refs(a) for a in bufs.values())))
+        return bufs
 
     def _finish(self, out: dict[str, np.ndarray], epoch: int, step: int) -> Batch:
         acts = [torch.from_numpy(out[k]) for k in self.ld.backbones]
