@@ -16,7 +16,7 @@ from usae.trainer.train import (
     StepContext,
     TrainConfig,
     TrainState,
-    keep_top,
+    aux_drop_mask,
     lr_at,
     make_optimizer,
     source_loss,
@@ -63,14 +63,19 @@ def grads(model):
 
 # ---------------------------------------------------------------- keep_top
 @settings(max_examples=40, deadline=None)
-@given(rows=hst.integers(1, 6), m=hst.integers(2, 40), frac=hst.floats(0, 1), seed=hst.integers(0, 10_000))
-def test_keep_top_matches_topk_scatter(rows, m, frac, seed):
+@given(rows=hst.integers(1, 6), m=hst.integers(2, 40), k=hst.integers(1, 5), shift=hst.floats(-1, 1),
+       seed=hst.integers(0, 10_000))
+def test_aux_mask_matches_topk_of_non_selected(rows, m, k, shift, seed):
     g = torch.Generator().manual_seed(seed)
-    a = F.relu(torch.randn(rows, m, generator=g, dtype=torch.float64) + (frac - 0.5) * 2)
+    act = F.relu(torch.randn(rows, m, generator=g, dtype=torch.float64) + 2 * shift)
+    k = min(k, m)
+    v, ix = torch.topk(act, k, dim=1)
+    z = torch.zeros_like(act).scatter(1, ix, v)
     n = m // 2
-    v, ix = torch.topk(a, n, dim=1)
-    want = torch.zeros_like(a).scatter(1, ix, v)
-    assert torch.equal(keep_top(a, n), want)
+    av, ai = torch.topk(act - z, n, dim=1)
+    want = torch.zeros_like(act).scatter(1, ai, av)
+    drop = aux_drop_mask(act, ix, n)
+    assert torch.equal(act.masked_fill(drop, 0), want)
 
 
 # ---------------------------------------------------------------- loss and gradients

@@ -234,26 +234,51 @@ def batch_norm_global(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
     return (h_bm - mean_m) * torch.rsqrt(var_m + bn.eps) * bn.weight + bn.bias
 
 
-def keep_top(a_bm: Tensor, n: int) -> Tensor:
-    """Zero all but the n largest entries of each row of a non-negative matrix.
+def aux_drop_mask(act_bm: Tensor, idx_bk: Tensor, n: int) -> Tensor:
+    """True where an entry of ReLU(pre) is NOT one of the aux codes.
 
-    Same result as scattering torch.topk(a_bm, n) (up to ties at the threshold): rows with at
-    most n positive entries are kept whole (topk would only add zeros); for the others the
-    n-th largest value is found by selection (kthvalue), not by sorting.
+    The aux codes are the n largest of ReLU(pre) - Z (the non-selected entries). Same set as
+    torch.topk(ReLU(pre) - Z, n) up to ties at the threshold; zeros are dropped, which changes
+    nothing (they decode to 0 and get no gradient through the ReLU). Rows with at most n
+    positive non-selected entries keep them all; for the others the n-th largest value is
+    found by selection (kthvalue), not by sorting.
     """
-    m = a_bm.shape[1]
-    if n >= m:
-        return a_bm
+    m = act_bm.shape[1]
     with torch.no_grad():
-        over = (a_bm > 0).sum(1) > n
-        mask = None
-        if bool(over.any()):
+        drop = act_bm <= 0
+        drop.scatter_(1, idx_bk, True)
+        over = (m - drop.sum(1)) > n
+        if n < m and bool(over.any()):
             rows = over.nonzero().squeeze(1)
-            sub = a_bm.detach()[rows]
+            sub = act_bm[rows].masked_fill(drop[rows], 0)
             thr = torch.kthvalue(sub, m - n + 1, dim=1).values
-            mask = torch.ones_like(a_bm, dtype=torch.bool)
-            mask[rows] = sub >= thr[:, None]
-    return a_bm if mask is None else a_bm * mask
+            drop[rows] |= sub < thr[:, None]
+    return drop
+
+
+class _MaskedDecode(torch.autograd.Function):
+    """(act with `drop` zeroed) @ dec in `dtype`, without materialising the masked copy twice:
+    one cast+mask pass forward, the same mask applied to the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, act_bm: Tensor, drop_bm: Tensor, dec_md: Tensor, dtype: torch.dtype) -> Tensor:
+        a = act_bm.to(dtype) if act_bm.dtype != dtype else act_bm.clone()
+        a.masked_fill_(drop_bm, 0)
+        d = dec_md.to(dtype)
+        ctx.save_for_backward(a, d, drop_bm)
+        ctx.dtypes = (act_bm.dtype, dec_md.dtype)
+        return (a @ d).to(act_bm.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, d, drop = ctx.saved_tensors
+        g = g.to(a.dtype)
+        ga = gd = None
+        if ctx.needs_input_grad[0]:
+            ga = (g @ d.T).masked_fill_(drop, 0).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[2]:
+            gd = (a.T @ g).to(ctx.dtypes[1])
+        return ga, None, gd, None
 
 
 def _err(e: Tensor, kind: str) -> Tensor:
@@ -291,13 +316,12 @@ def source_loss(
     pre_bm = bn_fn(model.bns[i], h_bm.to(x_list[i].dtype))
     act_bm = F.relu(pre_bm)
     vals_bk, idx_bk = torch.topk(act_bm, model.spec.k, dim=1, sorted=False)
-    aux_bm = keep_top(act_bm.scatter(1, idx_bk, 0.0), model.spec.concepts // 2)
+    drop_bm = aux_drop_mask(act_bm, idx_bk, model.spec.concepts // 2)
     dec = [model.decoder_weight(j) for j in targets]
     dec = [w.detach() if j in detach else w for j, w in zip(targets, dec, strict=True)]
     d_cat = torch.cat(dec, dim=1) if len(dec) > 1 else dec[0]
     xhat = F.embedding_bag(idx_bk, d_cat, per_sample_weights=vals_bk, mode="sum")
-    with ac:
-        auxhat = aux_bm @ d_cat
+    auxhat = _MaskedDecode.apply(act_bm, drop_bm, d_cat, amp or act_bm.dtype)
     x_cat = torch.cat([x_list[j] for j in targets], dim=1) if len(targets) > 1 else x_list[targets[0]]
     resid = x_cat - xhat
     aux_err = resid - auxhat.to(resid.dtype)
