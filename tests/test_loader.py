@@ -246,3 +246,15 @@ def test_batch_buffers_recycled_only_when_dropped(store):
         assert torch.equal(v, c)  # never overwritten while referenced
     assert all(torch.equal(a, c) for a, c in zip(whole.acts, whole_copy, strict=True))
     assert len(ptrs) <= _SPARE_BATCHES + len(views) + 2  # dropped batches' buffers were reused
+
+
+def test_reiterating_same_loader_continues_the_stream(store):
+    full = [torch.cat(b.acts, 1) for b in _epoch(ChunkLoader(store, ["a", "b"], 10, seed=8), 40)]
+    ld = ChunkLoader(store, ["a", "b"], 10, seed=8, buffer_chunks=2, prefetch=1)
+    ref = [torch.cat(b.acts, 1) for b in _epoch(ChunkLoader(store, ["a", "b"], 10, seed=8, buffer_chunks=2,
+                                                            prefetch=1), 40)]
+    got = []
+    for n in (3, 11, 1, 25):  # stop and restart; buffers of the stopped iteration are reused
+        got += [torch.cat(b.acts, 1) for b in islice(iter(ld), n)]
+    assert len(got) == 40 and all(torch.equal(x, y) for x, y in zip(ref, got, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(full, got, strict=True))  # buffer_chunks matters

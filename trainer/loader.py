@@ -118,6 +118,7 @@ class ChunkLoader:
             )
         self._epoch, self._step = 0, 0
         self._workers: _Workers | None = None
+        self._buffers: tuple[dict, list] | None = None  # (chunk pool, spare batches) of a finished iteration
 
     def _check_args(self) -> None:
         missing = [k for k in self.backbones if k not in self.store.backbones]
@@ -174,8 +175,8 @@ class ChunkLoader:
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Batch]:
         self.close()
-        workers = _Workers(self, self._epoch, self._step)
-        self._workers = workers
+        workers = _Workers(self, self._epoch, self._step, self._buffers)
+        self._workers, self._buffers = workers, None
         try:
             while True:
                 batch = workers.next_batch()
@@ -183,15 +184,17 @@ class ChunkLoader:
                 self._epoch, self._step = (batch.epoch + 1, 0) if nxt == self.batches_per_epoch else (batch.epoch, nxt)
                 yield batch
         finally:
-            workers.stop()
             if self._workers is workers:
-                self._workers = None
+                self.close()
+            else:
+                workers.stop()
 
     def close(self) -> None:
         """Stop the worker threads of a running iteration (the position is kept)."""
         if self._workers is not None:
-            self._workers.stop()
-            self._workers = None
+            w, self._workers = self._workers, None
+            if w.stop():  # threads gone: the next iteration reuses the (already paged-in) buffers
+                self._buffers = (w.pool, w._spare)
 
     def __enter__(self) -> ChunkLoader:
         return self
@@ -213,18 +216,21 @@ def _refs(a: np.ndarray) -> int:
 class _Workers:
     """Reader + batcher threads for one iteration, starting at (epoch, step)."""
 
-    def __init__(self, loader: ChunkLoader, epoch: int, step: int):
+    def __init__(self, loader: ChunkLoader, epoch: int, step: int, buffers: tuple[dict, list] | None):
         self.ld = loader
         st = loader.store
         n_slots = loader.buffer_chunks + loader.prefetch
-        self.pool = {k: np.empty((n_slots, loader._chunk_rows, st.widths[k]), np.float16) for k in loader.backbones}
+        if buffers is None:
+            pool = {k: np.empty((n_slots, loader._chunk_rows, st.widths[k]), np.float16) for k in loader.backbones}
+            buffers = (pool, [])
+        self.pool = buffers[0]
+        self._spare: list[tuple[dict[str, np.ndarray], int]] = buffers[1]  # (buffers, idle refcount)
         self.free: queue.Queue = queue.Queue()
         for s in range(n_slots):
             self.free.put(s)
         self.ready: queue.Queue = queue.Queue()
         self.out: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
         self._stop = threading.Event()
-        self._spare: list[tuple[dict[str, np.ndarray], int]] = []  # (buffers, idle refcount)
         self.threads = [
             threading.Thread(target=self._guard, args=(self._read, self.ready, epoch, step), daemon=True, name="usae-loader-read"),
             threading.Thread(target=self._guard, args=(self._batch, self.out, epoch, step), daemon=True, name="usae-loader-batch"),
@@ -267,11 +273,13 @@ class _Workers:
     def next_batch(self) -> Batch:
         return self._get(self.out)
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """Stop the threads; True when they have all ended."""
         self._stop.set()
         for t in self.threads:
             if t is not threading.current_thread():
                 t.join(timeout=10)
+        return not any(t.is_alive() for t in self.threads)
 
     def _start_block(self, blocks: list[_Block], step: int) -> int:
         pos = step * self.ld.batch_tokens

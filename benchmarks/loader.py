@@ -1,0 +1,206 @@
+"""Loader throughput: ChunkLoader rows/s vs plain numpy reads of the same chunk files, and vs what
+a training step consumes -> a table and a JSON file.
+
+Measured side by side in one process (interleaved, median of --repeats), data in the page cache:
+
+1. numpy alone: read every chunk file of every backbone with ``np.fromfile`` (random chunk order);
+   rows/s = store rows / time. No shuffle, no alignment, no batches.
+2. ChunkLoader: shuffled, aligned batches of --batch-tokens rows of all backbones, steady
+   state = the second epoch of one iterator (the first, with start-up, is shown too);
+   rows/s = delivered rows / time.  Target: loader / numpy >= 0.8.
+   Both are also given per CPU second of the process (time.process_time, all threads): on a
+   shared, oversubscribed machine wall-clock rates mostly measure the scheduler, CPU-time
+   rates measure the work done.
+3. Training step (usae.trainer.train.train_step, bf16 when the CPU has it) at --concepts/--k
+   on in-memory batches: tokens/s.  Target: loader rows/s / train tokens/s >= 10.
+4. The same training steps fed by the loader (one iteration kept open) vs fed from memory:
+   the share of step throughput kept (1.0 = the loader costs the trainer nothing).
+
+    python benchmarks/loader.py                       # ~1-2 minutes on 2 cores
+    python benchmarks/loader.py --images 2048 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from usae.pipeline.store import BackboneLayout, Store
+from usae.trainer.loader import ChunkLoader
+from usae.trainer.model import ModelSpec
+from usae.trainer.train import StepContext, TrainConfig, new_state, train_step
+
+
+def make_store(path: Path, n_images: int, widths: tuple[int, ...], tpi: int, chunk_images: int) -> Store:
+    """A store of random float16 tokens (content is irrelevant to reading speed)."""
+    keys = [f"m{j}" for j in range(len(widths))]
+    side = int(np.sqrt(tpi))
+    st = Store.create(path, [f"i{i}" for i in range(n_images)], [BackboneLayout(k, d) for k, d in zip(keys, widths, strict=True)],
+                      grid=(side, tpi // side), chunk_images=chunk_images, source="synth",
+                      fingerprint_of={"bench": n_images, "w": widths, "t": tpi})
+    rng = np.random.default_rng(0)
+    for c in range(st.n_chunks):
+        r0, r1 = st.chunk_rows(c)
+        a, b = st.chunk_images_range(c)
+        toks = {k: rng.standard_normal((r1 - r0, d), dtype=np.float32).astype(np.float16) for k, d in zip(keys, widths, strict=True)}
+        st.write_chunk(c, toks, np.ones(b - a, bool))
+    st.finalize()
+    return Store.open(path)
+
+
+class Rate(NamedTuple):
+    """Rows per wall-clock second and per CPU second of this process (all its threads)."""
+
+    wall: float
+    cpu: float
+
+
+def numpy_read(st: Store, seed: int) -> Rate:
+    """Read every chunk file of every backbone with np.fromfile."""
+    order = np.random.default_rng(seed).permutation(st.n_chunks)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for c in order:
+        for k in st.backbones:
+            x = np.fromfile(st.chunk_file(k, int(c)), dtype=np.float16).reshape(-1, st.widths[k])
+            assert x.shape[0] > 0
+    return Rate(st.n_rows / (time.perf_counter() - t0), st.n_rows / (time.process_time() - c0))
+
+
+def loader_epoch(st: Store, batch_tokens: int, buffer_chunks: int, prefetch: int, seed: int) -> tuple[Rate, float]:
+    """(steady-state Rate over the 2nd epoch, wall rows/s of the 1st epoch from a cold start).
+
+    A training run iterates epoch after epoch with one loader: its chunk pool and batch
+    buffers are paged in during the first epoch (the cold figure includes that and the
+    thread start); the steady figure is the next epoch.
+    """
+    ld = ChunkLoader(st, st.backbones, batch_tokens, seed=seed, buffer_chunks=buffer_chunks, prefetch=prefetch)
+    it = iter(ld)
+    rates = []
+    for _ in range(2):
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = sum(next(it).acts[0].shape[0] for _ in range(ld.batches_per_epoch))
+        rates.append(Rate(n / (time.perf_counter() - t0), n / (time.process_time() - c0)))
+    ld.close()
+    return rates[1], rates[0].wall
+
+
+def train_setup(st: Store, concepts: int, k: int, batch_tokens: int):
+    widths = tuple(st.widths[key] for key in st.backbones)
+    spec = ModelSpec(tuple(st.backbones), widths, (0.0,) * len(widths), (1.0,) * len(widths), concepts, k)
+    cfg = TrainConfig(lr=3e-4, batch_tokens=batch_tokens)
+    has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    amp = torch.bfloat16 if has_bf16 else None
+    torch.manual_seed(0)
+    state = new_state(spec, cfg, torch.device("cpu"))
+    return state, StepContext(cfg, 10**6, 0, 1, amp), amp
+
+
+def train_steps(state, ctx, batches) -> float:
+    """Seconds for len(batches) training steps on float16 batches (converted like the trainer)."""
+    t0 = time.perf_counter()
+    for acts in batches:
+        train_step(state, ctx, [a.float() for a in acts])
+    return time.perf_counter() - t0
+
+
+def train_from_loader(state, ctx, it, steps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(state, ctx, [a.float() for a in next(it).acts])
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=512, help="images in the store")
+    ap.add_argument("--tokens-per-image", type=int, default=196)
+    ap.add_argument("--widths", default="384,768,768")
+    ap.add_argument("--chunk-images", type=int, default=32, help="images per chunk (~10 MB at width 768)")
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--buffer-chunks", type=int, default=4)
+    ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--concepts", type=int, default=6144)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--train-steps", type=int, default=4, help="timed training steps per repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--store", default="", help="reuse/create the store here (default: a temp dir)")
+    ap.add_argument("--out", default="benchmarks/results/loader.json")
+    a = ap.parse_args()
+    widths = tuple(int(w) for w in a.widths.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(a.store) if a.store else Path(tmp) / "bench.zarr"
+        st = Store.open(path) if (path / "zarr.json").exists() else make_store(
+            path, a.images, widths, a.tokens_per_image, a.chunk_images)
+        numpy_read(st, 0)  # page cache warm-up
+        res = measure(a, st)
+    report(a, st, res)
+
+
+def measure(a, st: Store) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in ("numpy", "numpy_cpu", "loader", "loader_cpu", "loader_cold",
+                                                   "train", "train_fed")}
+    state, ctx, amp = train_setup(st, a.concepts, a.k, a.batch_tokens)
+    warm = ChunkLoader(st, st.backbones, a.batch_tokens, seed=99)
+    mem_batches = [b.acts for _, b in zip(range(a.train_steps + 1), warm, strict=False)]
+    warm.close()
+    train_steps(state, ctx, mem_batches[:1])  # warm-up
+    for r in range(a.repeats):  # interleaved, side by side
+        npy = numpy_read(st, r)
+        steady, cold = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r)
+        out["numpy"].append(npy.wall)
+        out["numpy_cpu"].append(npy.cpu)
+        out["loader"].append(steady.wall)
+        out["loader_cpu"].append(steady.cpu)
+        out["loader_cold"].append(cold)
+        out["train"].append(a.batch_tokens * a.train_steps / train_steps(state, ctx, mem_batches[1:]))
+        ld = ChunkLoader(st, st.backbones, a.batch_tokens, seed=r, buffer_chunks=a.buffer_chunks, prefetch=a.prefetch)
+        it = iter(ld)
+        next(it)  # threads started, first block read
+        out["train_fed"].append(a.batch_tokens * a.train_steps / train_from_loader(state, ctx, it, a.train_steps))
+        ld.close()
+    out["amp"] = [str(amp)]  # type: ignore[list-item]
+    return out
+
+
+def report(a, st: Store, res: dict) -> None:
+    med = {k: statistics.median(v) for k, v in res.items() if k != "amp"}
+    rows = [
+        ("numpy np.fromfile, all chunk files", med["numpy"], "rows/s", None),
+        ("ChunkLoader, aligned shuffled batches", med["loader"], "rows/s", None),
+        ("  1st epoch (thread start, paging in buffers)", med["loader_cold"], "rows/s", None),
+        ("numpy, per CPU second of the process", med["numpy_cpu"], "rows/cpu-s", None),
+        ("ChunkLoader, per CPU second (all threads)", med["loader_cpu"], "rows/cpu-s", None),
+        ("training step (in-memory batches)", med["train"], "tokens/s", None),
+        ("training step fed by the loader", med["train_fed"], "tokens/s", None),
+    ]
+    ratios = {
+        "loader / numpy (target >= 0.8)": med["loader"] / med["numpy"],
+        "  same per CPU second (contention-proof)": med["loader_cpu"] / med["numpy_cpu"],
+        "loader / training step (target >= 10)": med["loader"] / med["train"],
+        "fed / in-memory training (1.0 = free)": med["train_fed"] / med["train"],
+    }
+    gib = st.n_rows * sum(st.widths.values()) * 2 / 2**30
+    print(f"\nloader benchmark (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): {st.n_images} images x {st.tokens_per_image} tokens, widths "
+          f"{[st.widths[k] for k in st.backbones]} ({gib:.2f} GiB), {st.n_chunks} chunks, batch "
+          f"{a.batch_tokens}, buffer {a.buffer_chunks}, prefetch {a.prefetch}; train m={a.concepts} "
+          f"k={a.k} amp={res['amp'][0]}; median of {a.repeats}, {torch.get_num_threads()} torch threads")
+    for name, v, unit, _ in rows:
+        print(f"  {name:42} {v:14,.0f} {unit}")
+    for name, v in ratios.items():
+        print(f"  {name:42} {v:14.2f}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "median": med, "ratios": ratios, "raw": res}, indent=1))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
