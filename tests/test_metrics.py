@@ -255,8 +255,7 @@ def test_cofires_dead_and_union_constructed():
     idx = [torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 0], [2, 0]]), torch.tensor([[0, 3], [2, 1]])]
     val = [torch.tensor([[1.0, 1.0], [1.0, 0.05]]), torch.ones(2, 2), torch.tensor([[1.0, 1.0], [1.0, 0.0]])]
     codes = [mx.Codes(v, i, torch.zeros(2, 5)) for v, i in zip(val, idx, strict=True)]
-    x = [torch.zeros(2, 1)] * 3
-    acc.add_batch(x, codes, [[None] * 3 for _ in range(3)])
+    acc.add_batch(torch.zeros(2, 3), codes)
     s = acc.sums()
     np.testing.assert_array_equal(s.cofires_m, [1, 0, 1, 0, 0])  # token 0: concept 0; token 1: concept 2
     np.testing.assert_array_equal(s.union_m, [2, 1, 1, 1, 0])  # concept 3 fires on token 0 only (c)
