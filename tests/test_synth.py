@@ -208,6 +208,9 @@ def test_cli(tmp_path):
     assert r.exit_code != 0 and "comma-separated" in r.output and "Traceback" not in r.output
     r = runner.invoke(_cli(), ["synth", "--store", str(tmp_path / "d.zarr"), "--dims", "8,8"])
     assert r.exit_code != 0 and "--dims" in r.output
+    args = ["synth", "--store", str(out), "--models", "2", "--dims", "8,12", "--tokens", "400"]
+    r = runner.invoke(_cli(), args)  # same path, other settings: refused, not overwritten
+    assert r.exit_code == 1 and "different" in r.output and "Traceback" not in r.output
 
 
 def test_cli_options_mirror_config():

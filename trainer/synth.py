@@ -486,9 +486,13 @@ def register(app: typer.Typer) -> None:
         )
         try:
             cfg.validate()
-            res = run_synth(cfg)
-        except (ValueError, StoreError) as e:
+        except ValueError as e:
             raise typer.BadParameter(str(e)) from None
+        try:
+            res = run_synth(cfg)
+        except StoreError as e:
+            typer.echo(f"Error: {e}", err=True)
+            raise typer.Exit(1) from None
         typer.echo(
             f"wrote {res.path}: {res.n_images} images x {res.grid[0]}x{res.grid[1]} tokens, "
             f"{len(cfg.keys())} models, chunk {res.chunk_images} images; truth in {res.truth_path}"
