@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--out", default="benchmarks/results/train_step.json")
+    ap.add_argument("--out", default="benchmarks/train_step.json")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -16,9 +16,10 @@ from usae.trainer.train import (
     StepContext,
     TrainConfig,
     TrainState,
-    aux_drop_mask,
+    aux_selection,
     lr_at,
     make_optimizer,
+    mask_to_aux_,
     source_loss,
     train_step,
 )
@@ -74,14 +75,17 @@ def test_aux_mask_matches_topk_of_non_selected(rows, m, k, shift, seed):
     n = m // 2
     av, ai = torch.topk(act - z, n, dim=1)
     want = torch.zeros_like(act).scatter(1, ai, av)
-    drop = aux_drop_mask(act, ix, n)
-    assert torch.equal(act.masked_fill(drop, 0), want)
+    got = mask_to_aux_(act.clone(), aux_selection(act, ix, n))
+    assert torch.equal(got, want)
 
 
 # ---------------------------------------------------------------- loss and gradients
-@pytest.mark.parametrize("loss", ["l1", "l2"])
-def test_paper_loss_and_grads_match_slow(loss):
+@pytest.mark.parametrize("loss,beta", [("l1", 0.0), ("l2", 0.0), ("l1", 1.5)])
+def test_paper_loss_and_grads_match_slow(loss, beta):
     model = tiny()
+    with torch.no_grad():  # beta > 0: most pre-activations positive, the aux threshold path runs
+        for bn in model.bns:
+            bn.bias += beta
     slow = copy.deepcopy(model)
     x = batch(model.spec.widths)
     for i in range(3):

@@ -234,51 +234,65 @@ def batch_norm_global(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
     return (h_bm - mean_m) * torch.rsqrt(var_m + bn.eps) * bn.weight + bn.bias
 
 
-def aux_drop_mask(act_bm: Tensor, idx_bk: Tensor, n: int) -> Tensor:
-    """True where an entry of ReLU(pre) is NOT one of the aux codes.
+class AuxSelection(NamedTuple):
+    """Which entries of ReLU(pre) are aux codes: the n largest of ReLU(pre) - Z per row."""
 
-    The aux codes are the n largest of ReLU(pre) - Z (the non-selected entries). Same set as
-    torch.topk(ReLU(pre) - Z, n) up to ties at the threshold; zeros are dropped, which changes
-    nothing (they decode to 0 and get no gradient through the ReLU). Rows with at most n
-    positive non-selected entries keep them all; for the others the n-th largest value is
-    found by selection (kthvalue), not by sorting.
-    """
+    idx_bk: Tensor
+    """TopK indices (never aux codes)."""
+    rows: Tensor | None
+    """Rows with more than n positive non-selected entries (None: no such row)."""
+    low_rm: Tensor | None
+    """For those rows, True where an entry is below their n-th largest non-selected value."""
+
+
+def aux_selection(act_bm: Tensor, idx_bk: Tensor, n: int) -> AuxSelection:
+    """Find the aux codes by selection (kthvalue), not sorting: same set as
+    torch.topk(ReLU(pre) - Z, n) up to ties at the threshold. A row with at most n positive
+    non-selected entries keeps all of them (topk would only add zeros, which decode to 0 and
+    get no gradient through the ReLU), so only the other rows need a threshold."""
     m = act_bm.shape[1]
     with torch.no_grad():
-        drop = act_bm <= 0
-        drop.scatter_(1, idx_bk, True)
-        over = (m - drop.sum(1)) > n
-        if n < m and bool(over.any()):
-            rows = over.nonzero().squeeze(1)
-            sub = act_bm[rows].masked_fill(drop[rows], 0)
-            thr = torch.kthvalue(sub, m - n + 1, dim=1).values
-            drop[rows] |= sub < thr[:, None]
-    return drop
+        pos = torch.count_nonzero(act_bm, dim=1) - torch.count_nonzero(act_bm.gather(1, idx_bk), dim=1)
+        over = pos > n
+        if n >= m or not bool(over.any()):
+            return AuxSelection(idx_bk, None, None)
+        rows = over.nonzero().squeeze(1)
+        sub = act_bm[rows].scatter(1, idx_bk[rows], 0)
+        thr = torch.kthvalue(sub, m - n + 1, dim=1).values
+        return AuxSelection(idx_bk, rows, sub < thr[:, None])
 
 
-class _MaskedDecode(torch.autograd.Function):
-    """(act with `drop` zeroed) @ dec in `dtype`, without materialising the masked copy twice:
-    one cast+mask pass forward, the same mask applied to the gradient backward."""
+def mask_to_aux_(a_bm: Tensor, sel: AuxSelection) -> Tensor:
+    """Zero, in place, the entries of a (b, m) tensor that are not aux codes, except entries
+    where ReLU(pre) is 0 (left as they are: ReLU's backward zeroes their gradient anyway)."""
+    a_bm.scatter_(1, sel.idx_bk, 0)
+    if sel.rows is not None:
+        a_bm[sel.rows] = a_bm[sel.rows].masked_fill_(sel.low_rm, 0)
+    return a_bm
+
+
+class _AuxDecode(torch.autograd.Function):
+    """(aux codes of act) @ dec in `dtype`: one cast pass and sparse masking forward, the same
+    masking of the gradient backward; the masked (b, m) copy is made once."""
 
     @staticmethod
-    def forward(ctx, act_bm: Tensor, drop_bm: Tensor, dec_md: Tensor, dtype: torch.dtype) -> Tensor:
-        a = act_bm.to(dtype) if act_bm.dtype != dtype else act_bm.clone()
-        a.masked_fill_(drop_bm, 0)
+    def forward(ctx, act_bm: Tensor, dec_md: Tensor, sel: AuxSelection, dtype: torch.dtype) -> Tensor:
+        a = mask_to_aux_(act_bm.to(dtype, copy=True), sel)
         d = dec_md.to(dtype)
-        ctx.save_for_backward(a, d, drop_bm)
-        ctx.dtypes = (act_bm.dtype, dec_md.dtype)
+        ctx.save_for_backward(a, d)
+        ctx.sel, ctx.dtypes = sel, (act_bm.dtype, dec_md.dtype)
         return (a @ d).to(act_bm.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        a, d, drop = ctx.saved_tensors
+        a, d = ctx.saved_tensors
         g = g.to(a.dtype)
         ga = gd = None
         if ctx.needs_input_grad[0]:
-            ga = (g @ d.T).masked_fill_(drop, 0).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[2]:
+            ga = mask_to_aux_(g @ d.T, ctx.sel).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
             gd = (a.T @ g).to(ctx.dtypes[1])
-        return ga, None, gd, None
+        return ga, gd, None, None
 
 
 def _err(e: Tensor, kind: str) -> Tensor:
@@ -316,12 +330,12 @@ def source_loss(
     pre_bm = bn_fn(model.bns[i], h_bm.to(x_list[i].dtype))
     act_bm = F.relu(pre_bm)
     vals_bk, idx_bk = torch.topk(act_bm, model.spec.k, dim=1, sorted=False)
-    drop_bm = aux_drop_mask(act_bm, idx_bk, model.spec.concepts // 2)
+    sel = aux_selection(act_bm, idx_bk, model.spec.concepts // 2)
     dec = [model.decoder_weight(j) for j in targets]
     dec = [w.detach() if j in detach else w for j, w in zip(targets, dec, strict=True)]
     d_cat = torch.cat(dec, dim=1) if len(dec) > 1 else dec[0]
     xhat = F.embedding_bag(idx_bk, d_cat, per_sample_weights=vals_bk, mode="sum")
-    auxhat = _MaskedDecode.apply(act_bm, drop_bm, d_cat, amp or act_bm.dtype)
+    auxhat = _AuxDecode.apply(act_bm, d_cat, sel, amp or act_bm.dtype)
     x_cat = torch.cat([x_list[j] for j in targets], dim=1) if len(targets) > 1 else x_list[targets[0]]
     resid = x_cat - xhat
     aux_err = resid - auxhat.to(resid.dtype)
