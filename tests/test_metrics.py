@@ -310,3 +310,56 @@ def test_token_maps_match_codes(tmp_path):
     t = p.store.tokens_per_image
     want = p.codes_mnc[:, 4 * t:5 * t, 5].reshape(3, 2, 3)  # image 4, concept 5, every backbone
     np.testing.assert_allclose(maps[1, 1], np.where(want > 0, want, 0), atol=0.05)
+
+
+def oracle_run(tmp: Path, store_path: Path, k: int) -> Path:
+    """A USAE whose decoders are a synth store's planted dictionaries (encoders: their pseudo-inverse)."""
+    from usae.trainer.synth import load_truth
+
+    truth = load_truth(store_path)
+    store = Store.open(store_path)
+    n_models = len(truth.backbones)
+    m = int(truth.rate.shape[0])
+    spec = ModelSpec(truth.backbones, tuple(int(d.shape[1]) for d in truth.dictionaries),
+                     tuple(float(o) for o in truth.offset), tuple(float(s) - 1e-5 for s in truth.scale), concepts=m, k=k)
+    model = USAE(spec)  # x_i = scale_i (z D_i + noise) + offset_i, so standardising gives z D_i + noise
+    identity_bn_(model)
+    with torch.no_grad():
+        for i in range(n_models):
+            ids = torch.as_tensor(truth.concept_ids[i])
+            dct = torch.as_tensor(truth.dictionaries[i], dtype=torch.float32)
+            model.encoders[i].weight.zero_()
+            model.encoders[i].bias.fill_(-1.0)  # concepts this model lacks never fire
+            model.encoders[i].weight[ids] = torch.linalg.pinv(dct).T  # exact codes: pinv(D) D^T = I
+            model.encoders[i].bias[ids] = 0.0
+            model.decoders[i][ids] = dct
+    return write_run(tmp / "oracle", model, store)
+
+
+def test_synth_store_oracle(tmp_path):
+    """On a `usae synth` store, the planted dictionaries as a USAE: FE ~1 for universal concepts,
+    0 for specific ones, co-fires close to the planted co-occurrence."""
+    from usae.trainer.synth import SynthConfig, load_truth, run_synth
+
+    cfg = SynthConfig(store=tmp_path / "s.zarr", models=3, dims=(96, 128, 112), universal=6, specific=4,
+                      tokens=4000, tokens_per_image=16, active=2.0, noise=0.02, seed=1)
+    run_synth(cfg, progress=False)
+    store = Store.open(cfg.store)
+    run = oracle_run(tmp_path, cfg.store, k=5)
+    truth = load_truth(cfg.store)
+    _, s = _stream(store, run, tau=0.1, batch_tokens=1000)
+    t = mx.concept_table(s)
+    u = truth.n_universal
+    fe = t.firing_entropy_m
+    assert (fe[:u] > 0.97).all(), fe[:u]
+    assert np.nan_to_num(fe[u:], nan=0.0).max() < 0.03, fe[u:]
+    for i in range(3):
+        _, concept, value = truth.codes[i]
+        planted_i = np.bincount(concept[value > 0.1], minlength=len(truth.rate))
+        np.testing.assert_allclose(t.fires_mm[i], planted_i, rtol=0.03, atol=3)
+    _, concept, value = truth.codes[0]
+    planted = np.bincount(concept[value > 0.1], minlength=len(truth.rate))
+    # universal concepts fire on the same tokens in every model: their co-fires are their fires
+    np.testing.assert_allclose(t.cofires_m[:u], planted[:u], rtol=0.05, atol=5)
+    assert planted[:u].min() > 50
+    assert t.cofires_m[u:].sum() <= 0.01 * t.cofires_m[:u].sum()
