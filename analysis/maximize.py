@@ -38,7 +38,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -97,8 +97,8 @@ class MaximizeConfig:
     """Std of the Gaussian noise added to every crop."""
     seed: int = 0
     """Seed of phases, crops and noise (same seed, same images)."""
-    device: str = "cpu"
-    """Torch device for backbones and optimisation."""
+    device: str = "auto"
+    """Torch device for backbones and optimisation: auto (CUDA when available), cpu, cuda, cuda:N."""
     dtype: str = "auto"
     """Backbone compute dtype: auto (the dtype the store was extracted with), float32, bfloat16, float16."""
 
@@ -295,7 +295,8 @@ class Maximizer:
         self.model, self.targets, self.k, self.cfg = model, list(targets), k, cfg
         self.grid = tuple(grid)
         self.gen = torch.Generator().manual_seed(_concept_seed(cfg.seed, k))
-        self.images = PhaseImages(len(self.targets), cfg.canvas, self.gen).to(cfg.device)
+        self.device = _device(cfg.device)
+        self.images = PhaseImages(len(self.targets), cfg.canvas, self.gen).to(self.device)
         self.opt = torch.optim.NAdam(self.images.parameters(), lr=cfg.lr)
         # Cosine decay to lr/100: large phase steps explore early, small ones settle the image.
         self.sched = (
@@ -333,7 +334,7 @@ class Maximizer:
         """Final objective per target on fixed crops and the full canvas, with random-phase baselines."""
         eval_gen = torch.Generator().manual_seed(_concept_seed(self.cfg.seed, self.k, salt=1))
         boxes_n3 = sample_boxes(self.cfg.crops, self.cfg.crop_scale, eval_gen)
-        rand = PhaseImages(n_random, self.cfg.canvas, eval_gen).to(self.cfg.device)
+        rand = PhaseImages(n_random, self.cfg.canvas, eval_gen).to(self.device)
         finals = []
         for j, t in enumerate(self.targets):
             size = int(t.backbone.spec.img_size)
@@ -519,6 +520,7 @@ def run_maximize(cfg: MaximizeConfig, progress: bool = True) -> MaximizeResult:
     from usae.pipeline.store import Store, StoreError
     from usae.trainer.model import load_run
 
+    cfg = replace(cfg, device=_device(cfg.device))
     torch.manual_seed(cfg.seed)
     try:
         model, run_cfg = load_run(cfg.run, device=cfg.device)
@@ -539,6 +541,15 @@ def run_maximize(cfg: MaximizeConfig, progress: bool = True) -> MaximizeResult:
         for k in ks:
             results.append(maximize_one(model, targets, k, cfg, store.grid, bar))
     return MaximizeResult(cfg.out, results)
+
+
+def _device(name: str) -> str:
+    """--device with "auto" resolved; a CUDA device that is not there is a clean error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MaximizeError(f"--device {name} asked for, but no CUDA device is available")
+    return name
 
 
 def maximize_one(model: USAE, targets: Sequence[Target], k: int, cfg: MaximizeConfig, grid, bar) -> ConceptResult:
@@ -688,7 +699,7 @@ def register(app) -> None:
         ),
         noise: float = typer.Option(0.05, "--noise", help="Std of the Gaussian noise added to each crop."),
         seed: int = typer.Option(0, "--seed", help="Seed of phases, crops and noise."),
-        device: str = typer.Option("cpu", "--device", help="Torch device (cpu, cuda, cuda:1, ...)."),
+        device: str = typer.Option("auto", "--device", help="Torch device: auto (CUDA when available), cpu, cuda, cuda:N."),
         dtype: str = typer.Option(
             "auto", "--dtype", help="Backbone compute dtype: auto (the store's), float32, bfloat16, float16."
         ),
