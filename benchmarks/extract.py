@@ -6,7 +6,9 @@ already decoded and resized (tensors in memory) and does nothing but the forward
 `run_extract` decodes the files, resizes, runs the backbones, converts to float16, computes
 statistics and writes the store. The two are timed alternately, `--repeats` times each, and
 the ratio of median throughputs is reported (target >= 0.85). Model loading is excluded
-(both reuse the process's loaded backbones).
+(both reuse the process's loaded backbones). Both sides use the same number of torch
+threads (`--threads`, default 1: on a small shared machine, OpenMP teams of 2+ threads that
+get preempted make timings swing by 2-3x, which would swamp the comparison).
 
     python benchmarks/extract.py --images 64 --repeats 3 --out benchmarks/extract.json
 """
@@ -35,15 +37,15 @@ def make_images(folder: Path, n: int) -> Path:
 
 
 def bare_forward(
-    backbones, batches_b3hw: list[dict[int, torch.Tensor]], grid: tuple[int, int]
-) -> float:
-    """Seconds for the forward passes alone over preprocessed batches."""
-    t0 = time.perf_counter()
+    backbones, batches_b3hw: list[dict[int, torch.Tensor]], grid
+) -> tuple[float, float]:
+    """(wall, process CPU) seconds of the forward passes alone over preprocessed batches."""
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for batch in batches_b3hw:
             for bb in backbones:
                 bb(batch[bb.spec.img_size], grid)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -52,10 +54,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--chunk-images", type=int, default=32)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads on both sides (0: torch's default)"
+    )
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--backbones", default="dinov2,siglip,vit")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/extract.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="usae-bench-extract-"))
     try:
         manifest = make_images(tmp, args.images)

@@ -160,8 +160,16 @@ def _timm_spec(model_name: str) -> BackboneSpec:
     if not timm.is_model(model_name):
         raise RegistryError(f"timm has no model {model_name!r} (timm {timm.__version__})")
     cfg = timm.models.get_pretrained_cfg(model_name)
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        m = timm.create_model(model_name, pretrained=False)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            m = timm.create_model(model_name, pretrained=False)
+    except Exception:  # noqa: BLE001 - a model whose init needs real tensors: build it small
+        try:
+            m = timm.create_model(model_name, pretrained=False, depth=1)
+        except Exception as e:  # noqa: BLE001
+            raise RegistryError(
+                f"cannot build timm:{model_name} ({type(e).__name__}: {e})"
+            ) from None
     if not isinstance(m, VisionTransformer):
         raise RegistryError(
             f"timm:{model_name} is a {type(m).__name__}; only timm VisionTransformer models are supported"
