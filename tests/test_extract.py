@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 from usae.pipeline.extract import ExtractConfig, ExtractError, TooManyFailures, run_extract
@@ -261,3 +264,57 @@ def test_cli_options_mirror_config() -> None:
             continue  # parsed from text; checked by the CLI test
         if want is not dataclasses.MISSING:
             assert default == want, name
+
+
+@pytest.fixture(scope="module")
+def direct_vit(shared_image_set) -> dict[int, np.ndarray]:
+    """Per-image tokens of the tiny vit, one image at a time (the slow, obvious version)."""
+    bb = load_backbone(resolve("vit"), random_init=True, tiny=True)
+    return {
+        i: direct_tokens(bb, shared_image_set.root / p)[0]
+        for i, p in enumerate(shared_image_set.paths)
+    }
+
+
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    batch=st.integers(1, 5),
+    chunk=st.integers(1, 7),
+    bad=st.sets(st.integers(0, 11), max_size=3),
+)
+def test_store_is_independent_of_batching_chunking_and_failures(
+    shared_image_set, direct_vit, tmp_path_factory, batch, chunk, bad
+) -> None:
+    import pandas as pd
+
+    folder = tmp_path_factory.mktemp("prop")
+    shutil.copytree(shared_image_set.root / "images", folder / "images")
+    paths = list(shared_image_set.paths)
+    for i in bad:
+        paths[i] = f"broken{i}.png"
+        (folder / paths[i]).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    manifest = folder / "m.csv"
+    pd.DataFrame({"image_id": shared_image_set.image_ids, "path": paths}).to_csv(
+        manifest, index=False
+    )
+    cfg = ExtractConfig(
+        manifest=manifest, store=folder / "s.zarr", backbones=("vit",), batch_size=batch,
+        chunk_images=chunk, max_failures=1.0, **TINY,
+    )  # fmt: skip
+    summary = run_extract(cfg)
+    st_ = Store.open(cfg.store)
+    assert summary.failed == len(bad) and [f["image_id"] for f in st_.failures] == [
+        shared_image_set.image_ids[i] for i in sorted(bad)
+    ]
+    assert list(st_.valid) == [i not in bad for i in range(12)]
+    rows = st_.read_rows("vit", 0, st_.n_rows).reshape(12, 196, -1)
+    for i in range(12):
+        if i in bad:
+            assert not rows[i].any()
+        else:
+            np.testing.assert_allclose(
+                rows[i].astype(np.float32), direct_vit[i].astype(np.float32), atol=2e-3, rtol=2e-3
+            )
+    assert st_.stats("vit")["count"] == (12 - len(bad)) * 196
