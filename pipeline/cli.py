@@ -187,7 +187,7 @@ def _weights_text(spec: dict) -> str:
     src = ident.get("weights", "?")
     sha = (ident.get("sha256") or "")[:12]
     seed = f" seed {ident.get('seed')}" if ident.get("random_init") else ""
-    return f"{src}{seed} sha256 {sha}…" + (" [tiny]" if ident.get("tiny") else "")
+    return f"{src}{seed} sha256 {sha}…" + (" (tiny)" if ident.get("tiny") else "")
 
 
 def _fmt(x: float | None) -> str:
@@ -214,21 +214,18 @@ def info_tables(summary: dict, failures: list[dict], max_failures_shown: int = 1
     ):
         head.add_row(k, v)
     bb = Table(title="backbones")
-    for col in ("key", "model", "tokens", "prefix", "layer", "dtype", "weights", "mean", "std"):
-        bb.add_column(col)
+    for col in ("key", "model", "tokens (+prefix)", "layer, dtype", "weights", "mean / std"):
+        bb.add_column(col, overflow="fold")
     for key, b in summary["backbones"].items():
         spec = b["spec"]
-        layer = spec.get("layer")
+        layer = "last+norm" if spec.get("layer") is None else f"block {spec['layer']}"
         bb.add_row(
             key,
             f"{spec.get('source', '?')}:{spec.get('name', '?')}",
-            f"{b['rows']} x {b['width']}",
-            str(b["prefix_tokens"]),
-            "last+norm" if layer is None else str(layer),
-            str(spec.get("compute_dtype", "-")),
+            f"{b['rows']} x {b['width']} (+{b['prefix_tokens']}/image)",
+            f"{layer}, {spec.get('compute_dtype', '-')}",
             _weights_text(spec),
-            _fmt(b["scalar_mean"]),
-            _fmt(b["scalar_std"]),
+            f"{_fmt(b['scalar_mean'])} / {_fmt(b['scalar_std'])}",
         )
     tables = [head, bb]
     if failures:
