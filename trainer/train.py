@@ -33,6 +33,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -435,6 +436,8 @@ def _set_lrs(st: TrainState, ctx: StepContext, stepping: Sequence[int]) -> list[
 
 
 def _clip(st: TrainState, ctx: StepContext) -> None:
+    """Gradient-norm clip over the parameters that step: all of them (paper), those of the
+    source backbone (reference: the others have no gradient), or each SAE alone (independent)."""
     if ctx.cfg.grad_clip <= 0:
         return
     if ctx.cfg.independent:  # each SAE its own clip: the SAEs never interact
@@ -935,6 +938,8 @@ def _train(cfg: TrainConfig, d: Dist, st: Store, keys: list[str], loader, paths:
     elif resuming and rank0:
         _trim_metrics(paths, 0)
     ctx = StepContext(cfg, total, warmup, d.world, amp_dtype(cfg.dtype, d.device))
+    if cfg.dtype == "bf16" and ctx.amp is None and rank0:
+        warnings.warn(f"{d.device} has no fast bf16 support: training in fp32", stacklevel=2)
     last = _loop(cfg, s, ctx, loader, st, keys, paths, rank0, train_images)
     metrics: dict = {}
     if rank0:
