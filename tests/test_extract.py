@@ -213,6 +213,17 @@ def test_dask_local_cluster_gives_the_in_process_store(shared_image_set, tmp_pat
     summary = run_extract(dist)
     assert summary.computed == 12
     assert_same_store(Store.open(dist.store), Store.open(local.store))
+    from distributed import LocalCluster
+
+    # an existing cluster, reached by its address (threads in this process: cheap to start)
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as c:
+        remote = dataclasses.replace(
+            local, store=tmp_path / "remote.zarr", scheduler=c.scheduler_address
+        )
+        assert run_extract(remote).computed == 12
+    assert_same_store(Store.open(remote.store), Store.open(local.store))
 
 
 def test_cli_manifest_extract_info(tmp_path, photo_crops) -> None:
