@@ -203,3 +203,25 @@ def test_backbone_stays_in_eval_mode() -> None:
     bb: Backbone = load_backbone(replace(resolve("vit"), key="v"), random_init=True, tiny=True)
     bb.train()
     assert not bb.training and not bb.model.training
+
+
+def test_pretrained_weights_come_from_the_local_hub_cache(tmp_path, monkeypatch) -> None:
+    """A file in the HF hub cache layout is found and loaded without any network access."""
+    import huggingface_hub.constants as hub_constants
+
+    spec = resolve("timm:vit_tiny_patch16_224.augreg_in21k")
+    src = load_backbone(spec, random_init=True, seed=5)
+    snap = tmp_path / "models--timm--vit_tiny_patch16_224.augreg_in21k"
+    (snap / "refs").mkdir(parents=True)
+    (snap / "refs" / "main").write_text("abc123")
+    (snap / "snapshots" / "abc123").mkdir(parents=True)
+    save_file(
+        {k: v.contiguous() for k, v in src.model.state_dict().items()},
+        str(snap / "snapshots/abc123/model.safetensors"),
+    )
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    bb = load_backbone(spec)
+    assert bb.identity["weights"] == "cache:model.safetensors" and not bb.identity["random_init"]
+    assert bb.identity["sha256"] == src.identity["sha256"] and bb.identity["seed"] is None
+    x = torch.rand(1, 3, 224, 224)
+    torch.testing.assert_close(bb(x).patch_btd, src(x).patch_btd, rtol=0, atol=0)
