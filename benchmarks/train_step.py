@@ -137,6 +137,9 @@ def report(a, variants, times, losses) -> None:
         rows.append({"variant": name, "tokens_per_s": tps, "speedup": base / med, "max_rel_loss_gap": gap,
                      "times_s": times[name], "losses": losses[name]})
         print(f"{name:24} {tps:10.0f} {base / med:8.2f}x {gap:17.2e}")
+    print("loss per timed step:")
+    for name in variants:
+        print(f"  {name:24} " + " ".join(f"{x:.6f}" for x in losses[name]))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))

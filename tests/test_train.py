@@ -256,10 +256,11 @@ from usae.trainer import checkpoint as ckpt  # noqa: E402
 from usae.trainer.train import SimulatedKill, TrainError, run_train  # noqa: E402
 
 
-def make_store(path, n=24, t=8, widths=(6, 10), chunk=4, seed=0, finalize=True, nan_at=None):
+def make_store(path, n=24, t=8, widths=(6, 10), chunk=4, seed=0, finalize=True, nan_at=None, split=None):
     """A small complete store with correlated backbones (shared latent), the standard layout."""
     st = Store.create(path, [f"img{i}" for i in range(n)], [BackboneLayout(f"b{j}", w) for j, w in enumerate(widths)],
-                      grid=(2, t // 2), chunk_images=chunk, source="synth", fingerprint_of={"seed": seed, "n": n})
+                      grid=(2, t // 2), chunk_images=chunk, source="synth", fingerprint_of={"seed": seed, "n": n},
+                      split=split)
     rng = np.random.default_rng(seed)
     mix = [rng.normal(size=(4, w)) for w in widths]
     for c in range(st.n_chunks):
@@ -610,3 +611,17 @@ def test_sigkill_then_resume_is_bitwise_identical(store, tmp_path):
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(wa[kk], wb[kk]) for kk in wa)
     assert not list((tmp_path / "b").glob(".checkpoint.tmp*"))
+
+
+def test_epochs_subset_and_split_holdout(tmp_path):
+    import json
+
+    split = ["val" if i % 4 == 0 else "train" for i in range(24)]
+    s = make_store(tmp_path / "s.zarr", split=split)
+    res = run_train(small_cfg(s, tmp_path / "r", steps=0, epochs=2.0, warmup_steps=-1, backbones=("b1",),
+                              holdout=0.5))
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
+    per_epoch = 18 * 8 // 32  # 18 train images (the split wins over the 0.5 fraction) x 8 tokens
+    assert cfg["steps"] == 2 * per_epoch == res.steps and cfg["warmup_steps"] == per_epoch
+    assert cfg["backbones"] == ["b1"] and res.metrics["backbones"] == ["b1"]
+    assert res.metrics["heldout_images"] == 6 and res.metrics["heldout_tokens"] == 48
