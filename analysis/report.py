@@ -88,6 +88,12 @@ class AnalyzeConfig:
         for ok, msg in checks:
             if not ok:
                 raise AnalyzeError(msg)
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as e:
+            raise AnalyzeError(f"--device {self.device!r}: {e}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise AnalyzeError(f"--device {self.device}: CUDA is not available here; use --device cpu")
 
 
 class AnalyzeResult(NamedTuple):
@@ -152,6 +158,8 @@ def select_images(store: Store, run_cfg: dict, which: str, same_store: bool) -> 
         which = "holdout" if frac > 0 and same_store else "all"
     valid = store.valid
     if which == "all":
+        if not valid.any():
+            raise AnalyzeError(f"{store.path} holds no valid image")
         return valid, which
     if frac <= 0:
         raise AnalyzeError(f"--images {which}: the run held no images out (holdout fraction 0)")

@@ -85,6 +85,8 @@ def test_refuses_mismatched_store(tmp_path):
     assert res.exit_code == 2 and "held no images out" in res.output
     res = _analyze("--run", str(tmp_path / "nope"), "--store", str(store.path), "--out", str(tmp_path / "o"))
     assert res.exit_code == 2 and "cannot load run" in res.output
+    res = _analyze("--run", str(run), "--store", str(store.path), "--out", str(tmp_path / "o"), "--images", "some")
+    assert res.exit_code == 2 and "--images must be one of" in res.output
 
 
 def test_other_fingerprint_warns_and_uses_all_images(tmp_path):
