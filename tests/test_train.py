@@ -125,7 +125,9 @@ def test_reference_detaches_other_decoders_only():
 def test_r2_and_codes_reported():
     model = tiny()
     x = batch(model.spec.widths)
-    out = source_loss(model, 0, x, [0, 1, 2], loss="l1", aux_weight=0.1, with_r2=True)
+    from usae.trainer.train import _reduce_metrics
+
+    out = _reduce_metrics([source_loss(model, 0, x, [0, 1, 2], loss="l1", aux_weight=0.1, with_r2=True)], 1)[0]
     z = model.dense_codes(out.codes)
     for j in range(3):
         d = model.decoder_weight(j).detach()

@@ -188,7 +188,8 @@ class LossParts(NamedTuple):
     aux_j: list[Tensor]
     """Auxiliary loss per target (detached)."""
     r2_j: list[Tensor] | None
-    """R2 of each target from the source's codes on this batch (when asked)."""
+    """R2 of each target from the source's codes on this batch (when asked; from source_loss:
+    the sums of `_r2_sums`, turned into R2 over the global batch by train_step)."""
     codes: Codes
     """The source's codes."""
 
@@ -300,10 +301,29 @@ def _err(e: Tensor, kind: str) -> Tensor:
     return e.abs().mean() if kind == "l1" else e.square().mean()
 
 
-def _r2(x_bd: Tensor, resid_bd: Tensor) -> Tensor:
+def _r2_sums(x_bd: Tensor, resid_bd: Tensor) -> Tensor:
+    """(sum resid^2, sum x, sum x^2, n) in float64: R2 sums that add up over ranks."""
     x = x_bd.double()
-    var = x.square().mean() - x.mean().square()
-    return 1 - resid_bd.double().square().mean() / var
+    return torch.stack([resid_bd.double().square().sum(), x.sum(), x.square().sum(),
+                        torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+
+
+def _r2_from_sums(s_4: Tensor) -> Tensor:
+    n = s_4[3]
+    return 1 - (s_4[0] / n) / (s_4[2] / n - (s_4[1] / n).square())
+
+
+def _reduce_metrics(parts: list[LossParts], world: int) -> list[LossParts]:
+    """Per-backbone losses and R2 over the GLOBAL batch (a logged step only)."""
+    out = []
+    for p in parts:
+        rec, aux, sums = torch.stack(p.rec_j), torch.stack(p.aux_j), torch.stack(p.r2_j)
+        if world > 1:
+            for t in (rec, aux, sums):
+                dist.all_reduce(t)
+            rec, aux = rec / world, aux / world
+        out.append(p._replace(rec_j=list(rec), aux_j=list(aux), r2_j=[_r2_from_sums(x) for x in sums]))
+    return out
 
 
 def source_loss(
@@ -347,7 +367,7 @@ def source_loss(
     r2 = None
     if with_r2:
         with torch.no_grad():
-            r2 = [_r2(x_list[j], r) for j, r in zip(targets, resid.detach().split(widths, dim=1), strict=True)]
+            r2 = [_r2_sums(x_list[j], r) for j, r in zip(targets, resid.detach().split(widths, dim=1), strict=True)]
     codes = Codes(vals_bk.detach(), idx_bk, pre_bm.detach())
     return LossParts(total, [r.detach() for r in rec_j], [a.detach() for a in aux_j], r2, codes)
 
@@ -481,6 +501,8 @@ def train_step(st: TrainState, ctx: StepContext, x_list: list[Tensor], with_r2: 
     st.opt.step()
     st.step += 1
     st.tokens += cfg.batch_tokens
+    if with_r2:
+        parts = _reduce_metrics(parts, ctx.world)
     return StepOut(loss_f, sources, parts, lrs)
 
 
