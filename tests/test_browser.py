@@ -175,7 +175,12 @@ BROKEN_IMAGES = "Array.from(document.images).filter(i => !(i.complete && i.natur
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> Path:
+def chromium() -> str:
+    return chromium_path()
+
+
+@pytest.fixture(scope="module")
+def report(chromium, tmp_path_factory) -> Path:
     from PIL import Image
     from skimage import data
 
@@ -195,9 +200,8 @@ def report(tmp_path_factory) -> Path:
     return tmp / "report"
 
 
-def test_report_in_headless_chromium(report, tmp_path):
-    exe = chromium_path()
-    b = Browser(exe, tmp_path / "profile")
+def test_report_in_headless_chromium(chromium, report, tmp_path):
+    b = Browser(chromium, tmp_path / "profile")
     try:
         page = Page(b)
         page.goto((report / "index.html").resolve().as_uri())
