@@ -191,6 +191,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
         )  # fmt: skip
     rec, table = mx.reconstruction(sums), mx.concept_table(sums)
     notes = list(inp.warnings)
+    if inp.model.spec.independent:
+        notes.append("independent SAEs: concept k of one backbone is unrelated to concept k of another, "
+                     "so firing entropy and co-fires do not measure universality here")
     base = baseline_matching(cfg, inp, table, notes)
     top = mx.select_top_concepts(table, cfg.top_concepts)
     shown = list(dict.fromkeys(top["importance"] + top["universality"]))
