@@ -518,14 +518,17 @@ def _config_json(cfg: MaximizeConfig) -> dict[str, Any]:
 def run_maximize(cfg: MaximizeConfig, progress: bool = True) -> MaximizeResult:
     """Load the run, its store's backbones, and maximise every requested concept."""
     from usae.pipeline.store import Store, StoreError
+    from usae.trainer.checkpoint import CheckpointError
     from usae.trainer.model import load_run
 
     cfg = replace(cfg, device=_device(cfg.device))
     torch.manual_seed(cfg.seed)
     try:
         model, run_cfg = load_run(cfg.run, device=cfg.device)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError) as e:
         raise MaximizeError(str(e)) from e
+    except (KeyError, ValueError) as e:  # config.json unreadable or incomplete
+        raise MaximizeError(f"{cfg.run}/config.json is not a usae run config ({type(e).__name__}: {e})") from e
     ks = select_concepts(cfg, model.spec.concepts)
     try:
         store = Store.open(_store_path(Path(cfg.run), run_cfg, cfg.store))
@@ -716,7 +719,7 @@ def register(app) -> None:
             )  # fmt: skip
             res = run_maximize(cfg)
         except (MaximizeError, StoreError) as e:
-            Console(stderr=True).print(f"error: {e}", style="red", markup=False, highlight=False)
+            Console(stderr=True, soft_wrap=True).print(f"error: {e}", style="red", markup=False, highlight=False)
             raise typer.Exit(2) from None
         for c in res.concepts:
             vals = ", ".join(f"{k} {f.crops:.3g} (random {f.random_crops:.3g})" for k, f in c.final.items())

@@ -286,13 +286,9 @@ def test_outputs_valid_and_deterministic(result, run_dir, tmp_path):
 
 # ---------------------------------------------------------------- command line and bad input
 def _cli(*args: str):
-    app = typer.Typer()
+    """`usae maximize ...` through the real application (registered by usae.analysis.cli)."""
+    from usae.cli import app
 
-    @app.callback()
-    def _main() -> None:
-        """usae (test app)"""
-
-    mx.register(app)
     return CliRunner().invoke(app, ["maximize", *map(str, args)])
 
 
@@ -334,6 +330,11 @@ def test_bad_options_are_refused(run_dir, tmp_path):
     _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--top", 3), "--top needs --report")
     _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--steps", 0), "--steps")
     _fails(_cli("--run", tmp_path / "nope", "--concept", 1, "--out", tmp_path / "o"), "not a usae run directory")
+    junk = _copy_run(run_dir, tmp_path / "junk")
+    (junk / "model.safetensors").write_bytes(b"not a safetensors file")
+    _fails(_cli("--run", junk, "--concept", 1, "--out", tmp_path / "o"), "model.safetensors")
+    (junk / "config.json").write_text("{}")
+    _fails(_cli("--run", junk, "--concept", 1, "--out", tmp_path / "o"), "not a usae run config")
     _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--weights", "vit=x.pt"), "does not exist")
     (tmp_path / "w.safetensors").write_bytes(b"")
     _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--weights", f"vit={tmp_path / 'w.safetensors'}"),
