@@ -29,6 +29,10 @@ reported is the exact token mean of ReLU(pre).
 Output (DIR/<k>/): ``<backbone>.png`` (the full canvas per backbone), ``panel.png`` (side by
 side, labelled), ``objective.png`` and ``objective.json`` (curve per backbone and final values
 against random-phase images with the same spectrum); DIR/config.json holds the resolved config.
+
+Determinism: phases, crops and noise come from CPU generators seeded by (seed, k), so a concept's
+images do not depend on the other concepts requested; on CPU two runs give identical PNGs. On
+CUDA, grid_sample's backward accumulates with atomics, so the last bits may differ run to run.
 """
 
 from __future__ import annotations
