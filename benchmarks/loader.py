@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=4, help="timed training steps per repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--store", default="", help="reuse/create the store here (default: a temp dir)")
-    ap.add_argument("--out", default="benchmarks/results/loader.json")
+    ap.add_argument("--out", default="benchmarks/loader.json")
     a = ap.parse_args()
     widths = tuple(int(w) for w in a.widths.split(","))
     with tempfile.TemporaryDirectory() as tmp:

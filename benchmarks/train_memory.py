@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results/train_memory.json")
+    ap.add_argument("--out", default="benchmarks/train_memory.json")
     a = ap.parse_args()
     sizes = {"small": a.tokens, "large": a.tokens * a.factor}
     rss: dict[str, list[float]] = {s: [] for s in sizes}
