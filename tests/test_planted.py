@@ -13,8 +13,11 @@ from usae.trainer.train import TrainConfig, run_train
 pytestmark = pytest.mark.slow
 
 # Small enough for CI (each run ~10-30 s on 2 busy cores). k equals the planted number of
-# active concepts per token: recovery needs it (see tests of k >> active in benchmarks/planted.py).
-SYNTH = dict(models=3, dims=(32, 48, 48), universal=16, specific=8, tokens=40_000,
+# active concepts per token: recovery needs it (k >> active: see benchmarks/planted.py).
+# Widths >= 48: at width 32, 24 directions interfere enough that a universal concept with a
+# small per-model magnitude can stall near cosine 0.9 (seen at seed 0: 15/16 recovered);
+# with these widths seeds 0, 1, 2 all give 16/16 with min cosine >= 0.94.
+SYNTH = dict(models=3, dims=(48, 64, 64), universal=16, specific=8, tokens=40_000,
              tokens_per_image=16, active=3.0, noise=0.05, seed=0, save_codes=False)
 TRAIN = dict(concepts=96, k=3, lr=3e-3, lr_min=3e-4, batch_tokens=1024, warmup_steps=100,
              holdout=0.1, dtype="fp32", device="cpu", log_every=500, ckpt_every=0, seed=0)
