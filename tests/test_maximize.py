@@ -416,3 +416,32 @@ def test_top_concepts_from_report(run_dir, tmp_path):
     cfg = _cfg(run_dir, tmp_path / "o", concepts=(3, 2), top=2, report=rep)
     assert mx.select_concepts(cfg, M_CONCEPTS) == [3, 2, 11]
     _fails(_cli("--run", run_dir, "--out", tmp_path / "o", "--top", 2, "--report", tmp_path), "no concepts.parquet")
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    keys=st.lists(st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,8}", fullmatch=True), min_size=1, max_size=3, unique=True),
+    canvas=st.integers(16, 48),
+    steps=st.integers(1, 6),
+    seed=st.integers(0, 1000),
+    k=st.integers(0, 10_000),
+)
+def test_written_outputs_round_trip(tmp_path_factory, keys, canvas, steps, seed, k):
+    """PNGs hold exactly the rendered canvases; objective.json holds exactly the curve and finals."""
+    cfg = mx.MaximizeConfig(run=Path("r"), out=Path("o"), concepts=(k,), steps=steps, canvas=canvas, seed=seed, device="cpu")
+    targets = [mx.Target(key, i, None) for i, key in enumerate(keys)]  # rendering needs no backbone
+    mz = mx.Maximizer(None, targets, k, cfg, GRID)  # type: ignore[arg-type]
+    rng = np.random.default_rng(seed)
+    curve_sb = rng.random((steps, len(keys)))
+    finals = [mx.Final(*map(float, rng.random(4))) for _ in keys]
+    out = tmp_path_factory.mktemp("rt")
+    res = mx.write_concept(out, k, mz, curve_sb, finals)
+    for key, want in zip(keys, mz.canvases(), strict=True):
+        got = np.asarray(Image.open(out / str(k) / f"{key}.png"))
+        assert got.shape == (canvas, canvas, 3) and np.array_equal(got, want)
+        assert res.images[key] == out / str(k) / f"{key}.png"
+    blob = json.loads((out / str(k) / "objective.json").read_text())
+    assert blob["concept"] == k and blob["backbones"] == keys and blob["steps"] == steps
+    for j, key in enumerate(keys):
+        assert blob["curve"][key] == curve_sb[:, j].tolist()
+        assert mx.Final(**blob["final"][key]) == finals[j]
