@@ -198,8 +198,8 @@ class PhaseImages(nn.Module):
         super().__init__()
         pri = natural_priors(canvas)
         self.canvas = canvas
-        self.register_buffer("magnitude_3hf", torch.from_numpy(pri.magnitude_3hf))
-        self.register_buffer("colour_33", torch.from_numpy(pri.colour_33))
+        self.register_buffer("magnitude_3hf", torch.from_numpy(pri.magnitude_3hf.copy()))  # not the cache's
+        self.register_buffer("colour_33", torch.from_numpy(pri.colour_33.copy()))
         shape = (n, *pri.magnitude_3hf.shape)
         self.phase_n3hf = nn.Parameter((torch.rand(shape, generator=generator) * 2 - 1) * math.pi)
 

@@ -445,3 +445,16 @@ def test_written_outputs_round_trip(tmp_path_factory, keys, canvas, steps, seed,
     for j, key in enumerate(keys):
         assert blob["curve"][key] == curve_sb[:, j].tolist()
         assert mx.Final(**blob["final"][key]) == finals[j]
+
+
+def test_bf16_backbone_gives_a_gradient(run_dir):
+    """The bf16 path (what --dtype auto picks for a bf16 store): phases move, objective finite."""
+    model, _ = load_run(run_dir)
+    bb = load_backbone(resolve("dinov2"), random_init=True, seed=0, tiny=True, dtype=torch.bfloat16)
+    cfg = mx.MaximizeConfig(run=run_dir, out=Path("o"), concepts=(2,), steps=3, canvas=48, crops=2, device="cpu")
+    mz = mx.Maximizer(model, [mx.Target("dinov2", 0, bb)], 2, cfg, GRID)
+    before = mz.images.phase_n3hf.detach().clone()
+    vals = [mz.step()[0] for _ in range(3)]
+    assert np.all(np.isfinite(vals))
+    assert mz.images.phase_n3hf.grad is not None and mz.images.phase_n3hf.grad.abs().sum() > 0
+    assert not torch.equal(before, mz.images.phase_n3hf.detach())
