@@ -9,7 +9,11 @@ throughputs is reported (target >= 0.7). As a breakdown, the statistics alone
 (`RunningStats.of` on the valid rows, part of every chunk commit) and the zarr array writes
 alone (no statistics, no markers) are timed too.
 
-    python benchmarks/store_write.py --images 256 --repeats 5 --out benchmarks/store_write.json
+    python benchmarks/store_write.py --images 1024 --repeats 7 --dir /dev/shm
+
+On a tmpfs (`--dir /dev/shm`) both sides measure software overhead; on a real disk the
+kernel's writeback and discard (TRIM) stalls land on whichever write runs next and swing the
+timings several-fold.
 """
 
 from __future__ import annotations
