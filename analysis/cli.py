@@ -7,7 +7,6 @@ docstrings), the command builds the config and calls ``run_analyze``.
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import textwrap
 from functools import cache
@@ -79,10 +78,6 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2) from None
         typer.echo(f"report: {res.out / 'index.html'}")
 
-    try:
-        maximize = importlib.import_module("usae.analysis.maximize")
-    except ModuleNotFoundError as e:
-        if e.name != "usae.analysis.maximize":
-            raise
-        return
+    from usae.analysis import maximize
+
     maximize.register(app)

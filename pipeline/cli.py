@@ -8,7 +8,6 @@ same `run_extract(ExtractConfig(...))`.
 from __future__ import annotations
 
 import ast
-import importlib
 import inspect
 import json
 from functools import cache
@@ -265,10 +264,6 @@ def register(app: typer.Typer) -> None:
     """Add `extract` and `info` (and `manifest`, when its module exists) to the CLI."""
     app.command("extract")(extract_cmd)
     app.command("info")(info_cmd)
-    try:
-        manifest = importlib.import_module("usae.pipeline.manifest")
-    except ModuleNotFoundError as e:
-        if e.name != "usae.pipeline.manifest":
-            raise
-    else:
-        manifest.register(app)
+    from usae.pipeline import manifest
+
+    manifest.register(app)

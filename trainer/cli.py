@@ -7,7 +7,6 @@ a one-line message and exit code 1, never a traceback.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import typer
@@ -24,13 +23,9 @@ _UPDATE_HELP = (
 
 def register(app: typer.Typer) -> None:
     """Add ``usae train`` (and ``usae synth`` when that module is present) to the CLI."""
-    try:
-        synth = importlib.import_module("usae.trainer.synth")
-    except ModuleNotFoundError as e:
-        if e.name != "usae.trainer.synth":
-            raise
-    else:
-        synth.register(app)
+    from usae.trainer import synth
+
+    synth.register(app)
     app.command("train")(train_cmd)
 
 

@@ -28,11 +28,7 @@ _COMMAND_MODULES = (
 )
 
 for _mod in _COMMAND_MODULES:
-    try:
-        importlib.import_module(_mod).register(app)
-    except ModuleNotFoundError as e:  # a stage not written yet
-        if e.name != _mod:
-            raise
+    importlib.import_module(_mod).register(app)
 
 
 def main() -> None:
