@@ -258,3 +258,169 @@ def test_reiterating_same_loader_continues_the_stream(store):
         got += [torch.cat(b.acts, 1) for b in islice(iter(ld), n)]
     assert len(got) == 40 and all(torch.equal(x, y) for x, y in zip(ref, got, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(full, got, strict=True))  # buffer_chunks matters
+
+
+# ---------------------------------------------------------------- shuffle="images"
+def _slow_image_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
+    """The contract's image-granular stream of epoch `epoch`, with plain zarr row reads."""
+    t = store.tokens_per_image
+    sel = store.valid & (np.ones(store.n_images, bool) if images is None else images)
+    counts = [sel[slice(*store.chunk_images_range(c))].sum() for c in range(store.n_chunks)]
+    active = [c for c in range(store.n_chunks) if counts[c]]
+    order = np.random.default_rng([seed, 0, epoch]).permutation(np.array(active, dtype=np.int64))
+    stream = {k: [] for k in keys}
+    for bi, b0 in enumerate(range(0, len(order), buffer_chunks)):
+        imgs = [i for c in order[b0 : b0 + buffer_chunks] for i in range(*store.chunk_images_range(int(c))) if sel[i]]
+        for p in np.random.default_rng([seed, 2, epoch, bi]).permutation(len(imgs)):
+            for k in keys:
+                stream[k].append(store.read_rows(k, imgs[p] * t, (imgs[p] + 1) * t))
+    cat = {k: np.concatenate(v) if v else np.zeros((0, store.widths[k]), np.float16) for k, v in stream.items()}
+    n = len(cat[keys[0]]) // bsz
+    return [[cat[k][i * bsz : (i + 1) * bsz] for k in keys] for i in range(n)]
+
+
+def _undirect(store):
+    """Make the store read through zarr, as a store whose arrays are not raw (the pool fallback)."""
+    store._direct = dict.fromkeys(store._direct, False)
+    return store
+
+
+def test_images_every_row_once_whole_images_in_order(store):
+    held = np.zeros(50, bool)
+    held[[0, 9, 25, 49]] = True
+    ld = ChunkLoader(store, ["b", "a"], 16, images=~held, seed=3, buffer_chunks=2, shuffle="images")
+    assert ld.reads_direct and ld.tokens_per_epoch == 252 and ld.batches_per_epoch == 15
+    it = iter(ld)
+    for e in range(2):
+        batches = [next(it) for _ in range(15)]
+        assert [(b.epoch, b.step) for b in batches] == [(e, i) for i in range(15)]
+        ids_b = np.concatenate([_ids(b.acts[0]) for b in batches])
+        ids_a = np.concatenate([_ids(b.acts[1]) for b in batches])
+        np.testing.assert_array_equal(ids_a, ids_b)  # aligned across backbones
+        # whole images, tokens contiguous and in order (an image may straddle two batches)
+        per_img = ids_a.reshape(-1, 6)
+        np.testing.assert_array_equal(per_img, per_img[:, :1] + np.arange(6))
+        assert (per_img[:, 0] % 6 == 0).all()
+        imgs = per_img[:, 0] // 6
+        assert len(set(imgs)) == 40 and not (held | ~store.valid)[imgs].any()  # 42 selected, 2 in the dropped tail
+        assert not np.array_equal(imgs, np.sort(imgs))  # shuffled
+        for j, k in enumerate(["b", "a"]):
+            got = np.concatenate([b.acts[j].numpy() for b in batches])
+            np.testing.assert_array_equal(got, store.read_rows(k, 0, store.n_rows)[ids_a])
+    ld.close()
+
+
+def test_images_deterministic_and_not_the_token_stream(store):
+    def ids(**kw):
+        return [_ids(b.acts[0]) for b in _epoch(ChunkLoader(store, ["a"], 18, **kw))]
+
+    a, b = ids(seed=5, shuffle="images"), ids(seed=5, shuffle="images", prefetch=0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, ids(seed=6, shuffle="images"), strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, ids(seed=5), strict=True))
+    with pytest.raises(ValueError, match="shuffle must be"):
+        ChunkLoader(store, ["a"], 8, shuffle="rows")
+
+
+@pytest.mark.parametrize("stop_at", [0, 5, 13, 14, 20])
+def test_images_resume_equals_uninterrupted(store, stop_at):
+    kw = dict(seed=2, buffer_chunks=3, shuffle="images")
+    ref = ChunkLoader(store, ["a", "b"], 20, **kw)
+    assert ref.batches_per_epoch == 13
+    full = _epoch(ref, 26)
+    ld = ChunkLoader(store, ["a", "b"], 20, **kw)
+    got = _epoch(ld, stop_at)
+    assert ld.state_dict() == {"epoch": stop_at // 13, "step": stop_at % 13}
+    fresh = ChunkLoader(store, ["a", "b"], 20, **kw)
+    fresh.load_state_dict(ld.state_dict())
+    got += _epoch(fresh, 26 - stop_at)
+    for x, y in zip(full, got, strict=True):
+        assert (x.epoch, x.step) == (y.epoch, y.step)
+        assert all(torch.equal(p, q) for p, q in zip(x.acts, y.acts, strict=True))
+
+
+def test_images_rank_slices_concatenate_and_reiteration_continues(store):
+    kw = dict(seed=4, buffer_chunks=2, shuffle="images")
+    full = _epoch(ChunkLoader(store, ["a", "b"], 14, **kw), 30)
+    parts = [_epoch(ChunkLoader(store, ["a", "b"], 14, rank=r, world_size=2, **kw), 30) for r in range(2)]
+    for g, r0, r1 in zip(full, *parts, strict=True):
+        assert r0.acts[0].shape[0] == 7
+        assert all(torch.equal(torch.cat([r0.acts[j], r1.acts[j]]), g.acts[j]) for j in range(2))
+    ld, got = ChunkLoader(store, ["a", "b"], 14, **kw), []
+    for n in (3, 11, 16):  # stop and restart the same loader
+        got += list(islice(iter(ld), n))
+    assert all(torch.equal(x.acts[j], y.acts[j]) for x, y in zip(full, got, strict=True) for j in range(2))
+
+
+def test_images_truncated_chunk_file_is_an_error(tmp_path):
+    store = _make_store(tmp_path / "s.zarr", 20, 4, 5)
+    with open(store.chunk_file("a", 2), "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(StoreError, match="truncated"):
+        for _ in ChunkLoader(store, ["a"], 8, buffer_chunks=1, shuffle="images"):
+            pass
+    assert not [t for t in threading.enumerate() if t.name.startswith("usae-loader")]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n_images=st.integers(1, 14), tpi=st.integers(1, 4), chunk=st.integers(1, 5), bsz=st.integers(1, 20),
+    buffer_chunks=st.integers(1, 4), seed=st.integers(0, 99), direct=st.booleans(), data=st.data(),
+)
+def test_property_images_match_slow_reference(tmp_path_factory, n_images, tpi, chunk, bsz, buffer_chunks, seed,
+                                              direct, data):
+    valid = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
+    images = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
+    store = _make_store(tmp_path_factory.mktemp("p") / "s.zarr", n_images, tpi, chunk, valid)
+    if not direct:
+        _undirect(store)
+    if int((valid & images).sum()) * tpi < bsz:
+        return
+    ws = data.draw(st.sampled_from([w for w in (1, 2, 3) if bsz % w == 0]))
+    rank = data.draw(st.integers(0, ws - 1))
+    ld = ChunkLoader(store, ["a", "b"], bsz, images=images, seed=seed, buffer_chunks=buffer_chunks,
+                     rank=rank, world_size=ws, shuffle="images")
+    assert ld.reads_direct == direct
+    n = ld.batches_per_epoch
+    got = _epoch(ld, 2 * n)
+    lo, hi = rank * bsz // ws, (rank + 1) * bsz // ws
+    for e in range(2):
+        ref = _slow_image_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e)
+        assert len(ref) == n
+        for i in range(n):
+            assert (got[e * n + i].epoch, got[e * n + i].step) == (e, i)
+            for j in range(2):
+                np.testing.assert_array_equal(got[e * n + i].acts[j].numpy(), ref[i][j][lo:hi])
+
+
+def test_images_direct_reads_need_no_chunk_pool(tmp_path):
+    widths = {"a": 64, "b": 96}
+    big = _make_store(tmp_path / "b.zarr", 800, 16, 10, widths=widths)
+    chunk_bytes, batch_bytes = 10 * 16 * 160 * 2, 64 * 160 * 2
+    ld = ChunkLoader(big, ["a", "b"], 64, shuffle="images", buffer_chunks=3)
+    tracemalloc.start()
+    try:
+        seen = sum(b.acts[0].shape[0] for b in islice(iter(ld), ld.batches_per_epoch))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seen == ld.tokens_per_epoch
+    assert peak < chunk_bytes + 12 * batch_bytes + 64 * 1024, peak  # a few batches, never a chunk pool
+
+
+def test_train_end_to_end_with_image_batches(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from usae.cli import app
+
+    store = _make_store(tmp_path / "s.zarr", 40, 4, 5, widths={"a": 6, "b": 8})
+    args = ["train", "--store", str(store.path), "--out", str(tmp_path / "r"), "--batch-tokens", "24", "--steps", "6",
+            "--concepts", "16", "--k", "2", "--holdout", "0.2", "--dtype", "fp32", "--device", "cpu",
+            "--log-every", "2", "--warmup-steps", "1", "--shuffle", "images"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["shuffle"] == "images"
+    bad = CliRunner().invoke(app, [*args[:3], "--out", str(tmp_path / "x"), "--shuffle", "pixels"])
+    assert bad.exit_code == 2 and "shuffle must be" in bad.output

@@ -59,6 +59,8 @@ def train_cmd(
     dead_window_tokens: int = typer.Option(_D.dead_window_tokens,
                                            help="A concept not selected for this many tokens counts as dead."),
     buffer_chunks: int = typer.Option(_D.buffer_chunks, help="Store chunks shuffled together."),
+    shuffle: str = typer.Option(_D.shuffle, help="tokens: rows shuffled within a buffer of chunks; images: whole "
+                                "images per batch (the paper's 32 x 196 batches), read straight into the batch."),
     resume: Path = typer.Option(None, help="Continue the run in this directory (its config.json wins)."),
     stop_after: int = typer.Option(0, hidden=True, help="Testing aid: stop abruptly after this many steps."),
 ) -> None:
@@ -76,7 +78,7 @@ def train_cmd(
             epochs=epochs, warmup_steps=warmup_steps, update=update, independent=independent,
             holdout=holdout, seed=seed, dtype=dtype, device=device, log_every=log_every,
             ckpt_every=ckpt_every, dead_window_tokens=dead_window_tokens, buffer_chunks=buffer_chunks,
-            resume=str(resume or ""), stop_after=stop_after,
+            shuffle=shuffle, resume=str(resume or ""), stop_after=stop_after,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

@@ -7,17 +7,29 @@ How the stream of epoch ``e`` is defined (docs/contracts.md, "Loader"):
    (valid images, and images in the ``images`` mask) are shuffled with a permutation drawn
    from (seed, e, block): one permutation for all backbones, so row r of every backbone's
    batch is the same image and token;
+   - ``shuffle="tokens"`` (default): the block's rows are permuted one by one;
+   - ``shuffle="images"``: the block's selected IMAGES are permuted (a permutation drawn from
+     (seed, e, block) on its own stream) and each image contributes its rows in token order,
+     as the paper's batches of whole images (32 x 196 tokens);
 3. the epoch's stream is the concatenation of the shuffled blocks; batch n is stream rows
-   [n*B, (n+1)*B) (a batch may span two blocks; the last partial batch is dropped);
+   [n*B, (n+1)*B) (a batch may span two blocks, an image may be split across two batches;
+   the last partial batch is dropped);
 4. with ``world_size`` W, rank r receives rows [r*B/W, (r+1)*B/W) of every global batch.
 
 Everything is a function of (seed, epoch, block), so resuming at (epoch, step) only needs the
 per-chunk row counts: no data is read to skip ahead.
 
-Reading: whole chunk files only (``Store.read_chunk``, direct file reads that release the GIL;
-never a random row gather through zarr). A reader thread reads chunks ahead into a fixed pool
-of ``buffer_chunks + prefetch`` chunk slots; a batcher thread shuffles and gathers batches
-into a small queue. Memory is bounded by that pool, whatever the store size.
+Reading (tokens, or images on a store that is not raw): whole chunk files only
+(``Store.read_chunk``, direct file reads that release the GIL; never a random row gather
+through zarr). A reader thread reads chunks ahead into a fixed pool of ``buffer_chunks +
+prefetch`` chunk slots; a batcher thread shuffles and gathers batches into a small queue.
+Memory is bounded by that pool, whatever the store size.
+
+Reading (images on a raw store): an image's rows are contiguous bytes of its chunk file, so
+each (image, token range) piece of a batch is read with ``os.preadv`` at its byte offset
+straight into the batch buffer (one copy from the page cache, as a plain file read; no chunk
+pool, no row gather). One thread keeps a few batches ahead; the block's chunk files stay open
+while the block is being read.
 
 Batch buffers are recycled, but only once nothing outside the loader references them any more
 (their reference count is back to the loader's own): a fresh multi-MB array per batch costs
@@ -26,6 +38,7 @@ page faults that made gathering ~4x slower, and a batch kept by the caller is ne
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -37,11 +50,12 @@ import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from usae.pipeline.store import Store
+from usae.pipeline.store import Store, StoreError
 
 _QUEUE_BATCHES = 4  # finished batches waiting for the trainer (small next to the chunk pool)
 _SPARE_BATCHES = _QUEUE_BATCHES + 4  # batch buffers kept for reuse once the trainer drops them
 _POLL_S = 0.05  # how often blocked worker threads look at the stop flag
+SHUFFLES = ("tokens", "images")
 
 
 class Batch(NamedTuple):
@@ -87,12 +101,14 @@ class ChunkLoader:
         world_size: int = 1,
         prefetch: int = 2,
         pin_memory: bool = False,
+        shuffle: str = "tokens",
     ):
         self.store = store if isinstance(store, Store) else Store.open(store)
         self.backbones = list(backbones)
         self.batch_tokens, self.seed = int(batch_tokens), int(seed)
         self.buffer_chunks, self.prefetch = int(buffer_chunks), int(prefetch)
         self.rank, self.world_size, self.pin_memory = int(rank), int(world_size), bool(pin_memory)
+        self.shuffle = shuffle
         self._check_args()
         st = self.store
         self._t = st.tokens_per_image
@@ -130,6 +146,8 @@ class ChunkLoader:
             raise ValueError(f"batch_tokens {self.batch_tokens} must be a positive multiple of world_size {self.world_size}")
         if self.buffer_chunks < 1 or self.prefetch < 0:
             raise ValueError("buffer_chunks must be >= 1 and prefetch >= 0")
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(f"shuffle must be one of {', '.join(SHUFFLES)}, got {self.shuffle!r}")
 
     # ------------------------------------------------------------ the stream's definition
     def epoch_blocks(self, epoch: int) -> list[_Block]:
@@ -146,6 +164,33 @@ class ChunkLoader:
     def block_permutation(self, epoch: int, block: int, rows: int) -> np.ndarray:
         """The shuffle of one block's selected rows, drawn from (seed, epoch, block)."""
         return np.random.default_rng([self.seed, 1, epoch, block]).permutation(rows)
+
+    def block_image_permutation(self, epoch: int, block: int, n_images: int) -> np.ndarray:
+        """The shuffle of one block's selected images (shuffle="images"), drawn from (seed, epoch, block)."""
+        return np.random.default_rng([self.seed, 2, epoch, block]).permutation(n_images)
+
+    def block_order(self, epoch: int, block: int, rows: int) -> np.ndarray:
+        """Stream order of a block's selected rows, as indices into those rows taken chunk by chunk."""
+        if self.shuffle == "tokens":
+            return self.block_permutation(epoch, block, rows)
+        imgs = self.block_image_permutation(epoch, block, rows // self._t)
+        return (imgs[:, None] * self._t + np.arange(self._t)).reshape(-1)
+
+    def block_images(self, epoch: int, block: int, blk: _Block) -> tuple[np.ndarray, np.ndarray]:
+        """(chunk id, first row inside that chunk) of each image of a block, in stream order (shuffle="images")."""
+        chunk_ids, row0 = [], []
+        for c in blk.chunks:
+            a, b = self.store.chunk_images_range(int(c))
+            imgs = np.flatnonzero(self._selected[a:b])
+            chunk_ids.append(np.full(len(imgs), int(c), np.int64))
+            row0.append(imgs.astype(np.int64) * self._t)
+        perm = self.block_image_permutation(epoch, block, blk.rows // self._t)
+        return np.concatenate(chunk_ids)[perm], np.concatenate(row0)[perm]
+
+    @property
+    def reads_direct(self) -> bool:
+        """True when batches are read piece by piece straight from the chunk files (images on a raw store)."""
+        return self.shuffle == "images" and hasattr(os, "preadv") and all(self.store._direct[k] for k in self.backbones)
 
     def chunk_selected_rows(self, chunk: int) -> np.ndarray:
         """Selected row offsets inside a chunk, ascending."""
@@ -175,7 +220,8 @@ class ChunkLoader:
     # ------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Batch]:
         self.close()
-        workers = _Workers(self, self._epoch, self._step, self._buffers)
+        kind = _DirectWorkers if self.reads_direct else _Workers
+        workers = kind(self, self._epoch, self._step, self._buffers)
         self._workers, self._buffers = workers, None
         try:
             while True:
@@ -336,15 +382,15 @@ class _Workers:
         base = np.concatenate(
             [s * self.ld._chunk_rows + self.ld.chunk_selected_rows(int(c)) for c, s in zip(blk.chunks, slots, strict=True)]
         )
-        return base[self.ld.block_permutation(epoch, bi, blk.rows)]
+        return base[self.ld.block_order(epoch, bi, blk.rows)]
 
     def _new_out(self) -> dict[str, np.ndarray]:
         """Batch buffers: a spare set nobody references any more, else a new one."""
         for bufs, idle in self._spare:
             if all(_refs(a) <= idle for a in bufs.values()):
                 return bufs
-        n = self.ld.local_batch_tokens
-        bufs = {k: np.empty((n, pool.shape[2]), np.float16) for k, pool in self.pool.items()}
+        n, widths = self.ld.local_batch_tokens, self.ld.store.widths
+        bufs = {k: np.empty((n, widths[k]), np.float16) for k in self.ld.backbones}
         if len(self._spare) < _SPARE_BATCHES:
             self._spare.append((bufs, max(_refs(a) for a in bufs.values())))
         return bufs
@@ -354,3 +400,78 @@ class _Workers:
         if self.ld.pin_memory and torch.cuda.is_available():
             acts = [a.pin_memory() for a in acts]
         return Batch(acts, epoch, step)
+
+
+class _DirectWorkers(_Workers):
+    """One thread reading each batch's (image, token range) pieces straight from the chunk files."""
+
+    def __init__(self, loader: ChunkLoader, epoch: int, step: int, buffers: tuple[dict, list] | None):
+        self.ld = loader
+        self.pool: dict[str, np.ndarray] = {}  # no chunk pool: pieces go straight into the batch
+        self._spare = [] if buffers is None else buffers[1]
+        self.out: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=self._guard, args=(self._batch, self.out, epoch, step), daemon=True,
+                                         name="usae-loader-direct")]
+        self.threads[0].start()
+
+    def _batch(self, epoch: int, step: int) -> None:
+        ld = self.ld
+        bsz, lo = ld.batch_tokens, ld.rank * ld.local_batch_tokens
+        hi = lo + ld.local_batch_tokens
+        for ep, step0, blocks, b0 in self._epochs(epoch, step):
+            pos, filled, out = step0 * bsz, 0, self._new_out()
+            for bi in range(b0, len(blocks)):
+                blk = blocks[bi]
+                images = ld.block_images(ep, bi, blk)
+                fds = self._open(blk.chunks)
+                try:
+                    off = pos + filled - blk.start  # first unconsumed row of this block
+                    while off < blk.rows:
+                        take = min(bsz - filled, blk.rows - off)
+                        w0, w1 = max(lo, filled), min(hi, filled + take)
+                        if w1 > w0:  # part of this rank's window
+                            self._read_span(fds, images, off + w0 - filled, off + w1 - filled, out, w0 - lo)
+                        filled, off = filled + take, off + take
+                        if filled == bsz:
+                            self._put(self.out, self._finish(out, ep, pos // bsz))
+                            pos, filled, out = pos + bsz, 0, self._new_out()
+                finally:
+                    for fd in fds.values():
+                        if fd is not None:
+                            os.close(fd)
+
+    def _open(self, chunks: np.ndarray) -> dict[tuple[str, int], int | None]:
+        """Read-only descriptors of a block's chunk files (None: a chunk never written, all zeros)."""
+        fds: dict[tuple[str, int], int | None] = {}
+        try:
+            for c in chunks:
+                for k in self.ld.backbones:
+                    f = self.ld.store.chunk_file(k, int(c))
+                    fds[k, int(c)] = os.open(f, os.O_RDONLY) if f.exists() else None
+        except BaseException:
+            for fd in fds.values():
+                if fd is not None:
+                    os.close(fd)
+            raise
+        return fds
+
+    def _read_span(self, fds: dict, images: tuple[np.ndarray, np.ndarray], s0: int, s1: int,
+                   out: dict[str, np.ndarray], o: int) -> None:
+        """Block stream rows [s0, s1) into rows o.. of the batch buffers, one pread per image piece."""
+        t, (img_chunk, img_row0) = self.ld._t, images
+        for j in range(s0 // t, (s1 - 1) // t + 1):
+            a, b = max(s0, j * t) - j * t, min(s1, (j + 1) * t) - j * t  # token range of image j
+            c, r = int(img_chunk[j]), int(img_row0[j]) + a
+            for k in self.ld.backbones:
+                dst = out[k][o : o + b - a]
+                fd = fds[k, c]
+                if fd is None:
+                    dst[:] = 0
+                    continue
+                nbytes = dst.nbytes
+                got = os.preadv(fd, [memoryview(dst).cast("B")], r * dst.shape[1] * 2)
+                if got != nbytes:
+                    raise StoreError(f"chunk file {self.ld.store.chunk_file(k, c)} is truncated "
+                                     f"({got} of {nbytes} bytes at row {r})")
+            o += b - a

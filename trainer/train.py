@@ -116,6 +116,8 @@ class TrainConfig:
     """A concept is dead when it was not selected for this many training tokens."""
     buffer_chunks: int = 4
     """Chunks shuffled together by the loader."""
+    shuffle: str = "tokens"
+    """tokens: rows shuffled within a buffer of chunks (default); images: whole images per batch, as the paper's 32 x 196 batches, read straight into the batch."""
     resume: str = ""
     """Continue the run in this directory (its config.json wins over other options)."""
     stop_after: int = 0
@@ -126,6 +128,7 @@ class TrainConfig:
             (self.loss in ("l1", "l2"), f"loss must be l1 or l2, got {self.loss!r}"),
             (self.update in ("paper", "reference"), f"update must be paper or reference, got {self.update!r}"),
             (self.dtype in ("bf16", "fp32"), f"dtype must be bf16 or fp32, got {self.dtype!r}"),
+            (self.shuffle in ("tokens", "images"), f"shuffle must be tokens or images, got {self.shuffle!r}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"bad device {self.device!r}"),
             (self.k > 0, "k must be positive"),
             (self.batch_tokens > 0, "batch_tokens must be positive"),
@@ -621,7 +624,7 @@ def make_loader(st: Store, keys: Sequence[str], cfg: TrainConfig, images: np.nda
     try:
         return ChunkLoader(
             st, list(keys), cfg.batch_tokens, images=images, seed=cfg.seed,
-            buffer_chunks=cfg.buffer_chunks, rank=d.rank, world_size=d.world,
+            buffer_chunks=cfg.buffer_chunks, rank=d.rank, world_size=d.world, shuffle=cfg.shuffle,
         )
     except ValueError as e:
         raise TrainError(f"cannot load batches from {st.path}: {e}") from None
