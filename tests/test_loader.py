@@ -424,3 +424,18 @@ def test_train_end_to_end_with_image_batches(tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["shuffle"] == "images"
     bad = CliRunner().invoke(app, [*args[:3], "--out", str(tmp_path / "x"), "--shuffle", "pixels"])
     assert bad.exit_code == 2 and "shuffle must be" in bad.output
+
+
+def test_images_batch_buffers_never_overwritten_while_referenced(store):
+    ld = ChunkLoader(store, ["a", "b"], 8, seed=0, shuffle="images")
+    ref = [[a.clone() for a in b.acts] for b in _epoch(ChunkLoader(store, ["a", "b"], 8, seed=0, shuffle="images"), 60)]
+    kept, ptrs = {}, set()
+    for n, b in enumerate(islice(iter(ld), 60)):
+        ptrs.add(b.acts[1].data_ptr())
+        if n % 9 == 0:
+            kept[n] = b.acts[1][1:6]  # a view keeps the buffer alive
+        if n == 4:
+            whole = b
+    assert all(torch.equal(v, ref[n][1][1:6]) for n, v in kept.items())
+    assert all(torch.equal(a, r) for a, r in zip(whole.acts, ref[4], strict=True))
+    assert len(ptrs) <= len(kept) + 4  # dropped batches' buffers were reused

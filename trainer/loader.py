@@ -54,6 +54,9 @@ from usae.pipeline.store import Store, StoreError
 
 _QUEUE_BATCHES = 4  # finished batches waiting for the trainer (small next to the chunk pool)
 _SPARE_BATCHES = _QUEUE_BATCHES + 4  # batch buffers kept for reuse once the trainer drops them
+# direct reads: one finished batch waits (a batch takes ~1 ms to read, a training step far longer); the
+# fewer batch buffers in rotation, the more of them stay in the CPU cache (8 in rotation: 0.7x the speed of 2)
+_DIRECT_QUEUE_BATCHES = 1
 _POLL_S = 0.05  # how often blocked worker threads look at the stop flag
 SHUFFLES = ("tokens", "images")
 
@@ -229,6 +232,7 @@ class ChunkLoader:
                 nxt = batch.step + 1
                 self._epoch, self._step = (batch.epoch + 1, 0) if nxt == self.batches_per_epoch else (batch.epoch, nxt)
                 yield batch
+                del batch  # the trainer holds the only reference: its buffer can be reused once it drops it
         finally:
             if self._workers is workers:
                 self.close()
@@ -409,7 +413,7 @@ class _DirectWorkers(_Workers):
         self.ld = loader
         self.pool: dict[str, np.ndarray] = {}  # no chunk pool: pieces go straight into the batch
         self._spare = [] if buffers is None else buffers[1]
-        self.out: queue.Queue = queue.Queue(maxsize=_QUEUE_BATCHES)
+        self.out: queue.Queue = queue.Queue(maxsize=_DIRECT_QUEUE_BATCHES)
         self._stop = threading.Event()
         self.threads = [threading.Thread(target=self._guard, args=(self._batch, self.out, epoch, step), daemon=True,
                                          name="usae-loader-direct")]
