@@ -1,20 +1,23 @@
-"""Loader throughput: ChunkLoader rows/s vs plain numpy reads of the same chunk files, and vs what
-a training step consumes -> a table and a JSON file.
+"""Loader throughput: ChunkLoader rows/s (both shuffle modes) vs plain numpy reads of the same chunk
+files, and vs what a training step consumes -> a table and a JSON file.
 
 Measured side by side in one process (interleaved, median of --repeats), data in the page cache:
 
-1. numpy alone: read every chunk file of every backbone with ``np.fromfile`` (random chunk order);
+1. numpy alone: read every chunk file of every backbone with ``np.fromfile`` (random chunk order,
+   --passes times);
    rows/s = store rows / time. No shuffle, no alignment, no batches.
-2. ChunkLoader: shuffled, aligned batches of --batch-tokens rows of all backbones, steady
-   state = the second epoch of one iterator (the first, with start-up, is shown too);
-   rows/s = delivered rows / time.  Target: loader / numpy >= 0.8.
+2. ChunkLoader, once per shuffle mode (tokens: row gather from a chunk pool; images: whole
+   images read piece by piece straight into the batch): shuffled, aligned batches of
+   --batch-tokens rows of all backbones, steady state = epochs 2 .. --passes + 1 of one iterator
+   (the first, with start-up, is shown too); rows/s = delivered rows / time.
+   Target: loader / numpy >= 0.8.
    Both are also given per CPU second of the process (time.process_time, all threads): on a
    shared, oversubscribed machine wall-clock rates mostly measure the scheduler, CPU-time
    rates measure the work done.
 3. Training step (usae.trainer.train.train_step, bf16 when the CPU has it) at --concepts/--k
    on in-memory batches: tokens/s.  Target: loader rows/s / train tokens/s >= 10.
-4. The same training steps fed by the loader (one iteration kept open) vs fed from memory:
-   the share of step throughput kept (1.0 = the loader costs the trainer nothing).
+4. The same training steps fed by the loader (one iteration kept open, each mode) vs fed from
+   memory: the share of step throughput kept (1.0 = the loader costs the trainer nothing).
 
     python benchmarks/loader.py                       # ~1-2 minutes on 2 cores
     python benchmarks/loader.py --images 2048 --repeats 5
@@ -63,30 +66,34 @@ class Rate(NamedTuple):
     cpu: float
 
 
-def numpy_read(st: Store, seed: int) -> Rate:
-    """Read every chunk file of every backbone with np.fromfile."""
-    order = np.random.default_rng(seed).permutation(st.n_chunks)
+def numpy_read(st: Store, seed: int, passes: int = 1) -> Rate:
+    """Read every chunk file of every backbone with np.fromfile, `passes` times (random chunk order)."""
+    rng = np.random.default_rng(seed)
     t0, c0 = time.perf_counter(), time.process_time()
-    for c in order:
-        for k in st.backbones:
-            x = np.fromfile(st.chunk_file(k, int(c)), dtype=np.float16).reshape(-1, st.widths[k])
-            assert x.shape[0] > 0
-    return Rate(st.n_rows / (time.perf_counter() - t0), st.n_rows / (time.process_time() - c0))
+    for _ in range(passes):
+        for c in rng.permutation(st.n_chunks):
+            for k in st.backbones:
+                x = np.fromfile(st.chunk_file(k, int(c)), dtype=np.float16).reshape(-1, st.widths[k])
+                assert x.shape[0] > 0
+    n = st.n_rows * passes
+    return Rate(n / (time.perf_counter() - t0), n / (time.process_time() - c0))
 
 
-def loader_epoch(st: Store, batch_tokens: int, buffer_chunks: int, prefetch: int, seed: int) -> tuple[Rate, float]:
-    """(steady-state Rate over the 2nd epoch, wall rows/s of the 1st epoch from a cold start).
+def loader_epoch(st: Store, batch_tokens: int, buffer_chunks: int, prefetch: int, seed: int,
+                 shuffle: str, passes: int = 1) -> tuple[Rate, float]:
+    """(steady-state Rate over epochs 2 .. passes+1, wall rows/s of the 1st epoch from a cold start).
 
     A training run iterates epoch after epoch with one loader: its chunk pool and batch
     buffers are paged in during the first epoch (the cold figure includes that and the
-    thread start); the steady figure is the next epoch.
+    thread start); the steady figure is the next `passes` epochs.
     """
-    ld = ChunkLoader(st, st.backbones, batch_tokens, seed=seed, buffer_chunks=buffer_chunks, prefetch=prefetch)
+    ld = ChunkLoader(st, st.backbones, batch_tokens, seed=seed, buffer_chunks=buffer_chunks, prefetch=prefetch,
+                     shuffle=shuffle)
     it = iter(ld)
     rates = []
-    for _ in range(2):
+    for epochs in (1, passes):
         t0, c0 = time.perf_counter(), time.process_time()
-        n = sum(next(it).acts[0].shape[0] for _ in range(ld.batches_per_epoch))
+        n = sum(next(it).acts[0].shape[0] for _ in range(ld.batches_per_epoch * epochs))
         rates.append(Rate(n / (time.perf_counter() - t0), n / (time.process_time() - c0)))
     ld.close()
     return rates[1], rates[0].wall
@@ -131,7 +138,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--train-steps", type=int, default=4, help="timed training steps per repeat")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--passes", type=int, default=4, help="passes over the store per timed read (numpy and loader)")
     ap.add_argument("--store", default="", help="reuse/create the store here (default: a temp dir)")
+    ap.add_argument("--shuffles", default="tokens,images", help="loader shuffle modes to measure")
     ap.add_argument("--out", default="benchmarks/loader.json")
     a = ap.parse_args()
     widths = tuple(int(w) for w in a.widths.split(","))
@@ -145,57 +154,65 @@ def main() -> None:
 
 
 def measure(a, st: Store) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {k: [] for k in ("numpy", "numpy_cpu", "loader", "loader_cpu", "loader_cold",
-                                                   "train", "train_fed")}
+    modes = a.shuffles.split(",")
+    out: dict[str, list[float]] = {"numpy": [], "numpy_cpu": [], "train": []}
+    for m in modes:
+        out |= {f"loader_{m}": [], f"loader_{m}_cpu": [], f"loader_{m}_cold": [], f"train_fed_{m}": []}
     state, ctx, amp = train_setup(st, a.concepts, a.k, a.batch_tokens)
     warm = ChunkLoader(st, st.backbones, a.batch_tokens, seed=99)
     mem_batches = [b.acts for _, b in zip(range(a.train_steps + 1), warm, strict=False)]
     warm.close()
     train_steps(state, ctx, mem_batches[:1])  # warm-up
     for r in range(a.repeats):  # interleaved, side by side
-        npy = numpy_read(st, r)
-        steady, cold = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r)
+        npy = numpy_read(st, r, a.passes)
         out["numpy"].append(npy.wall)
         out["numpy_cpu"].append(npy.cpu)
-        out["loader"].append(steady.wall)
-        out["loader_cpu"].append(steady.cpu)
-        out["loader_cold"].append(cold)
+        for m in modes:
+            steady, cold = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r, m, a.passes)
+            out[f"loader_{m}"].append(steady.wall)
+            out[f"loader_{m}_cpu"].append(steady.cpu)
+            out[f"loader_{m}_cold"].append(cold)
         out["train"].append(a.batch_tokens * a.train_steps / train_steps(state, ctx, mem_batches[1:]))
-        ld = ChunkLoader(st, st.backbones, a.batch_tokens, seed=r, buffer_chunks=a.buffer_chunks, prefetch=a.prefetch)
-        it = iter(ld)
-        next(it)  # threads started, first block read
-        out["train_fed"].append(a.batch_tokens * a.train_steps / train_from_loader(state, ctx, it, a.train_steps))
-        ld.close()
+        for m in modes:
+            ld = ChunkLoader(st, st.backbones, a.batch_tokens, seed=r, buffer_chunks=a.buffer_chunks,
+                             prefetch=a.prefetch, shuffle=m)
+            it = iter(ld)
+            next(it)  # threads started, first block read
+            out[f"train_fed_{m}"].append(a.batch_tokens * a.train_steps / train_from_loader(state, ctx, it, a.train_steps))
+            ld.close()
     out["amp"] = [str(amp)]  # type: ignore[list-item]
     return out
 
 
 def report(a, st: Store, res: dict) -> None:
+    modes = a.shuffles.split(",")
     med = {k: statistics.median(v) for k, v in res.items() if k != "amp"}
-    rows = [
-        ("numpy np.fromfile, all chunk files", med["numpy"], "rows/s", None),
-        ("ChunkLoader, aligned shuffled batches", med["loader"], "rows/s", None),
-        ("  1st epoch (thread start, paging in buffers)", med["loader_cold"], "rows/s", None),
-        ("numpy, per CPU second of the process", med["numpy_cpu"], "rows/cpu-s", None),
-        ("ChunkLoader, per CPU second (all threads)", med["loader_cpu"], "rows/cpu-s", None),
-        ("training step (in-memory batches)", med["train"], "tokens/s", None),
-        ("training step fed by the loader", med["train_fed"], "tokens/s", None),
-    ]
-    ratios = {
-        "loader / numpy (target >= 0.8)": med["loader"] / med["numpy"],
-        "  same per CPU second (contention-proof)": med["loader_cpu"] / med["numpy_cpu"],
-        "loader / training step (target >= 10)": med["loader"] / med["train"],
-        "fed / in-memory training (1.0 = free)": med["train_fed"] / med["train"],
-    }
+    rows = [("numpy np.fromfile, all chunk files", med["numpy"], "rows/s"),
+            ("numpy, per CPU second of the process", med["numpy_cpu"], "rows/cpu-s"),
+            ("training step (in-memory batches)", med["train"], "tokens/s")]
+    ratios = {}
+    for m in modes:
+        rows += [(f"ChunkLoader shuffle={m}", med[f"loader_{m}"], "rows/s"),
+                 ("  1st epoch (thread start, paging in buffers)", med[f"loader_{m}_cold"], "rows/s"),
+                 ("  per CPU second (all threads)", med[f"loader_{m}_cpu"], "rows/cpu-s"),
+                 ("  training step fed by it", med[f"train_fed_{m}"], "tokens/s")]
+        ratios |= {
+            f"{m}: loader / numpy (target >= 0.8)": med[f"loader_{m}"] / med["numpy"],
+            f"{m}:   same per CPU second (contention-proof)": med[f"loader_{m}_cpu"] / med["numpy_cpu"],
+            f"{m}: loader / training step (target >= 10)": med[f"loader_{m}"] / med["train"],
+            f"{m}: fed / in-memory training (1.0 = free)": med[f"train_fed_{m}"] / med["train"],
+        }
+    if {"tokens", "images"} <= set(modes):
+        ratios["images / tokens loader"] = med["loader_images"] / med["loader_tokens"]
     gib = st.n_rows * sum(st.widths.values()) * 2 / 2**30
     print(f"\nloader benchmark (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): {st.n_images} images x {st.tokens_per_image} tokens, widths "
           f"{[st.widths[k] for k in st.backbones]} ({gib:.2f} GiB), {st.n_chunks} chunks, batch "
           f"{a.batch_tokens}, buffer {a.buffer_chunks}, prefetch {a.prefetch}; train m={a.concepts} "
           f"k={a.k} amp={res['amp'][0]}; median of {a.repeats}, {torch.get_num_threads()} torch threads")
-    for name, v, unit, _ in rows:
-        print(f"  {name:42} {v:14,.0f} {unit}")
+    for name, v, unit in rows:
+        print(f"  {name:46} {v:14,.0f} {unit}")
     for name, v in ratios.items():
-        print(f"  {name:42} {v:14.2f}")
+        print(f"  {name:46} {v:14.2f}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "median": med, "ratios": ratios, "raw": res}, indent=1))

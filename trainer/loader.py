@@ -427,7 +427,8 @@ class _DirectWorkers(_Workers):
             pos, filled, out = step0 * bsz, 0, self._new_out()
             for bi in range(b0, len(blocks)):
                 blk = blocks[bi]
-                images = ld.block_images(ep, bi, blk)
+                chunk_of, row0_of = ld.block_images(ep, bi, blk)
+                images = (chunk_of.tolist(), row0_of.tolist())
                 fds = self._open(blk.chunks)
                 try:
                     off = pos + filled - blk.start  # first unconsumed row of this block
@@ -441,41 +442,43 @@ class _DirectWorkers(_Workers):
                             self._put(self.out, self._finish(out, ep, pos // bsz))
                             pos, filled, out = pos + bsz, 0, self._new_out()
                 finally:
-                    for fd in fds.values():
-                        if fd is not None:
-                            os.close(fd)
+                    _close(fds)
 
-    def _open(self, chunks: np.ndarray) -> dict[tuple[str, int], int | None]:
-        """Read-only descriptors of a block's chunk files (None: a chunk never written, all zeros)."""
-        fds: dict[tuple[str, int], int | None] = {}
+    def _open(self, chunks: np.ndarray) -> dict[str, dict[int, int | None]]:
+        """Read-only descriptors of a block's chunk files per backbone (None: a chunk never written, all zeros)."""
+        fds: dict[str, dict[int, int | None]] = {k: {} for k in self.ld.backbones}
         try:
-            for c in chunks:
+            for c in chunks.tolist():
                 for k in self.ld.backbones:
-                    f = self.ld.store.chunk_file(k, int(c))
-                    fds[k, int(c)] = os.open(f, os.O_RDONLY) if f.exists() else None
+                    f = self.ld.store.chunk_file(k, c)
+                    fds[k][c] = os.open(f, os.O_RDONLY) if f.exists() else None
         except BaseException:
-            for fd in fds.values():
-                if fd is not None:
-                    os.close(fd)
+            _close(fds)
             raise
         return fds
 
-    def _read_span(self, fds: dict, images: tuple[np.ndarray, np.ndarray], s0: int, s1: int,
+    def _read_span(self, fds: dict, images: tuple[list[int], list[int]], s0: int, s1: int,
                    out: dict[str, np.ndarray], o: int) -> None:
         """Block stream rows [s0, s1) into rows o.. of the batch buffers, one pread per image piece."""
         t, (img_chunk, img_row0) = self.ld._t, images
+        dests = [(k, memoryview(out[k]).cast("B"), out[k].shape[1] * 2, fds[k]) for k in self.ld.backbones]
         for j in range(s0 // t, (s1 - 1) // t + 1):
-            a, b = max(s0, j * t) - j * t, min(s1, (j + 1) * t) - j * t  # token range of image j
-            c, r = int(img_chunk[j]), int(img_row0[j]) + a
-            for k in self.ld.backbones:
-                dst = out[k][o : o + b - a]
-                fd = fds[k, c]
+            a, b = max(s0 - j * t, 0), min(s1 - j * t, t)  # token range of image j
+            c, r, n = img_chunk[j], img_row0[j] + a, b - a
+            for k, mv, row_bytes, fd_of in dests:
+                fd = fd_of[c]
                 if fd is None:
-                    dst[:] = 0
+                    out[k][o : o + n] = 0
                     continue
-                nbytes = dst.nbytes
-                got = os.preadv(fd, [memoryview(dst).cast("B")], r * dst.shape[1] * 2)
-                if got != nbytes:
+                got = os.preadv(fd, (mv[o * row_bytes : (o + n) * row_bytes],), r * row_bytes)
+                if got != n * row_bytes:
                     raise StoreError(f"chunk file {self.ld.store.chunk_file(k, c)} is truncated "
-                                     f"({got} of {nbytes} bytes at row {r})")
-            o += b - a
+                                     f"({got} of {n * row_bytes} bytes at row {r})")
+            o += n
+
+
+def _close(fds: dict[str, dict[int, int | None]]) -> None:
+    for per_chunk in fds.values():
+        for fd in per_chunk.values():
+            if fd is not None:
+                os.close(fd)
