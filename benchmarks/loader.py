@@ -14,6 +14,8 @@ Measured side by side in one process (interleaved, median of --repeats), data in
    Both are also given per CPU second of the process (time.process_time, all threads): on a
    shared, oversubscribed machine wall-clock rates mostly measure the scheduler, CPU-time
    rates measure the work done.
+   Also: whole chunk files read into two alternating batch-sized buffers (no shuffle), the
+   ceiling of any loader writing into batch buffers (np.fromfile reuses one hot buffer).
 3. Training step (usae.trainer.train.train_step, bf16 when the CPU has it) at --concepts/--k
    on in-memory batches: tokens/s.  Target: loader rows/s / train tokens/s >= 10.
 4. The same training steps fed by the loader (one iteration kept open, each mode) vs fed from
@@ -77,6 +79,27 @@ def numpy_read(st: Store, seed: int, passes: int = 1) -> Rate:
                 assert x.shape[0] > 0
     n = st.n_rows * passes
     return Rate(n / (time.perf_counter() - t0), n / (time.process_time() - c0))
+
+
+def into_two_buffers(st: Store, seed: int, passes: int, batch_tokens: int) -> Rate:
+    """Whole chunk files read (readinto) into two alternating batch-sized buffers per backbone.
+
+    No shuffle: the cost of writing into buffers as large as a loader's batches, which stay
+    less in the CPU cache than np.fromfile's reused ~chunk-sized one (the images loader's ceiling).
+    """
+    rows = max(batch_tokens, st.chunk_images * st.tokens_per_image)
+    bufs = [{k: np.zeros((rows, st.widths[k]), np.float16) for k in st.backbones} for _ in range(2)]
+    rng, n = np.random.default_rng(seed), 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(passes):
+        for c in rng.permutation(st.n_chunks):
+            r0, r1 = st.chunk_rows(int(c))
+            out = bufs[n % 2]
+            for k in st.backbones:
+                st.read_chunk(k, int(c), out=out[k][: r1 - r0])
+            n += 1
+    rows_read = st.n_rows * passes
+    return Rate(rows_read / (time.perf_counter() - t0), rows_read / (time.process_time() - c0))
 
 
 def loader_epoch(st: Store, batch_tokens: int, buffer_chunks: int, prefetch: int, seed: int,
@@ -155,7 +178,7 @@ def main() -> None:
 
 def measure(a, st: Store) -> dict[str, list[float]]:
     modes = a.shuffles.split(",")
-    out: dict[str, list[float]] = {"numpy": [], "numpy_cpu": [], "train": []}
+    out: dict[str, list[float]] = {"numpy": [], "numpy_cpu": [], "two_buffers": [], "train": []}
     for m in modes:
         out |= {f"loader_{m}": [], f"loader_{m}_cpu": [], f"loader_{m}_cold": [], f"train_fed_{m}": []}
     state, ctx, amp = train_setup(st, a.concepts, a.k, a.batch_tokens)
@@ -167,6 +190,7 @@ def measure(a, st: Store) -> dict[str, list[float]]:
         npy = numpy_read(st, r, a.passes)
         out["numpy"].append(npy.wall)
         out["numpy_cpu"].append(npy.cpu)
+        out["two_buffers"].append(into_two_buffers(st, r, a.passes, a.batch_tokens).wall)
         for m in modes:
             steady, cold = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r, m, a.passes)
             out[f"loader_{m}"].append(steady.wall)
@@ -189,8 +213,9 @@ def report(a, st: Store, res: dict) -> None:
     med = {k: statistics.median(v) for k, v in res.items() if k != "amp"}
     rows = [("numpy np.fromfile, all chunk files", med["numpy"], "rows/s"),
             ("numpy, per CPU second of the process", med["numpy_cpu"], "rows/cpu-s"),
+            ("whole chunks into 2 batch-sized buffers", med["two_buffers"], "rows/s"),
             ("training step (in-memory batches)", med["train"], "tokens/s")]
-    ratios = {}
+    ratios = {"whole chunks into 2 batch-sized buffers / numpy": med["two_buffers"] / med["numpy"]}
     for m in modes:
         rows += [(f"ChunkLoader shuffle={m}", med[f"loader_{m}"], "rows/s"),
                  ("  1st epoch (thread start, paging in buffers)", med[f"loader_{m}_cold"], "rows/s"),
