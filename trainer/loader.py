@@ -461,19 +461,18 @@ class _DirectWorkers(_Workers):
                    out: dict[str, np.ndarray], o: int) -> None:
         """Block stream rows [s0, s1) into rows o.. of the batch buffers, one pread per image piece."""
         t, (img_chunk, img_row0) = self.ld._t, images
+        pieces = []  # (chunk, first row in the chunk file, rows) of each image piece, in batch order
+        for j in range(s0 // t, (s1 - 1) // t + 1):
+            a, b = max(s0 - j * t, 0), min(s1 - j * t, t)  # token range of image j
+            pieces.append((img_chunk[j], img_row0[j] + a, b - a))
         for k in self.ld.backbones:  # backbone by backbone: each batch array is written front to back
             mv, row_bytes, fd_of, dst = memoryview(out[k]).cast("B"), out[k].shape[1] * 2, fds[k], o
-            for j in range(s0 // t, (s1 - 1) // t + 1):
-                a, b = max(s0 - j * t, 0), min(s1 - j * t, t)  # token range of image j
-                c, r, n = img_chunk[j], img_row0[j] + a, b - a
-                fd = fd_of[c]
+            for c, r, n in pieces:
+                fd, nbytes = fd_of[c], n * row_bytes
                 if fd is None:
                     out[k][dst : dst + n] = 0
-                else:
-                    got = os.preadv(fd, (mv[dst * row_bytes : (dst + n) * row_bytes],), r * row_bytes)
-                    if got != n * row_bytes:
-                        raise StoreError(f"chunk file {self.ld.store.chunk_file(k, c)} is truncated "
-                                         f"({got} of {n * row_bytes} bytes at row {r})")
+                elif os.preadv(fd, (mv[dst * row_bytes : dst * row_bytes + nbytes],), r * row_bytes) != nbytes:
+                    raise StoreError(f"chunk file {self.ld.store.chunk_file(k, c)} is truncated (row {r}, {n} rows)")
                 dst += n
             del mv
 
