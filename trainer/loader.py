@@ -28,8 +28,10 @@ Memory is bounded by that pool, whatever the store size.
 Reading (images on a raw store): an image's rows are contiguous bytes of its chunk file, so
 each (image, token range) piece of a batch is read with ``os.preadv`` at its byte offset
 straight into the batch buffer (one copy from the page cache, as a plain file read; no chunk
-pool, no row gather). One thread keeps a few batches ahead; the block's chunk files stay open
-while the block is being read.
+pool, no row gather). One thread fills the next batch while one finished batch waits (two batch
+buffers in rotation stay in the CPU cache better than more); the block's chunk files stay open
+while the block is being read. ``prefetch`` (chunks) does not apply there; without ``os.preadv``
+(Windows) the images stream is gathered from the chunk pool like the tokens one.
 
 Batch buffers are recycled, but only once nothing outside the loader references them any more
 (their reference count is back to the loader's own): a fresh multi-MB array per batch costs
