@@ -358,6 +358,12 @@ class _Workers:
 
     # -------------------------------------------------------- batcher thread
     def _batch(self, epoch: int, step: int) -> None:
+        """Cut the stream into batches: this rank's window of each, filled block by block.
+
+        How a block's rows get into the batch is the workers' own business: `_open_block`
+        prepares a block, `_fill` copies block stream rows [s0, s1) to batch rows from o on,
+        `_close_block` releases the block.
+        """
         ld = self.ld
         bsz, lo = ld.batch_tokens, ld.rank * ld.local_batch_tokens
         hi = lo + ld.local_batch_tokens
@@ -365,23 +371,35 @@ class _Workers:
             pos, filled, out = step0 * bsz, 0, self._new_out()
             for bi in range(b0, len(blocks)):
                 blk = blocks[bi]
-                slots = [self._get(self.ready) for _ in blk.chunks]
-                where = self._block_rows(ep, bi, blk, slots)
-                off = pos + filled - blk.start  # first unconsumed row of this block
-                while off < blk.rows:
-                    take = min(bsz - filled, blk.rows - off)
-                    w0, w1 = max(lo, filled), min(hi, filled + take)
-                    if w1 > w0:  # part of this rank's window
-                        # np.take, not torch.index_select: no intra-op thread pool shared with training
-                        idx = where[off + w0 - filled : off + w1 - filled]
-                        for k, pool in self.pool.items():
-                            np.take(pool.reshape(-1, pool.shape[2]), idx, axis=0, out=out[k][w0 - lo : w1 - lo], mode="clip")
-                    filled, off = filled + take, off + take
-                    if filled == bsz:
-                        self._put(self.out, self._finish(out, ep, pos // bsz))
-                        pos, filled, out = pos + bsz, 0, self._new_out()
-                for s in slots:
-                    self.free.put(s)
+                ctx = self._open_block(ep, bi, blk)
+                try:
+                    off = pos + filled - blk.start  # first unconsumed row of this block
+                    while off < blk.rows:
+                        take = min(bsz - filled, blk.rows - off)
+                        w0, w1 = max(lo, filled), min(hi, filled + take)
+                        if w1 > w0:  # part of this rank's window
+                            self._fill(ctx, off + w0 - filled, off + w1 - filled, out, w0 - lo)
+                        filled, off = filled + take, off + take
+                        if filled == bsz:
+                            self._put(self.out, self._finish(out, ep, pos // bsz))
+                            pos, filled, out = pos + bsz, 0, self._new_out()
+                finally:
+                    self._close_block(ctx)
+
+    def _open_block(self, epoch: int, bi: int, blk: _Block):
+        """The block's chunks from the reader (pool slots) and its shuffled pool rows."""
+        slots = [self._get(self.ready) for _ in blk.chunks]
+        return slots, self._block_rows(epoch, bi, blk, slots)
+
+    def _fill(self, ctx, s0: int, s1: int, out: dict[str, np.ndarray], o: int) -> None:
+        # np.take, not torch.index_select: no intra-op thread pool shared with training
+        idx = ctx[1][s0:s1]
+        for k, pool in self.pool.items():
+            np.take(pool.reshape(-1, pool.shape[2]), idx, axis=0, out=out[k][o : o + len(idx)], mode="clip")
+
+    def _close_block(self, ctx) -> None:
+        for s in ctx[0]:
+            self.free.put(s)
 
     def _block_rows(self, epoch: int, bi: int, blk: _Block, slots: list[int]) -> np.ndarray:
         """Pool row (slot * chunk_rows + offset) of each stream row of the block, shuffled."""
@@ -421,30 +439,16 @@ class _DirectWorkers(_Workers):
                                          name="usae-loader-direct")]
         self.threads[0].start()
 
-    def _batch(self, epoch: int, step: int) -> None:
-        ld = self.ld
-        bsz, lo = ld.batch_tokens, ld.rank * ld.local_batch_tokens
-        hi = lo + ld.local_batch_tokens
-        for ep, step0, blocks, b0 in self._epochs(epoch, step):
-            pos, filled, out = step0 * bsz, 0, self._new_out()
-            for bi in range(b0, len(blocks)):
-                blk = blocks[bi]
-                chunk_of, row0_of = ld.block_images(ep, bi, blk)
-                images = (chunk_of.tolist(), row0_of.tolist())
-                fds = self._open(blk.chunks)
-                try:
-                    off = pos + filled - blk.start  # first unconsumed row of this block
-                    while off < blk.rows:
-                        take = min(bsz - filled, blk.rows - off)
-                        w0, w1 = max(lo, filled), min(hi, filled + take)
-                        if w1 > w0:  # part of this rank's window
-                            self._read_span(fds, images, off + w0 - filled, off + w1 - filled, out, w0 - lo)
-                        filled, off = filled + take, off + take
-                        if filled == bsz:
-                            self._put(self.out, self._finish(out, ep, pos // bsz))
-                            pos, filled, out = pos + bsz, 0, self._new_out()
-                finally:
-                    _close(fds)
+    def _open_block(self, epoch: int, bi: int, blk: _Block):
+        """The block's shuffled images (chunk, first row) and its chunk files, opened."""
+        chunk_of, row0_of = self.ld.block_images(epoch, bi, blk)
+        return self._open(blk.chunks), (chunk_of.tolist(), row0_of.tolist())
+
+    def _fill(self, ctx, s0: int, s1: int, out: dict[str, np.ndarray], o: int) -> None:
+        self._read_span(ctx[0], ctx[1], s0, s1, out, o)
+
+    def _close_block(self, ctx) -> None:
+        _close(ctx[0])
 
     def _open(self, chunks: np.ndarray) -> dict[str, dict[int, int | None]]:
         """Read-only descriptors of a block's chunk files per backbone (None: a chunk never written, all zeros)."""
