@@ -47,6 +47,20 @@ def _epoch(loader, n=None):
     return list(islice(iter(loader), n if n is not None else loader.batches_per_epoch))
 
 
+def _assert_two_epochs_match(ld, reference) -> None:
+    """Two epochs of `ld` equal this rank's slice of `reference(epoch)` (a list of batches)."""
+    n, bsz = ld.batches_per_epoch, ld.batch_tokens
+    got = _epoch(ld, 2 * n)
+    lo, hi = ld.rank * bsz // ld.world_size, (ld.rank + 1) * bsz // ld.world_size
+    for e in range(2):
+        ref = reference(e)
+        assert len(ref) == n
+        for i in range(n):
+            assert (got[e * n + i].epoch, got[e * n + i].step) == (e, i)
+            for j in range(len(ref[i])):
+                np.testing.assert_array_equal(got[e * n + i].acts[j].numpy(), ref[i][j][lo:hi])
+
+
 def _slow_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
     """The contract's definition of epoch `epoch`, with plain zarr row reads."""
     t = store.tokens_per_image
@@ -165,16 +179,7 @@ def test_property_matches_slow_reference(tmp_path_factory, n_images, tpi, chunk,
     rank = data.draw(st.integers(0, ws - 1))
     ld = ChunkLoader(store, ["a", "b"], bsz, images=images, seed=seed, buffer_chunks=buffer_chunks,
                      prefetch=prefetch, rank=rank, world_size=ws)
-    n = ld.batches_per_epoch
-    got = _epoch(ld, 2 * n)
-    lo, hi = rank * bsz // ws, (rank + 1) * bsz // ws
-    for e in range(2):
-        ref = _slow_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e)
-        assert len(ref) == n
-        for i in range(n):
-            assert (got[e * n + i].epoch, got[e * n + i].step) == (e, i)
-            for j in range(2):
-                np.testing.assert_array_equal(got[e * n + i].acts[j].numpy(), ref[i][j][lo:hi])
+    _assert_two_epochs_match(ld, lambda e: _slow_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e))
 
 
 def _peak_bytes(store, **kw):
@@ -381,16 +386,7 @@ def test_property_images_match_slow_reference(tmp_path_factory, n_images, tpi, c
     ld = ChunkLoader(store, ["a", "b"], bsz, images=images, seed=seed, buffer_chunks=buffer_chunks,
                      rank=rank, world_size=ws, shuffle="images")
     assert ld.reads_direct == direct
-    n = ld.batches_per_epoch
-    got = _epoch(ld, 2 * n)
-    lo, hi = rank * bsz // ws, (rank + 1) * bsz // ws
-    for e in range(2):
-        ref = _slow_image_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e)
-        assert len(ref) == n
-        for i in range(n):
-            assert (got[e * n + i].epoch, got[e * n + i].step) == (e, i)
-            for j in range(2):
-                np.testing.assert_array_equal(got[e * n + i].acts[j].numpy(), ref[i][j][lo:hi])
+    _assert_two_epochs_match(ld, lambda e: _slow_image_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e))
 
 
 def test_images_direct_reads_need_no_chunk_pool(tmp_path):
