@@ -14,10 +14,10 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -139,7 +139,7 @@ class BackboneLayout:
     spec: Mapping[str, Any] | None = None
 
 
-def _write_atomic(path: Path, parts: Sequence[bytes | memoryview]) -> None:
+def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Write a file under a temporary name, then rename it: readers never see half a file.
 
     No fsync: a killed process (Ctrl-C, SIGKILL, a lost worker) cannot leave a committed
@@ -148,13 +148,13 @@ def _write_atomic(path: Path, parts: Sequence[bytes | memoryview]) -> None:
     """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        for p in parts:
-            f.write(p)
+        write(f)
     os.replace(tmp, path)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    _write_atomic(path, [json.dumps(obj).encode()])  # dumps uses the C encoder; dump does not
+    data = json.dumps(obj).encode()  # dumps uses the C encoder; dump does not
+    _write_atomic(path, lambda f: f.write(data))
 
 
 class Store:
@@ -471,12 +471,13 @@ class Store:
         f = self.chunk_file(key, i)
         f.parent.mkdir(parents=True, exist_ok=True)
         full_bytes = self.chunk_images * self.tokens_per_image * x16.shape[1] * 2
-        tmp = f.with_name(f".{f.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as fh:
+
+        def write(fh: BinaryIO) -> None:
             x16.tofile(fh)  # faster than fh.write(memoryview) for large arrays
             if x16.nbytes < full_bytes:  # edge chunk: zarr stores the full chunk shape
                 fh.truncate(full_bytes)  # zero-filled, i.e. the fill value
-        os.replace(tmp, f)
+
+        _write_atomic(f, write)
 
     def _write_valid(self, i: int, valid: np.ndarray) -> None:
         """Chunk i of the validity mask (one byte per image), directly when the array is raw."""
@@ -486,7 +487,8 @@ class Store:
             return
         f = self.path / "valid" / "c" / str(i)
         f.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(f, [valid.astype(np.uint8).tobytes(), bytes(self.chunk_images - (b - a))])
+        data = valid.astype(np.uint8).tobytes() + bytes(self.chunk_images - (b - a))  # edge chunk padded
+        _write_atomic(f, lambda fh: fh.write(data))
 
     def finalize(self) -> None:
         """Merge the commit markers into statistics and failures; mark the store complete."""
