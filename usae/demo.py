@@ -123,13 +123,14 @@ def _train(cfg: DemoConfig, store: Path, run: Path) -> None:
     if (run / "model.safetensors").exists():
         console.print(f"reusing the finished run {run}")
         return
-    tc = TrainConfig(
-        store=str(store), out=str(run), concepts=cfg.concepts, k=cfg.k, steps=cfg.steps,
-        batch_tokens=cfg.batch_tokens, lr=cfg.lr, seed=cfg.seed, holdout=0.2, log_every=25,
-        ckpt_every=max(cfg.steps // 2, 1), warmup_steps=max(cfg.steps // 10, 1), buffer_chunks=2,
-    )
-    if (run / "config.json").exists():
+    if (run / "config.json").exists():  # an interrupted demo run: continue it
         tc = TrainConfig(resume=str(run))
+    else:
+        tc = TrainConfig(
+            store=str(store), out=str(run), concepts=cfg.concepts, k=cfg.k, steps=cfg.steps,
+            batch_tokens=cfg.batch_tokens, lr=cfg.lr, seed=cfg.seed, holdout=0.2, log_every=25,
+            ckpt_every=max(cfg.steps // 2, 1), warmup_steps=max(cfg.steps // 10, 1), buffer_chunks=2,
+        )
     res = run_train(tc)
     print_metrics(res.metrics)
 
