@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import platform
 import time
@@ -24,6 +25,7 @@ import numpy as np
 SCHEMA_VERSION = 1
 FORMAT = "usae-activations"
 _META = "_usae"
+_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)  # absent where the OS has no madvise
 
 
 class StoreError(RuntimeError):
@@ -380,6 +382,57 @@ class Store:
             out[:] = arr
             return out
         return np.asarray(arr)
+
+    def open_chunk(self, key: str, i: int) -> int | None:
+        """A read-only file descriptor of chunk i's file of one backbone (raw arrays only), for
+        reading parts of it with ``os.preadv``; None when the chunk was never written (zeros).
+        The caller closes it. The file is checked to hold the chunk's rows, and the OS is told
+        they will be read (POSIX_FADV_WILLNEED: read-ahead starts now if they are not cached).
+        """
+        nbytes, f = self._raw_chunk_bytes(key, i)
+        if not f.exists():
+            return None
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            size = os.fstat(fd).st_size
+            if size < nbytes:
+                raise StoreError(f"chunk file {f} is truncated ({size} of {nbytes} bytes)")
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, nbytes, os.POSIX_FADV_WILLNEED)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _raw_chunk_bytes(self, key: str, i: int) -> tuple[int, Path]:
+        if not self._direct[key]:
+            raise StoreError(f"backbone {key!r} of {self.path} is not stored raw: read its chunks with read_chunk")
+        r0, r1 = self.chunk_rows(i)
+        return (r1 - r0) * self.widths[key] * 2, self.chunk_file(key, i)
+
+    def map_chunk(self, key: str, i: int) -> np.ndarray:
+        """Token rows of chunk i of one backbone as a read-only float16 (rows, d) array over the
+        chunk file's pages (raw arrays only): no copy, nothing allocated; the file is unmapped
+        when the last reference to the array goes. The OS is told the pages will be needed
+        (MADV_WILLNEED: read-ahead starts now for a file not in the page cache); they are mapped
+        on first touch (cheaper than MAP_POPULATE for cached files: the kernel maps pages around
+        each fault in one go).
+        """
+        nbytes, f = self._raw_chunk_bytes(key, i)
+        rows, d = nbytes // (2 * self.widths[key]), self.widths[key]
+        if not f.exists():  # never written: zarr's fill value
+            return np.broadcast_to(np.zeros((1, d), np.float16), (rows, d))
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            size = os.fstat(fd).st_size
+            if size < nbytes:  # mapping past the end would crash the reader (SIGBUS), not raise
+                raise StoreError(f"chunk file {f} is truncated ({size} of {nbytes} bytes)")
+            m = mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        if _WILLNEED is not None:
+            m.madvise(_WILLNEED)
+        return np.frombuffer(m, np.float16).reshape(rows, d)
 
     def read_rows(self, key: str, r0: int, r1: int) -> np.ndarray:
         """Contiguous rows through zarr (for small reads and tests, not for loaders)."""

@@ -68,7 +68,7 @@ def _slow_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
     counts = [sel[slice(*store.chunk_images_range(c))].sum() for c in range(store.n_chunks)]
     active = [c for c in range(store.n_chunks) if counts[c]]
     order = np.random.default_rng([seed, 0, epoch]).permutation(np.array(active, dtype=np.int64))
-    stream = {k: [] for k in keys}
+    stream = []
     for bi, b0 in enumerate(range(0, len(order), buffer_chunks)):
         rows = []
         for c in order[b0 : b0 + buffer_chunks]:
@@ -76,10 +76,12 @@ def _slow_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
                 if sel[img]:
                     rows.extend(range(img * t, (img + 1) * t))
         perm = np.random.default_rng([seed, 1, epoch, bi]).permutation(len(rows))
-        for k in keys:
-            stream[k].extend(store.read_rows(k, rows[p], rows[p] + 1)[0] for p in perm)
-    n = len(stream[keys[0]]) // bsz
-    return [[np.stack(stream[k][i * bsz : (i + 1) * bsz]) for k in keys] for i in range(n)]
+        stream.extend((bi, int(p), rows[p]) for p in perm)  # (block, place in the block, store row)
+    batches = []
+    for i in range(len(stream) // bsz):  # a batch's rows, ordered by their place in their block
+        rows = [r for _, _, r in sorted(stream[i * bsz : (i + 1) * bsz])]
+        batches.append([np.stack([store.read_rows(k, r, r + 1)[0] for r in rows]) for k in keys])
+    return batches
 
 
 @pytest.fixture(scope="module")
@@ -194,16 +196,21 @@ def _peak_bytes(store, **kw):
     return peak
 
 
-def test_memory_bounded_by_chunk_pool(tmp_path):
+@pytest.mark.parametrize("shuffle", ["tokens", "images"])
+@pytest.mark.parametrize("pool", [True, False])
+def test_memory_bounded_by_chunk_pool(tmp_path, pool, shuffle):
     widths = {"a": 64, "b": 96}
     small = _make_store(tmp_path / "s.zarr", 400, 16, 10, widths=widths)  # 40 chunks
     big = _make_store(tmp_path / "b.zarr", 1600, 16, 10, widths=widths)  # 160 chunks
+    if pool:
+        _undirect(small), _undirect(big)
     chunk_bytes, batch_bytes = 10 * 16 * 160 * 2, 64 * 160 * 2
-    p_small = _peak_bytes(small, buffer_chunks=3, prefetch=2)
-    p_big = _peak_bytes(big, buffer_chunks=3, prefetch=2)
-    # pool of 3 + 2 chunks, a few queued batches, small index arrays; whatever the store size
-    assert p_small < 5 * chunk_bytes + 10 * batch_bytes + 64 * 1024, p_small
-    assert p_big < 1.1 * p_small + 16 * 1024, (p_small, p_big)
+    p_small = _peak_bytes(small, buffer_chunks=3, prefetch=2, shuffle=shuffle)
+    p_big = _peak_bytes(big, buffer_chunks=3, prefetch=2, shuffle=shuffle)
+    # a pool of 3 + 2 chunks (none when the chunk files are mapped or read directly), a few
+    # batches, index arrays; whatever the store size (the epoch's block list grows with it)
+    assert p_small < (5 * chunk_bytes if pool else 0) + 10 * batch_bytes + 64 * 1024, p_small
+    assert p_big < p_small + 64 * 1024, (p_small, p_big)
     assert p_big < 0.2 * 160 * chunk_bytes
 
 
