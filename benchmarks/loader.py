@@ -3,14 +3,17 @@ files, and vs what a training step consumes -> a table and a JSON file.
 
 Measured side by side in one process (interleaved, median of --repeats), data in the page cache:
 
-1. numpy alone: read every chunk file of every backbone with ``np.fromfile`` (random chunk order,
-   --passes times);
-   rows/s = store rows / time. No shuffle, no alignment, no batches.
-2. ChunkLoader, once per shuffle mode (tokens: row gather from a chunk pool; images: whole
-   images read piece by piece straight into the batch): shuffled, aligned batches of
-   --batch-tokens rows of all backbones, steady state = epochs 2 .. --passes + 1 of one iterator
-   (the first, with start-up, is shown too); rows/s = delivered rows / time.
-   Target: loader / numpy >= 0.8.
+1. numpy alone: read every chunk file of every backbone (random chunk order, --passes times),
+   rows/s = store rows / time; no shuffle, no alignment, no batches. Two ways:
+   - into one reused numpy array per backbone (``f.readinto(array)``): the fastest plain read,
+     the copy from the page cache into memory that stays in the CPU cache. THE BASELINE.
+   - ``np.fromfile`` (a new array per chunk): as fast when the allocator hands back the same
+     warm memory, up to ~3x slower when each array is fresh memory to fault in (a new process).
+2. ChunkLoader, once per shuffle mode (images, the default: whole images read piece by piece
+   with preadv straight into the batch; tokens: rows gathered from the memory-mapped chunk
+   files): shuffled, aligned batches of --batch-tokens rows of all backbones, steady state =
+   epochs 2 .. --passes + 1 of one iterator (the first, with start-up, is shown too);
+   rows/s = delivered rows / time.  Target: loader / numpy (reused array) >= 0.8.
    Both are also given per CPU second of the process (time.process_time, all threads): on a
    shared, oversubscribed machine wall-clock rates mostly measure the scheduler, CPU-time
    rates measure the work done.
@@ -66,6 +69,22 @@ class Rate(NamedTuple):
 
     wall: float
     cpu: float
+
+
+def numpy_into(st: Store, seed: int, passes: int = 1) -> Rate:
+    """Read every chunk file of every backbone into one reused numpy array per backbone, `passes`
+    times (random chunk order): the fastest plain read."""
+    rows = st.chunk_images * st.tokens_per_image
+    bufs = {k: np.empty((rows, st.widths[k]), np.float16) for k in st.backbones}
+    rng = np.random.default_rng(seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(passes):
+        for c in rng.permutation(st.n_chunks):
+            for k in st.backbones:
+                with open(st.chunk_file(k, int(c)), "rb", buffering=0) as f:
+                    assert f.readinto(bufs[k]) > 0
+    n = st.n_rows * passes
+    return Rate(n / (time.perf_counter() - t0), n / (time.process_time() - c0))
 
 
 def numpy_read(st: Store, seed: int, passes: int = 1) -> Rate:
@@ -163,7 +182,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--passes", type=int, default=4, help="passes over the store per timed read (numpy and loader)")
     ap.add_argument("--store", default="", help="reuse/create the store here (default: a temp dir)")
-    ap.add_argument("--shuffles", default="tokens,images", help="loader shuffle modes to measure")
+    ap.add_argument("--shuffles", default="images,tokens", help="loader shuffle modes to measure")
     ap.add_argument("--out", default="benchmarks/loader.json")
     a = ap.parse_args()
     widths = tuple(int(w) for w in a.widths.split(","))
@@ -178,7 +197,7 @@ def main() -> None:
 
 def measure(a, st: Store) -> dict[str, list[float]]:
     modes = a.shuffles.split(",")
-    out: dict[str, list[float]] = {"numpy": [], "numpy_cpu": [], "two_buffers": [], "train": []}
+    out: dict[str, list[float]] = {"numpy": [], "numpy_cpu": [], "fromfile": [], "two_buffers": [], "train": []}
     for m in modes:
         out |= {f"loader_{m}": [], f"loader_{m}_cpu": [], f"loader_{m}_cold": [], f"train_fed_{m}": []}
     state, ctx, amp = train_setup(st, a.concepts, a.k, a.batch_tokens)
@@ -187,9 +206,10 @@ def measure(a, st: Store) -> dict[str, list[float]]:
     warm.close()
     train_steps(state, ctx, mem_batches[:1])  # warm-up
     for r in range(a.repeats):  # interleaved, side by side
-        npy = numpy_read(st, r, a.passes)
+        npy = numpy_into(st, r, a.passes)
         out["numpy"].append(npy.wall)
         out["numpy_cpu"].append(npy.cpu)
+        out["fromfile"].append(numpy_read(st, r, a.passes).wall)
         out["two_buffers"].append(into_two_buffers(st, r, a.passes, a.batch_tokens).wall)
         for m in modes:
             steady, cold = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r, m, a.passes)
@@ -211,13 +231,17 @@ def measure(a, st: Store) -> dict[str, list[float]]:
 def report(a, st: Store, res: dict) -> None:
     modes = a.shuffles.split(",")
     med = {k: statistics.median(v) for k, v in res.items() if k != "amp"}
-    rows = [("numpy np.fromfile, all chunk files", med["numpy"], "rows/s"),
-            ("numpy, per CPU second of the process", med["numpy_cpu"], "rows/cpu-s"),
+    rows = [("numpy, all chunk files into a reused array", med["numpy"], "rows/s"),
+            ("  per CPU second of the process", med["numpy_cpu"], "rows/cpu-s"),
+            ("numpy np.fromfile (a new array per chunk)", med["fromfile"], "rows/s"),
             ("whole chunks into 2 batch-sized buffers", med["two_buffers"], "rows/s"),
             ("training step (in-memory batches)", med["train"], "tokens/s")]
-    ratios = {"whole chunks into 2 batch-sized buffers / numpy": med["two_buffers"] / med["numpy"]}
+    ratios = {"np.fromfile / numpy into a reused array": med["fromfile"] / med["numpy"],
+              "whole chunks into 2 batch-sized buffers / numpy": med["two_buffers"] / med["numpy"]}
     for m in modes:
-        rows += [(f"ChunkLoader shuffle={m}", med[f"loader_{m}"], "rows/s"),
+        ld = ChunkLoader(st, st.backbones, a.batch_tokens, shuffle=m)
+        how = f"{ld.read_mode}, {ld.gather_threads} gather thread{'s' if ld.gather_threads > 1 else ''}"
+        rows += [(f"ChunkLoader shuffle={m} ({how})", med[f"loader_{m}"], "rows/s"),
                  ("  1st epoch (thread start, paging in buffers)", med[f"loader_{m}_cold"], "rows/s"),
                  ("  per CPU second (all threads)", med[f"loader_{m}_cpu"], "rows/cpu-s"),
                  ("  training step fed by it", med[f"train_fed_{m}"], "tokens/s")]

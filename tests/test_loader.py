@@ -13,6 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from usae.pipeline.store import BackboneLayout, Store, StoreError
+from usae.trainer import loader as loader_module
 from usae.trainer.loader import ChunkLoader
 
 WIDTHS = {"a": 3, "b": 5}
@@ -36,6 +37,11 @@ def _make_store(path, n_images, tpi, chunk_images, valid=None, widths=WIDTHS):
         s.write_chunk(c, toks, valid[a:b])
     s.finalize()
     return Store.open(path)
+
+
+def _tokens(*args, **kw) -> ChunkLoader:
+    """A loader of the token-shuffled stream (the default is shuffle="images")."""
+    return ChunkLoader(*args, shuffle="tokens", **kw)
 
 
 def _ids(t: torch.Tensor) -> np.ndarray:
@@ -84,6 +90,12 @@ def _slow_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
     return batches
 
 
+@pytest.fixture
+def split_small_gathers(monkeypatch):
+    """Split even the tiny gathers of these tests across the gather threads."""
+    monkeypatch.setattr(loader_module, "_MIN_SPLIT_BYTES", 1)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     valid = np.ones(50, bool)
@@ -94,7 +106,7 @@ def store(tmp_path_factory):
 def test_every_row_once_per_epoch_and_aligned(store):
     held = np.zeros(50, bool)
     held[[0, 9, 25, 49]] = True
-    ld = ChunkLoader(store, ["b", "a"], 12, images=~held, seed=3, buffer_chunks=2)
+    ld = _tokens(store, ["b", "a"], 12, images=~held, seed=3, buffer_chunks=2)
     expect = np.flatnonzero(np.repeat(store.valid & ~held, 6))
     assert ld.tokens_per_epoch == len(expect) == 252 and ld.batches_per_epoch == 21
     batches = _epoch(ld)
@@ -112,7 +124,7 @@ def test_every_row_once_per_epoch_and_aligned(store):
 
 
 def test_partial_last_batch_dropped_and_epochs_differ(store):
-    ld = ChunkLoader(store, ["a"], 50, seed=1)
+    ld = _tokens(store, ["a"], 50, seed=1)
     assert ld.tokens_per_epoch == 276 and ld.batches_per_epoch == 5
     it = iter(ld)
     e0 = [next(it) for _ in range(5)]
@@ -125,23 +137,23 @@ def test_partial_last_batch_dropped_and_epochs_differ(store):
 
 
 def test_deterministic_for_seed(store):
-    a = [_ids(b.acts[0]) for b in _epoch(ChunkLoader(store, ["a"], 16, seed=5))]
-    b = [_ids(b.acts[0]) for b in _epoch(ChunkLoader(store, ["a"], 16, seed=5, prefetch=0))]
-    c = [_ids(b.acts[0]) for b in _epoch(ChunkLoader(store, ["a"], 16, seed=6))]
+    a = [_ids(b.acts[0]) for b in _epoch(_tokens(store, ["a"], 16, seed=5))]
+    b = [_ids(b.acts[0]) for b in _epoch(_tokens(store, ["a"], 16, seed=5, prefetch=0))]
+    c = [_ids(b.acts[0]) for b in _epoch(_tokens(store, ["a"], 16, seed=6))]
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize("stop_at", [0, 1, 7, 16, 17, 25])
 def test_resume_equals_uninterrupted(store, stop_at):
-    ref = ChunkLoader(store, ["a", "b"], 16, seed=2, buffer_chunks=3)
+    ref = _tokens(store, ["a", "b"], 16, seed=2, buffer_chunks=3)
     assert ref.batches_per_epoch == 17
     full = _epoch(ref, 34)
-    ld = ChunkLoader(store, ["a", "b"], 16, seed=2, buffer_chunks=3)
+    ld = _tokens(store, ["a", "b"], 16, seed=2, buffer_chunks=3)
     got = _epoch(ld, stop_at)
     state = ld.state_dict()
     assert state == {"epoch": stop_at // 17, "step": stop_at % 17}
-    fresh = ChunkLoader(store, ["a", "b"], 16, seed=2, buffer_chunks=3)
+    fresh = _tokens(store, ["a", "b"], 16, seed=2, buffer_chunks=3)
     fresh.load_state_dict(state)
     got += _epoch(fresh, 34 - stop_at)
     for x, y in zip(full, got, strict=True):
@@ -151,8 +163,8 @@ def test_resume_equals_uninterrupted(store, stop_at):
 
 
 def test_rank_slices_concatenate_to_global_batch(store):
-    full = _epoch(ChunkLoader(store, ["a", "b"], 14, seed=4, buffer_chunks=2))
-    parts = [_epoch(ChunkLoader(store, ["a", "b"], 14, seed=4, buffer_chunks=2, rank=r, world_size=2))
+    full = _epoch(_tokens(store, ["a", "b"], 14, seed=4, buffer_chunks=2))
+    parts = [_epoch(_tokens(store, ["a", "b"], 14, seed=4, buffer_chunks=2, rank=r, world_size=2))
              for r in range(2)]
     assert len(parts[0]) == len(parts[1]) == len(full)
     for g, r0, r1 in zip(full, *parts, strict=True):
@@ -165,22 +177,25 @@ def test_rank_slices_concatenate_to_global_batch(store):
 @given(
     n_images=st.integers(1, 14), tpi=st.integers(1, 4), chunk=st.integers(1, 5), bsz=st.integers(1, 20),
     buffer_chunks=st.integers(1, 4), prefetch=st.integers(0, 2), seed=st.integers(0, 99),
-    data=st.data(),
+    direct=st.booleans(), threads=st.integers(1, 3), data=st.data(),
 )
-def test_property_matches_slow_reference(tmp_path_factory, n_images, tpi, chunk, bsz, buffer_chunks,
-                                         prefetch, seed, data):
+def test_property_matches_slow_reference(tmp_path_factory, split_small_gathers, n_images, tpi, chunk, bsz,
+                                         buffer_chunks, prefetch, seed, direct, threads, data):
     valid = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
     images = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
     store = _make_store(tmp_path_factory.mktemp("p") / "s.zarr", n_images, tpi, chunk, valid)
+    if not direct:
+        _undirect(store)
     n_sel = int((valid & images).sum()) * tpi
     if n_sel < bsz:
         with pytest.raises(ValueError, match="larger than"):
-            ChunkLoader(store, ["a", "b"], bsz, images=images)
+            _tokens(store, ["a", "b"], bsz, images=images)
         return
     ws = data.draw(st.sampled_from([w for w in (1, 2, 3) if bsz % w == 0]))
     rank = data.draw(st.integers(0, ws - 1))
-    ld = ChunkLoader(store, ["a", "b"], bsz, images=images, seed=seed, buffer_chunks=buffer_chunks,
-                     prefetch=prefetch, rank=rank, world_size=ws)
+    ld = _tokens(store, ["a", "b"], bsz, images=images, seed=seed, buffer_chunks=buffer_chunks,
+                 prefetch=prefetch, rank=rank, world_size=ws, gather_threads=threads)
+    assert ld.read_mode == ("map" if direct else "pool")
     _assert_two_epochs_match(ld, lambda e: _slow_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e))
 
 
@@ -216,35 +231,35 @@ def test_memory_bounded_by_chunk_pool(tmp_path, pool, shuffle):
 
 def test_threads_stop_and_errors_reach_the_trainer(tmp_path):
     store = _make_store(tmp_path / "s.zarr", 20, 4, 5)
-    ld = ChunkLoader(store, ["a"], 8)
+    ld = _tokens(store, ["a"], 8)
     for _ in islice(iter(ld), 3):
         pass
     assert not [t for t in threading.enumerate() if t.name.startswith("usae-loader")]
     with open(store.chunk_file("a", 2), "r+b") as f:
         f.truncate(10)
     with pytest.raises(StoreError, match="truncated"):
-        for _ in ChunkLoader(store, ["a"], 8, buffer_chunks=1):
+        for _ in _tokens(store, ["a"], 8, buffer_chunks=1):
             pass
     assert not [t for t in threading.enumerate() if t.name.startswith("usae-loader")]
 
 
 def test_argument_errors(store):
     with pytest.raises(ValueError, match="not in the store"):
-        ChunkLoader(store, ["zz"], 8)
+        _tokens(store, ["zz"], 8)
     with pytest.raises(ValueError, match="images mask"):
-        ChunkLoader(store, ["a"], 8, images=np.ones(3, bool))
+        _tokens(store, ["a"], 8, images=np.ones(3, bool))
     with pytest.raises(ValueError, match="multiple of world_size"):
-        ChunkLoader(store, ["a"], 9, world_size=2)
+        _tokens(store, ["a"], 9, world_size=2)
     with pytest.raises(ValueError, match="rank"):
-        ChunkLoader(store, ["a"], 8, rank=2, world_size=2)
+        _tokens(store, ["a"], 8, rank=2, world_size=2)
     with pytest.raises(ValueError, match="larger than"):
-        ChunkLoader(store, ["a"], 10_000)
+        _tokens(store, ["a"], 10_000)
 
 
 def test_batch_buffers_recycled_only_when_dropped(store):
     from usae.trainer.loader import _SPARE_BATCHES
 
-    ld = ChunkLoader(store, ["a", "b"], 8, seed=0)
+    ld = _tokens(store, ["a", "b"], 8, seed=0)
     ptrs, kept, views = set(), [], []
     for n, b in enumerate(islice(iter(ld), 3 * ld.batches_per_epoch)):
         ptrs.add(b.acts[1].data_ptr())
@@ -261,9 +276,9 @@ def test_batch_buffers_recycled_only_when_dropped(store):
 
 
 def test_reiterating_same_loader_continues_the_stream(store):
-    full = [torch.cat(b.acts, 1) for b in _epoch(ChunkLoader(store, ["a", "b"], 10, seed=8), 40)]
-    ld = ChunkLoader(store, ["a", "b"], 10, seed=8, buffer_chunks=2, prefetch=1)
-    ref = [torch.cat(b.acts, 1) for b in _epoch(ChunkLoader(store, ["a", "b"], 10, seed=8, buffer_chunks=2,
+    full = [torch.cat(b.acts, 1) for b in _epoch(_tokens(store, ["a", "b"], 10, seed=8), 40)]
+    ld = _tokens(store, ["a", "b"], 10, seed=8, buffer_chunks=2, prefetch=1)
+    ref = [torch.cat(b.acts, 1) for b in _epoch(_tokens(store, ["a", "b"], 10, seed=8, buffer_chunks=2,
                                                             prefetch=1), 40)]
     got = []
     for n in (3, 11, 1, 25):  # stop and restart; buffers of the stopped iteration are reused
@@ -329,7 +344,7 @@ def test_images_deterministic_and_not_the_token_stream(store):
     a, b = ids(seed=5, shuffle="images"), ids(seed=5, shuffle="images", prefetch=0)
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert not all(np.array_equal(x, y) for x, y in zip(a, ids(seed=6, shuffle="images"), strict=True))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, ids(seed=5), strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, ids(seed=5, shuffle="tokens"), strict=True))
     with pytest.raises(ValueError, match="shuffle must be"):
         ChunkLoader(store, ["a"], 8, shuffle="rows")
 
@@ -377,10 +392,11 @@ def test_images_truncated_chunk_file_is_an_error(tmp_path):
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n_images=st.integers(1, 14), tpi=st.integers(1, 4), chunk=st.integers(1, 5), bsz=st.integers(1, 20),
-    buffer_chunks=st.integers(1, 4), seed=st.integers(0, 99), direct=st.booleans(), data=st.data(),
+    buffer_chunks=st.integers(1, 4), seed=st.integers(0, 99), direct=st.booleans(), threads=st.integers(1, 3),
+    data=st.data(),
 )
-def test_property_images_match_slow_reference(tmp_path_factory, n_images, tpi, chunk, bsz, buffer_chunks, seed,
-                                              direct, data):
+def test_property_images_match_slow_reference(tmp_path_factory, split_small_gathers, n_images, tpi, chunk, bsz,
+                                              buffer_chunks, seed, direct, threads, data):
     valid = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
     images = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
     store = _make_store(tmp_path_factory.mktemp("p") / "s.zarr", n_images, tpi, chunk, valid)
@@ -391,8 +407,8 @@ def test_property_images_match_slow_reference(tmp_path_factory, n_images, tpi, c
     ws = data.draw(st.sampled_from([w for w in (1, 2, 3) if bsz % w == 0]))
     rank = data.draw(st.integers(0, ws - 1))
     ld = ChunkLoader(store, ["a", "b"], bsz, images=images, seed=seed, buffer_chunks=buffer_chunks,
-                     rank=rank, world_size=ws, shuffle="images")
-    assert ld.reads_direct == direct
+                     rank=rank, world_size=ws, shuffle="images", gather_threads=threads)
+    assert ld.read_mode == ("pread" if direct else "pool")
     _assert_two_epochs_match(ld, lambda e: _slow_image_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e))
 
 

@@ -59,8 +59,9 @@ def train_cmd(
     dead_window_tokens: int = typer.Option(_D.dead_window_tokens,
                                            help="A concept not selected for this many tokens counts as dead."),
     buffer_chunks: int = typer.Option(_D.buffer_chunks, help="Store chunks shuffled together."),
-    shuffle: str = typer.Option(_D.shuffle, help="tokens: rows shuffled within a buffer of chunks; images: whole "
-                                "images per batch (the paper's 32 x 196 batches), read straight into the batch."),
+    shuffle: str = typer.Option(_D.shuffle, help="images: batches of whole images in shuffled order (the paper's "
+                                "32 x 196 batches), read straight into the batch; tokens: single rows shuffled "
+                                "within a buffer of chunks (more images per batch, about half the loader's speed)."),
     resume: Path = typer.Option(None, help="Continue the run in this directory (its config.json wins)."),
     stop_after: int = typer.Option(0, hidden=True, help="Testing aid: stop abruptly after this many steps."),
 ) -> None:

@@ -7,10 +7,10 @@ How the stream of epoch ``e`` is defined (docs/contracts.md, "Loader"):
    (valid images, and images in the ``images`` mask) are shuffled with a permutation drawn
    from (seed, e, block): one permutation for all backbones, so row r of every backbone's
    batch is the same image and token;
-   - ``shuffle="tokens"`` (default): the block's rows are permuted one by one;
-   - ``shuffle="images"``: the block's selected IMAGES are permuted (a permutation drawn from
-     (seed, e, block) on its own stream) and each image contributes its rows in token order,
-     as the paper's batches of whole images (32 x 196 tokens);
+   - ``shuffle="images"`` (default): the block's selected IMAGES are permuted (a permutation
+     drawn from (seed, e, block) on its own stream) and each image contributes its rows in
+     token order: the paper's batches of whole images (32 x 196 tokens);
+   - ``shuffle="tokens"``: the block's rows are permuted one by one;
 3. the epoch's stream is the concatenation of the shuffled blocks; batch n is stream rows
    [n*B, (n+1)*B) (a batch may span two blocks, an image may be split across two batches;
    the last partial batch is dropped);
@@ -24,23 +24,36 @@ Order inside a batch (``shuffle="tokens"``): which rows form a batch is the shuf
 batch's rows from one block come ordered by their place in the block (chunk by chunk, ascending
 in each chunk), and rank r receives rows [r*B/W, (r+1)*B/W) of the batch in that order. A
 training step treats a batch as a set (its losses and BatchNorm statistics are sums over rows),
-so this costs nothing, and it turns the gather into a forward sweep through each chunk
-(about twice as fast as a random gather). ``shuffle="images"`` keeps stream order.
+so this costs nothing, and it turns the gather into a forward sweep through each chunk.
+``shuffle="images"`` keeps stream order.
 
-Reading: whole chunk files only (``Store.read_chunk`` / ``Store.map_chunk``; never a random
-row gather through zarr). A reader thread makes the chunks of the stream available ahead of the
-batcher, at most ``buffer_chunks + prefetch`` at a time: on a raw store each chunk file is
-memory-mapped (pages mapped up front, no copy: a batch costs one copy from the page cache, like
-a plain file read), otherwise the chunk is decoded into a slot of a fixed chunk pool. A batcher
-thread gathers each batch straight into its buffer, split across ``gather_threads`` threads
-(numpy's gathers release the GIL), into a queue of one finished batch. Memory is bounded by the
-chunks out at once and a few batches, whatever the store size.
+Reading: whole chunk files or contiguous parts of them, never a random row gather through
+zarr. A reader thread makes the chunks of the stream available ahead of the batcher, at most
+``buffer_chunks + prefetch`` at a time (at least a block ahead when that costs no memory), in
+one of three ways (``ChunkLoader.read_mode``):
+
+- "pread" (images on a raw store): the chunk files are opened (and the OS asked to read them
+  ahead); each (image, token range) piece of a batch is then read with ``os.preadv`` at its
+  byte offset straight into the batch buffer: one copy from the page cache, as a plain file
+  read, no chunk pool, no row gather;
+- "map" (tokens on a raw store): the chunk files are memory-mapped (``Store.map_chunk``) and
+  each batch's rows gathered from the mapped pages (one copy, no chunk pool);
+- "pool" (a store that is not raw, e.g. compressed): each chunk is decoded
+  (``Store.read_chunk``) into a slot of a fixed chunk pool and rows gathered from there.
+
+A batcher thread cuts the stream into batches and fills each rank window straight into the
+batch buffers, split across ``gather_threads`` threads (numpy's gathers and ``os.preadv``
+release the GIL; by default 2 threads for row gathers, 1 for preads, which do not gain from
+more on a 2-core machine); one finished batch waits for the trainer. Memory is bounded by the
+chunk pool (none with "pread" and "map": mapped pages are the page cache's, only the block's
+are mapped) and a few batches, whatever the store size.
 
 Batch buffers are recycled, but only once nothing outside the loader references them any more
 (their reference count is back to the loader's own): a fresh multi-MB array per batch costs
-page faults that made gathering ~4x slower, and a batch kept by the caller is never overwritten.
-The fewer buffers in rotation, the more of them stay in the CPU cache: one finished batch waits
-(a batch takes ~1 ms to gather, a training step far longer).
+page faults that made gathering ~4x slower, and a batch kept by the caller is never
+overwritten. Two buffers are in rotation (the trainer's batch and the one being filled; the
+batcher waits for the trainer to drop its previous batch): the fewer in rotation, the more stay
+in the CPU cache (three: ~0.8x the speed of two).
 """
 
 from __future__ import annotations
@@ -110,7 +123,7 @@ class ChunkLoader:
         world_size: int = 1,
         prefetch: int = 2,
         pin_memory: bool = False,
-        shuffle: str = "tokens",
+        shuffle: str = "images",
         gather_threads: int | None = None,
     ):
         self.store = store if isinstance(store, Store) else Store.open(store)
@@ -119,8 +132,10 @@ class ChunkLoader:
         self.buffer_chunks, self.prefetch = int(buffer_chunks), int(prefetch)
         self.rank, self.world_size, self.pin_memory = int(rank), int(world_size), bool(pin_memory)
         self.shuffle = shuffle
-        self.gather_threads = min(2, os.cpu_count() or 1) if gather_threads is None else int(gather_threads)
+        self.gather_threads = 1 if gather_threads is None else int(gather_threads)
         self._check_args()
+        if gather_threads is None and self.read_mode != "pread":  # row gathers gain from a 2nd thread, preads do not
+            self.gather_threads = min(2, os.cpu_count() or 1)
         st = self.store
         self._row_bytes = 2 * sum(st.widths[k] for k in self.backbones)
         self._t = st.tokens_per_image
