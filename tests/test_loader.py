@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from usae.pipeline.store import BackboneLayout, Store, StoreError
 from usae.trainer import loader as loader_module
-from usae.trainer.loader import ChunkLoader
+from usae.trainer.loader import DEFAULT_BUFFER_CHUNKS, ChunkLoader
 
 WIDTHS = {"a": 3, "b": 5}
 
@@ -254,6 +254,34 @@ def test_argument_errors(store):
         _tokens(store, ["a"], 8, rank=2, world_size=2)
     with pytest.raises(ValueError, match="larger than"):
         _tokens(store, ["a"], 10_000)
+    with pytest.raises(ValueError, match="buffer_chunks must be"):
+        _tokens(store, ["a"], 8, buffer_chunks=-1)
+    with pytest.raises(ValueError, match="gather_threads must be"):
+        _tokens(store, ["a"], 8, gather_threads=0)
+
+
+def test_default_shuffle_block_by_read_mode(store, tmp_path):
+    """Without buffer_chunks, a block is as many chunks as cost no memory: batches drawn from more of the store."""
+    assert ChunkLoader(store, ["a"], 8).buffer_chunks == DEFAULT_BUFFER_CHUNKS["pread"] == 64
+    assert _tokens(store, ["a"], 8).buffer_chunks == DEFAULT_BUFFER_CHUNKS["map"]
+    pooled = _undirect(_make_store(tmp_path / "p.zarr", 20, 4, 5))
+    assert _tokens(pooled, ["a"], 8).buffer_chunks == ChunkLoader(pooled, ["a"], 8).buffer_chunks == 4
+    assert ChunkLoader(store, ["a"], 8, buffer_chunks=3).buffer_chunks == 3
+    # images of a class-sorted store (10 chunks of 5): the default block mixes every chunk into a batch
+    big = _make_store(tmp_path / "b.zarr", 50, 2, 5)
+    chunks_per_batch = [len(set(_ids(b.acts[0]) // 10)) for b in _epoch(ChunkLoader(big, ["a"], 20, seed=1))]
+    assert np.mean(chunks_per_batch) > 5, chunks_per_batch
+    few = [len(set(_ids(b.acts[0]) // 10)) for b in _epoch(ChunkLoader(big, ["a"], 20, seed=1, buffer_chunks=1))]
+    assert max(few) <= 2, few
+
+
+def test_too_many_open_files_is_refused_up_front(store, monkeypatch):
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (64, 64))
+    with pytest.raises(ValueError, match="open files"):
+        ChunkLoader(store, ["a", "b"], 8, buffer_chunks=20)
+    assert ChunkLoader(store, ["a", "b"], 8, buffer_chunks=4).read_mode == "pread"
 
 
 def test_batch_buffers_recycled_only_when_dropped(store):

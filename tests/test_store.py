@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -56,6 +57,9 @@ def test_round_trip_and_alignment(tmp_path_factory, n, gh, gw, chunk, widths, se
         direct = np.concatenate([store.read_chunk(k, i) for i in range(store.n_chunks)])
         np.testing.assert_array_equal(direct, x)  # direct chunk-file reads == what was written
         np.testing.assert_array_equal(store.read_rows(k, 0, n * t), x)  # zarr path agrees
+        mapped = np.concatenate([store.map_chunk(k, i) for i in range(store.n_chunks)])
+        np.testing.assert_array_equal(mapped, x)  # memory-mapped chunk files agree
+        np.testing.assert_array_equal(_pread_all(store, k), x)  # and so do preads through open_chunk
         # exact stats over valid rows only
         rows = np.repeat(valid, t)
         ref = x[rows].astype(np.float64)
@@ -135,12 +139,42 @@ def test_rejects_foreign_or_future_stores(tmp_path):
         Store.open(tmp_path / "s.zarr")
 
 
+def _pread_all(store: Store, key: str) -> np.ndarray:
+    """Every row of a backbone, chunk by chunk, through open_chunk + os.preadv."""
+    parts = []
+    for i in range(store.n_chunks):
+        r0, r1 = store.chunk_rows(i)
+        out = np.zeros((r1 - r0, store.widths[key]), np.float16)
+        fd = store.open_chunk(key, i)
+        if fd is not None:
+            try:
+                assert os.preadv(fd, [memoryview(out).cast("B")], 0) == out.nbytes
+            finally:
+                os.close(fd)
+        parts.append(out)
+    return np.concatenate(parts)
+
+
 def test_truncated_chunk_file_is_detected(tmp_path):
     s, _, _ = _make(tmp_path, 4, (2, 2), 2, [3])
     f = s.chunk_file("b0", 1)
     f.write_bytes(f.read_bytes()[:10])
-    with pytest.raises(StoreError, match="truncated"):
-        s.read_chunk("b0", 1)
+    for read in (s.read_chunk, s.map_chunk, s.open_chunk):  # mapping past the end would be a SIGBUS
+        with pytest.raises(StoreError, match="truncated"):
+            read("b0", 1)
+
+
+def test_mapped_and_opened_chunks_never_written_are_zeros_and_need_raw_arrays(tmp_path):
+    s, _, _ = _make(tmp_path, 4, (2, 2), 2, [3])
+    s.chunk_file("b0", 1).unlink()  # as zarr leaves a chunk that is all fill value
+    assert s.open_chunk("b0", 1) is None
+    z = s.map_chunk("b0", 1)
+    assert z.shape == (8, 3) and not z.any() and not z.flags.writeable
+    np.testing.assert_array_equal(s.read_chunk("b0", 1), z)
+    s._direct["b0"] = False  # a compressed array: only read_chunk (through zarr) applies
+    for read in (s.map_chunk, s.open_chunk):
+        with pytest.raises(StoreError, match="not stored raw"):
+            read("b0", 0)
 
 
 def test_duplicate_ids_rejected(tmp_path):

@@ -58,7 +58,9 @@ def train_cmd(
     ckpt_every: int = typer.Option(_D.ckpt_every, help="Steps between checkpoints (0: only at the end)."),
     dead_window_tokens: int = typer.Option(_D.dead_window_tokens,
                                            help="A concept not selected for this many tokens counts as dead."),
-    buffer_chunks: int = typer.Option(_D.buffer_chunks, help="Store chunks shuffled together."),
+    buffer_chunks: int = typer.Option(_D.buffer_chunks, help="Store chunks shuffled together (a batch is drawn "
+                                      "from them); 0: 64 for image batches from a raw store, 16 for token batches, "
+                                      "4 for a compressed store (decoded into memory)."),
     shuffle: str = typer.Option(_D.shuffle, help="images: batches of whole images in shuffled order (the paper's "
                                 "32 x 196 batches), read straight into the batch; tokens: single rows shuffled "
                                 "within a buffer of chunks (more images per batch, about half the loader's speed)."),

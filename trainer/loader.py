@@ -42,9 +42,9 @@ one of three ways (``ChunkLoader.read_mode``):
   (``Store.read_chunk``) into a slot of a fixed chunk pool and rows gathered from there.
 
 A batcher thread cuts the stream into batches and fills each rank window straight into the
-batch buffers, split across ``gather_threads`` threads (numpy's gathers and ``os.preadv``
-release the GIL; by default 2 threads for row gathers, 1 for preads, which do not gain from
-more on a 2-core machine); one finished batch waits for the trainer. Memory is bounded by the
+batch buffers, split across ``gather_threads`` threads (default: 2 where there are 2 cores;
+numpy's gathers and ``os.preadv`` release the GIL, and two threads keep more memory transfers
+in flight than one: ~1.1x on batches of 4096+ tokens); one finished batch waits for the trainer. Memory is bounded by the
 chunk pool (none with "pread" and "map": mapped pages are the page cache's, only the block's
 are mapped) and a few batches, whatever the store size.
 
@@ -75,7 +75,13 @@ from usae.pipeline.store import Store, StoreError
 
 _ROTATION = 2  # batch buffers in rotation: one with the trainer, one being filled (see the module docstring)
 _SPARE_BATCHES = 6  # batch buffers kept for reuse once the trainer drops them
-_MIN_SPLIT_BYTES = 1 << 20  # a gather is split across threads in parts of at least this many bytes
+_MIN_SPLIT_BYTES = 4 << 20  # a gather is split across threads in parts of at least this many bytes (smaller
+# parts lose more to waking the helper thread than they gain: 2 threads on 2048-token batches were 0.9x of 1)
+# chunks per shuffle block when not given: a block is what a batch is drawn from, so the more chunks
+# the closer batches are to a uniform sample of the store (a store keeps its manifest's order, often
+# sorted by folder, i.e. by class); they cost memory only when decoded into a pool
+DEFAULT_BUFFER_CHUNKS = {"pread": 64, "map": 16, "pool": 4}
+_AHEAD = 16  # chunks opened/mapped ahead of the batcher at most (beyond prefetch) when that costs no memory
 _POLL_S = 0.05  # how often blocked worker threads look at the stop flag
 SHUFFLES = ("tokens", "images")
 
@@ -118,7 +124,7 @@ class ChunkLoader:
         *,
         images: np.ndarray | None = None,
         seed: int = 0,
-        buffer_chunks: int = 4,
+        buffer_chunks: int | None = None,
         rank: int = 0,
         world_size: int = 1,
         prefetch: int = 2,
@@ -129,13 +135,15 @@ class ChunkLoader:
         self.store = store if isinstance(store, Store) else Store.open(store)
         self.backbones = list(backbones)
         self.batch_tokens, self.seed = int(batch_tokens), int(seed)
-        self.buffer_chunks, self.prefetch = int(buffer_chunks), int(prefetch)
+        self.buffer_chunks, self.prefetch = int(buffer_chunks or 0), int(prefetch)  # 0: chosen by read_mode
         self.rank, self.world_size, self.pin_memory = int(rank), int(world_size), bool(pin_memory)
         self.shuffle = shuffle
-        self.gather_threads = 1 if gather_threads is None else int(gather_threads)
+        self.gather_threads = min(2, os.cpu_count() or 1) if gather_threads is None else int(gather_threads)
         self._check_args()
-        if gather_threads is None and self.read_mode != "pread":  # row gathers gain from a 2nd thread, preads do not
-            self.gather_threads = min(2, os.cpu_count() or 1)
+        if not self.buffer_chunks:
+            self.buffer_chunks = DEFAULT_BUFFER_CHUNKS[self.read_mode]
+        if self.read_mode == "pread":
+            _check_open_files(self.chunks_out * len(self.backbones))
         st = self.store
         self._row_bytes = 2 * sum(st.widths[k] for k in self.backbones)
         self._t = st.tokens_per_image
@@ -171,8 +179,8 @@ class ChunkLoader:
             raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         if self.batch_tokens < 1 or self.batch_tokens % self.world_size:
             raise ValueError(f"batch_tokens {self.batch_tokens} must be a positive multiple of world_size {self.world_size}")
-        if self.buffer_chunks < 1 or self.prefetch < 0:
-            raise ValueError("buffer_chunks must be >= 1 and prefetch >= 0")
+        if self.buffer_chunks < 0 or self.prefetch < 0:
+            raise ValueError("buffer_chunks must be >= 0 (0 or None: chosen by the read mode) and prefetch >= 0")
         if self.gather_threads < 1:
             raise ValueError(f"gather_threads must be >= 1, got {self.gather_threads}")
         if self.shuffle not in SHUFFLES:
@@ -214,6 +222,13 @@ class ChunkLoader:
         if not all(self.store._direct[k] for k in self.backbones):
             return "pool"
         return "pread" if self.shuffle == "images" and hasattr(os, "preadv") else "map"
+
+    @property
+    def chunks_out(self) -> int:
+        """Chunks read, mapped or opened at once at most: a block and those read ahead of it."""
+        if self.read_mode == "pool":
+            return self.buffer_chunks + self.prefetch
+        return self.buffer_chunks + max(self.prefetch, min(self.buffer_chunks, _AHEAD))
 
     @property
     def reads_direct(self) -> bool:
@@ -283,6 +298,20 @@ class ChunkLoader:
             pass
 
 
+def _check_open_files(n: int) -> None:
+    """Refuse up front, rather than fail mid-run, when n open files would crowd the process's limit."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and n > soft // 2:
+        raise ValueError(
+            f"reading whole images keeps up to {n} chunk files open, over half this process's limit of "
+            f"{soft} open files: lower buffer_chunks or raise the limit (ulimit -n)"
+        )
+
+
 def _refs(a: np.ndarray) -> int:
     return sys.getrefcount(a)
 
@@ -333,9 +362,7 @@ class _Workers:
         self.ld = loader
         st = loader.store
         self.how = loader.read_mode
-        # a mapped or opened chunk costs no memory until it is read: open at least a block ahead
-        ahead = loader.prefetch if self.how == "pool" else max(loader.prefetch, loader.buffer_chunks)
-        n_slots = loader.buffer_chunks + ahead
+        n_slots = loader.chunks_out  # a mapped or opened chunk costs no memory until read: more are ahead
         if buffers is None:
             buffers = ({}, [])
         self.pool: dict[str, np.ndarray] = buffers[0]
@@ -348,7 +375,9 @@ class _Workers:
         self.ready: queue.Queue = queue.Queue()
         self.out: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
-        self._wanted = threading.Event()  # the trainer is waiting for a batch
+        self._n_put = 0  # batches handed to the queue
+        self._taken = 0  # batches the trainer has taken
+        self._waiting_for = -1  # the batch the trainer waits for (or last waited for)
         self._helpers = (ThreadPoolExecutor(loader.gather_threads - 1, thread_name_prefix="usae-loader-gather")
                          if loader.gather_threads > 1 else None)
         self.threads = [
@@ -391,17 +420,10 @@ class _Workers:
                 pass
 
     def next_batch(self) -> Batch:
-        try:
-            item = self.out.get_nowait()
-        except queue.Empty:
-            self._wanted.set()
-            try:
-                return self._get(self.out)
-            finally:
-                self._wanted.clear()
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        self._waiting_for = self._taken  # not yet put: the batcher must not wait for a buffer to come back
+        batch = self._get(self.out)
+        self._taken += 1
+        return batch
 
     def stop(self) -> bool:
         """Stop the threads; True when they have all ended (mapped chunks are released then)."""
@@ -484,6 +506,7 @@ class _Workers:
                         filled, off = filled + take, off + take
                         if filled == bsz:
                             self._put(self.out, self._finish(out, ep, pos // bsz))
+                            self._n_put += 1
                             pos, filled, out = pos + bsz, 0, self._new_out()
                 finally:
                     while ctx.sources:
@@ -565,18 +588,18 @@ class _Workers:
         Once `_ROTATION` sets are in use, wait for the trainer to drop one (it does right after
         taking the next batch) rather than allocate: the fewer buffers in rotation, the more of
         them stay in the CPU cache (3 in rotation: ~0.8x the speed of 2). A trainer that keeps
-        its batches and waits for the next one gets a new set.
+        its batches and waits for one not yet made gets a new set.
         """
-        delay = 5e-5
+        delay = 2e-5
         while True:
             for bufs, idle in self._spare:
                 if all(_refs(a) <= idle for a in bufs.values()):
                     return bufs
-            if len(self._spare) < _ROTATION or self._wanted.is_set():
+            if len(self._spare) < _ROTATION or self._waiting_for >= self._n_put:
                 break
             if self._stop.wait(delay):
                 raise _Stop
-            delay = min(2 * delay, 5e-3)
+            delay = min(2 * delay, 2e-3)
         n, widths = self.ld.local_batch_tokens, self.ld.store.widths
         bufs = {k: np.empty((n, widths[k]), np.float16) for k in self.ld.backbones}
         if len(self._spare) < _SPARE_BATCHES:

@@ -114,8 +114,8 @@ class TrainConfig:
     """Write a resumable checkpoint every this many steps (0: only at the end)."""
     dead_window_tokens: int = 1_000_000
     """A concept is dead when it was not selected for this many training tokens."""
-    buffer_chunks: int = 4
-    """Chunks shuffled together by the loader."""
+    buffer_chunks: int = 0
+    """Chunks shuffled together by the loader (a batch is drawn from them); 0: chosen by how the store is read, 64 for whole-image batches from a raw store, 16 for token batches from a raw store, 4 when chunks are decoded into a memory pool (a compressed store)."""
     shuffle: str = "images"
     """images (default): batches of whole images in shuffled order, as the paper's 32 x 196-token batches, each image read straight from its chunk file into the batch; tokens: single rows shuffled within a buffer of chunks (more images per batch, about half the loader's speed)."""
     resume: str = ""
@@ -132,6 +132,7 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"bad device {self.device!r}"),
             (self.k > 0, "k must be positive"),
             (self.batch_tokens > 0, "batch_tokens must be positive"),
+            (self.buffer_chunks >= 0, "buffer_chunks must be >= 0 (0: chosen by how the store is read)"),
             (0.0 <= self.holdout < 1.0, "holdout must be in [0, 1)"),
             (self.steps >= 0 and self.epochs > 0, "steps must be >= 0 and epochs > 0"),
             (self.log_every > 0 and self.ckpt_every >= 0, "log_every must be > 0, ckpt_every >= 0"),
@@ -624,7 +625,7 @@ def make_loader(st: Store, keys: Sequence[str], cfg: TrainConfig, images: np.nda
     try:
         return ChunkLoader(
             st, list(keys), cfg.batch_tokens, images=images, seed=cfg.seed,
-            buffer_chunks=cfg.buffer_chunks, rank=d.rank, world_size=d.world, shuffle=cfg.shuffle,
+            buffer_chunks=cfg.buffer_chunks or None, rank=d.rank, world_size=d.world, shuffle=cfg.shuffle,
         )
     except ValueError as e:
         raise TrainError(f"cannot load batches from {st.path}: {e}") from None
