@@ -130,7 +130,7 @@ def loader_epoch(st: Store, batch_tokens: int, buffer_chunks: int, prefetch: int
     buffers are paged in during the first epoch (the cold figure includes that and the
     thread start); the steady figure is the next `passes` epochs.
     """
-    ld = ChunkLoader(st, st.backbones, batch_tokens, seed=seed, buffer_chunks=buffer_chunks, prefetch=prefetch,
+    ld = ChunkLoader(st, st.backbones, batch_tokens, seed=seed, buffer_chunks=buffer_chunks or None, prefetch=prefetch,
                      shuffle=shuffle)
     it = iter(ld)
     rates = []
@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--widths", default="384,768,768")
     ap.add_argument("--chunk-images", type=int, default=32, help="images per chunk (~10 MB at width 768)")
     ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--buffer-chunks", type=int, default=4)
+    ap.add_argument("--buffer-chunks", type=int, default=0, help="0: the loader's default for each read mode")
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--concepts", type=int, default=6144)
     ap.add_argument("--k", type=int, default=32)
@@ -219,7 +219,7 @@ def measure(a, st: Store) -> dict[str, list[float]]:
             out[f"loader_{m}_cold"].append(cold)
         out["train"].append(a.batch_tokens * a.train_steps / train_steps(state, ctx, mem_batches[1:]))
         for m in modes:
-            ld = ChunkLoader(st, st.backbones, a.batch_tokens, seed=r, buffer_chunks=a.buffer_chunks,
+            ld = ChunkLoader(st, st.backbones, a.batch_tokens, seed=r, buffer_chunks=a.buffer_chunks or None,
                              prefetch=a.prefetch, shuffle=m)
             it = iter(ld)
             next(it)  # threads started, first block read
@@ -244,8 +244,8 @@ def report(a, st: Store, res: dict) -> None:
     ratios = {"np.fromfile / numpy into a reused array": med["fromfile"] / med["numpy"],
               "whole chunks into 2 batch-sized buffers / numpy": med["two_buffers"] / med["numpy"]}
     for m in modes:
-        ld = ChunkLoader(st, st.backbones, a.batch_tokens, shuffle=m)
-        how = f"{ld.read_mode}, {ld.gather_threads} gather thread{'s' if ld.gather_threads > 1 else ''}"
+        ld = ChunkLoader(st, st.backbones, a.batch_tokens, shuffle=m, buffer_chunks=a.buffer_chunks or None)
+        how = f"{ld.read_mode}, {ld.buffer_chunks}-chunk blocks, {ld.gather_threads} threads"
         rows += [(f"ChunkLoader shuffle={m} ({how})", med[f"loader_{m}"], "rows/s"),
                  ("  1st epoch (thread start, paging in buffers)", med[f"loader_{m}_cold"], "rows/s"),
                  ("  per CPU second (all threads)", med[f"loader_{m}_cpu"], "rows/cpu-s"),

@@ -28,6 +28,19 @@ _META = "_usae"
 _WILLNEED = getattr(mmap, "MADV_WILLNEED", None)  # absent where the OS has no madvise
 
 
+def _cached(fd: int, nbytes: int) -> bool:
+    """Whether the first and last byte of a file's first `nbytes` are in the page cache (a read
+    that must not wait, RWF_NOWAIT, where the OS has it; otherwise assume they are not)."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None or not hasattr(os, "preadv"):
+        return False
+    probe = bytearray(1)
+    try:
+        return all(os.preadv(fd, [probe], off, nowait) == 1 for off in {0, nbytes - 1})
+    except OSError:  # EAGAIN: not cached (or the file system cannot tell)
+        return False
+
+
 class StoreError(RuntimeError):
     """A store is missing, incomplete, incompatible or malformed."""
 
@@ -386,8 +399,9 @@ class Store:
     def open_chunk(self, key: str, i: int) -> int | None:
         """A read-only file descriptor of chunk i's file of one backbone (raw arrays only), for
         reading parts of it with ``os.preadv``; None when the chunk was never written (zeros).
-        The caller closes it. The file is checked to hold the chunk's rows, and the OS is told
-        they will be read (POSIX_FADV_WILLNEED: read-ahead starts now if they are not cached).
+        The caller closes it. The file is checked to hold the chunk's rows, and unless they are
+        in the page cache already, the OS is told they will be read (POSIX_FADV_WILLNEED starts
+        read-ahead now; on cached files it only slows concurrent reads of them).
         """
         nbytes, f = self._raw_chunk_bytes(key, i)
         if not f.exists():
@@ -397,7 +411,7 @@ class Store:
             size = os.fstat(fd).st_size
             if size < nbytes:
                 raise StoreError(f"chunk file {f} is truncated ({size} of {nbytes} bytes)")
-            if hasattr(os, "posix_fadvise"):
+            if hasattr(os, "posix_fadvise") and not _cached(fd, nbytes):
                 os.posix_fadvise(fd, 0, nbytes, os.POSIX_FADV_WILLNEED)
         except BaseException:
             os.close(fd)
@@ -413,8 +427,8 @@ class Store:
     def map_chunk(self, key: str, i: int) -> np.ndarray:
         """Token rows of chunk i of one backbone as a read-only float16 (rows, d) array over the
         chunk file's pages (raw arrays only): no copy, nothing allocated; the file is unmapped
-        when the last reference to the array goes. The OS is told the pages will be needed
-        (MADV_WILLNEED: read-ahead starts now for a file not in the page cache); they are mapped
+        when the last reference to the array goes. Unless the file is in the page cache, the OS
+        is told the pages will be needed (MADV_WILLNEED: read-ahead starts now); they are mapped
         on first touch (cheaper than MAP_POPULATE for cached files: the kernel maps pages around
         each fault in one go).
         """
@@ -428,9 +442,10 @@ class Store:
             if size < nbytes:  # mapping past the end would crash the reader (SIGBUS), not raise
                 raise StoreError(f"chunk file {f} is truncated ({size} of {nbytes} bytes)")
             m = mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ)
+            cached = _cached(fd, nbytes)
         finally:
             os.close(fd)
-        if _WILLNEED is not None:
+        if _WILLNEED is not None and not cached:
             m.madvise(_WILLNEED)
         return np.frombuffer(m, np.float16).reshape(rows, d)
 

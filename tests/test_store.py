@@ -155,6 +155,27 @@ def _pread_all(store: Store, key: str) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def test_read_ahead_is_asked_only_for_chunks_not_in_the_page_cache(tmp_path, monkeypatch):
+    import usae.pipeline.store as store_module
+
+    s, _, _ = _make(tmp_path, 4, (2, 2), 2, [3])
+    s.read_chunk("b0", 0)  # now in the page cache
+    fd = os.open(s.chunk_file("b0", 0), os.O_RDONLY)
+    try:
+        assert store_module._cached(fd, 8 * 3 * 2) == hasattr(os, "RWF_NOWAIT")
+    finally:
+        os.close(fd)
+    if not hasattr(os, "posix_fadvise"):
+        return
+    asked = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: asked.append((n, advice)))
+    os.close(s.open_chunk("b0", 0))
+    assert asked == ([] if hasattr(os, "RWF_NOWAIT") else [(48, os.POSIX_FADV_WILLNEED)])
+    monkeypatch.setattr(store_module, "_cached", lambda fd, n: False)
+    os.close(s.open_chunk("b0", 0))
+    assert asked[-1] == (48, os.POSIX_FADV_WILLNEED)
+
+
 def test_truncated_chunk_file_is_detected(tmp_path):
     s, _, _ = _make(tmp_path, 4, (2, 2), 2, [3])
     f = s.chunk_file("b0", 1)

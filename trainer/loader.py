@@ -552,11 +552,14 @@ class _Workers:
         if self.how == "pread":  # file reads need contiguous rows: one run per image piece
             cut |= row[1:] != row[:-1] + 1
         cuts = [0, *(np.flatnonzero(cut) + 1).tolist(), len(rows)]
+        if self.how == "pread":
+            runs = list(zip(chunk[cuts[:-1]].tolist(), [o + a for a in cuts[:-1]], [o + b for b in cuts[1:]],
+                            row[cuts[:-1]].tolist(), strict=True))
+            for k in self.ld.backbones:
+                self._pread_runs([src.data[k] for src in ctx.sources], runs, out[k])
+            return
         runs = [(int(chunk[a]), a, b, row[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
         for k in self.ld.backbones:  # backbone by backbone: each batch array is written front to back
-            if self.how == "pread":
-                self._pread_runs(ctx, k, runs, out[k], o)
-                continue
             dst = out[k]
             for j, a, b, r in runs:
                 src = ctx.sources[j].data[k]
@@ -566,19 +569,20 @@ class _Workers:
                 else:  # mode="clip": no bounds-checking copy of the output (3-4x slower)
                     np.take(src, r, axis=0, out=dst[o + a : o + b], mode="clip")
 
-    def _pread_runs(self, ctx: _Open, k: str, runs: list, dst: np.ndarray, o: int) -> None:
-        """Contiguous runs of rows read from the chunk files into rows o.. of `dst`, one pread each."""
-        row_bytes = dst.shape[1] * 2
+    @staticmethod
+    def _pread_runs(fds: list, runs: list, dst: np.ndarray) -> None:
+        """Runs (chunk in block, first batch row, end batch row, first chunk row) of contiguous rows
+        read from the chunk files (descriptors `fds`, by chunk in block) into `dst`, one pread each."""
+        rb = dst.shape[1] * 2
         mv = memoryview(dst).cast("B")
+        preadv = os.preadv
         try:
-            for j, a, b, r in runs:
-                fd, r0 = ctx.sources[j].data[k], int(r[0])
+            for j, a, b, r0 in runs:
+                fd = fds[j]
                 if fd is None:
-                    dst[o + a : o + b] = 0
-                    continue
-                nbytes = (b - a) * row_bytes
-                if os.preadv(fd, (mv[(o + a) * row_bytes : (o + b) * row_bytes],), r0 * row_bytes) != nbytes:
-                    raise StoreError(f"a chunk file of backbone {k!r} is truncated (rows {r0}..{r0 + b - a})")
+                    dst[a:b] = 0
+                elif preadv(fd, (mv[a * rb : b * rb],), r0 * rb) != (b - a) * rb:
+                    raise StoreError(f"a chunk file is truncated (width {rb // 2}, rows {r0}..{r0 + b - a})")
         finally:
             mv.release()
 
