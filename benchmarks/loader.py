@@ -123,7 +123,7 @@ def into_two_buffers(st: Store, seed: int, passes: int, batch_tokens: int) -> Ra
 
 
 def loader_epoch(st: Store, batch_tokens: int, buffer_chunks: int, prefetch: int, seed: int,
-                 shuffle: str, passes: int = 1) -> tuple[Rate, float]:
+                 shuffle: str, passes: int = 1, gather_threads: int = 0) -> tuple[Rate, float]:
     """(steady-state Rate over epochs 2 .. passes+1, wall rows/s of the 1st epoch from a cold start).
 
     A training run iterates epoch after epoch with one loader: its chunk pool and batch
@@ -131,7 +131,7 @@ def loader_epoch(st: Store, batch_tokens: int, buffer_chunks: int, prefetch: int
     thread start); the steady figure is the next `passes` epochs.
     """
     ld = ChunkLoader(st, st.backbones, batch_tokens, seed=seed, buffer_chunks=buffer_chunks or None, prefetch=prefetch,
-                     shuffle=shuffle)
+                     shuffle=shuffle, gather_threads=gather_threads or None)
     it = iter(ld)
     rates = []
     for epochs in (1, passes):
@@ -177,6 +177,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--buffer-chunks", type=int, default=0, help="0: the loader's default for each read mode")
     ap.add_argument("--prefetch", type=int, default=2)
+    ap.add_argument("--gather-threads", type=int, default=0, help="0: the loader's default (2 where there are 2 cores)")
     ap.add_argument("--concepts", type=int, default=6144)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--train-steps", type=int, default=4, help="timed training steps per repeat")
@@ -213,13 +214,15 @@ def measure(a, st: Store) -> dict[str, list[float]]:
         out["fromfile"].append(numpy_read(st, r, a.passes).wall)
         out["two_buffers"].append(into_two_buffers(st, r, a.passes, a.batch_tokens).wall)
         for m in modes:
-            steady, cold = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r, m, a.passes)
+            steady, cold = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r, m, a.passes,
+                                        a.gather_threads)
             out[f"loader_{m}"].append(steady.wall)
             out[f"loader_{m}_cpu"].append(steady.cpu)
             out[f"loader_{m}_cold"].append(cold)
         out["train"].append(a.batch_tokens * a.train_steps / train_steps(state, ctx, mem_batches[1:]))
         for m in modes:
             ld = ChunkLoader(st, st.backbones, a.batch_tokens, seed=r, buffer_chunks=a.buffer_chunks or None,
+                             gather_threads=a.gather_threads or None,
                              prefetch=a.prefetch, shuffle=m)
             it = iter(ld)
             next(it)  # threads started, first block read
@@ -244,7 +247,8 @@ def report(a, st: Store, res: dict) -> None:
     ratios = {"np.fromfile / numpy into a reused array": med["fromfile"] / med["numpy"],
               "whole chunks into 2 batch-sized buffers / numpy": med["two_buffers"] / med["numpy"]}
     for m in modes:
-        ld = ChunkLoader(st, st.backbones, a.batch_tokens, shuffle=m, buffer_chunks=a.buffer_chunks or None)
+        ld = ChunkLoader(st, st.backbones, a.batch_tokens, shuffle=m, buffer_chunks=a.buffer_chunks or None,
+                         gather_threads=a.gather_threads or None)
         how = f"{ld.read_mode}, {ld.buffer_chunks}-chunk blocks, {ld.gather_threads} threads"
         rows += [(f"ChunkLoader shuffle={m} ({how})", med[f"loader_{m}"], "rows/s"),
                  ("  1st epoch (thread start, paging in buffers)", med[f"loader_{m}_cold"], "rows/s"),
