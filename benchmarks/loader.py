@@ -142,6 +142,12 @@ def loader_epoch(st: Store, batch_tokens: int, buffer_chunks: int, prefetch: int
     return rates[1], rates[0].wall
 
 
+def _variant(v: str, default_threads: int) -> tuple[str, int]:
+    """"images" or "images:2" -> (shuffle mode, gather threads; 0 = the loader's default)."""
+    mode, _, threads = v.partition(":")
+    return mode, int(threads) if threads else default_threads
+
+
 def train_setup(st: Store, concepts: int, k: int, batch_tokens: int):
     widths = tuple(st.widths[key] for key in st.backbones)
     spec = ModelSpec(tuple(st.backbones), widths, (0.0,) * len(widths), (1.0,) * len(widths), concepts, k)
@@ -184,7 +190,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--passes", type=int, default=4, help="passes over the store per timed read (numpy and loader)")
     ap.add_argument("--store", default="", help="reuse/create the store here (default: a temp dir)")
-    ap.add_argument("--shuffles", default="images,tokens", help="loader shuffle modes to measure")
+    ap.add_argument("--shuffles", default="images,tokens",
+                    help="loader variants to measure side by side: a shuffle mode, or mode:threads (e.g. images:1)")
     ap.add_argument("--out", default="benchmarks/loader.json")
     a = ap.parse_args()
     widths = tuple(int(w) for w in a.widths.split(","))
@@ -214,16 +221,16 @@ def measure(a, st: Store) -> dict[str, list[float]]:
         out["fromfile"].append(numpy_read(st, r, a.passes).wall)
         out["two_buffers"].append(into_two_buffers(st, r, a.passes, a.batch_tokens).wall)
         for m in modes:
-            steady, cold = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r, m, a.passes,
-                                        a.gather_threads)
+            mode, threads = _variant(m, a.gather_threads)
+            steady, cold = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r, mode, a.passes, threads)
             out[f"loader_{m}"].append(steady.wall)
             out[f"loader_{m}_cpu"].append(steady.cpu)
             out[f"loader_{m}_cold"].append(cold)
         out["train"].append(a.batch_tokens * a.train_steps / train_steps(state, ctx, mem_batches[1:]))
         for m in modes:
             ld = ChunkLoader(st, st.backbones, a.batch_tokens, seed=r, buffer_chunks=a.buffer_chunks or None,
-                             gather_threads=a.gather_threads or None,
-                             prefetch=a.prefetch, shuffle=m)
+                             gather_threads=_variant(m, a.gather_threads)[1] or None,
+                             prefetch=a.prefetch, shuffle=_variant(m, a.gather_threads)[0])
             it = iter(ld)
             next(it)  # threads started, first block read
             out[f"train_fed_{m}"].append(a.batch_tokens * a.train_steps / train_from_loader(state, ctx, it, a.train_steps))
@@ -247,8 +254,9 @@ def report(a, st: Store, res: dict) -> None:
     ratios = {"np.fromfile / numpy into a reused array": med["fromfile"] / med["numpy"],
               "whole chunks into 2 batch-sized buffers / numpy": med["two_buffers"] / med["numpy"]}
     for m in modes:
-        ld = ChunkLoader(st, st.backbones, a.batch_tokens, shuffle=m, buffer_chunks=a.buffer_chunks or None,
-                         gather_threads=a.gather_threads or None)
+        mode, threads = _variant(m, a.gather_threads)
+        ld = ChunkLoader(st, st.backbones, a.batch_tokens, shuffle=mode, buffer_chunks=a.buffer_chunks or None,
+                         gather_threads=threads or None)
         how = f"{ld.read_mode}, {ld.buffer_chunks}-chunk blocks, {ld.gather_threads} threads"
         rows += [(f"ChunkLoader shuffle={m} ({how})", med[f"loader_{m}"], "rows/s"),
                  ("  1st epoch (thread start, paging in buffers)", med[f"loader_{m}_cold"], "rows/s"),
