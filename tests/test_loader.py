@@ -3,6 +3,7 @@ rank slicing, equality with a slow reference of the contract's stream, bounded m
 
 from __future__ import annotations
 
+import os
 import threading
 import tracemalloc
 from itertools import islice
@@ -415,6 +416,34 @@ def test_images_truncated_chunk_file_is_an_error(tmp_path):
         for _ in ChunkLoader(store, ["a"], 8, buffer_chunks=1, shuffle="images"):
             pass
     assert not [t for t in threading.enumerate() if t.name.startswith("usae-loader")]
+
+
+def test_errors_in_a_gather_thread_reach_the_trainer(store, split_small_gathers, monkeypatch):
+    real = loader_module.os.preadv
+
+    def short_in_helpers(fd, bufs, offset, *flags):  # a short read, as from a file cut while being read
+        n = real(fd, bufs, offset, *flags)
+        return n - 1 if threading.current_thread().name.startswith("usae-loader-gather") else n
+
+    monkeypatch.setattr(loader_module.os, "preadv", short_in_helpers)
+    with pytest.raises(StoreError, match="truncated"):
+        for _ in ChunkLoader(store, ["a", "b"], 12, shuffle="images", gather_threads=2):
+            pass
+    assert not [t for t in threading.enumerate() if t.name.startswith("usae-loader")]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize("shuffle", ["images", "tokens"])
+def test_no_file_left_open(store, shuffle):
+    before = len(os.listdir("/proc/self/fd"))
+    ld = ChunkLoader(store, ["a", "b"], 12, shuffle=shuffle, buffer_chunks=2)
+    it = iter(ld)
+    for _ in range(ld.batches_per_epoch + 3):  # into the second epoch, chunks opened ahead
+        next(it)
+    assert len(os.listdir("/proc/self/fd")) > before or shuffle == "tokens"  # chunk files are open meanwhile
+    ld.close()
+    del it
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

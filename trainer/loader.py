@@ -437,8 +437,8 @@ class _Workers:
         if done:
             for q in (self.free, self.ready, self.out):  # chunks read or mapped, batches nobody will take
                 while not q.empty():
-                    item = q.get_nowait()
-                    src = item[1] if isinstance(item, tuple) else item
+                    item = q.get_nowait()  # a _Source (ready), (slot, _Source | None) (free), a Batch (out)
+                    src = item if isinstance(item, _Source) else item[1] if isinstance(item, tuple) else None
                     if isinstance(src, _Source):
                         src.release()
         return done
@@ -516,7 +516,14 @@ class _Workers:
 
     def _open_block(self, epoch: int, bi: int, blk: _Block) -> _Open:
         """The block's chunks from the reader and where each of its selected rows is."""
-        sources = [self._get(self.ready) for _ in blk.chunks]
+        sources: list[_Source] = []
+        try:
+            for _ in blk.chunks:
+                sources.append(self._get(self.ready))
+        except BaseException:  # stopped while the block was arriving: nobody else will release these
+            for src in sources:
+                src.release()
+            raise
         rows = [self.ld.chunk_selected_rows(int(c)) for c in blk.chunks]
         chunk_of = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
         return _Open(sources, self.ld.block_order(epoch, bi, blk.rows), chunk_of, np.concatenate(rows))
