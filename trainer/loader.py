@@ -32,8 +32,9 @@ zarr. A reader thread makes the chunks of the stream available ahead of the batc
 ``buffer_chunks + prefetch`` at a time (at least a block ahead when that costs no memory), in
 one of three ways (``ChunkLoader.read_mode``):
 
-- "pread" (images on a raw store): the chunk files are opened (and the OS asked to read them
-  ahead); each (image, token range) piece of a batch is then read with ``os.preadv`` at its
+- "pread" (images on a raw store): the chunk files are opened (and, unless they are in the page
+  cache, the OS asked to read them ahead); each (image, token range) piece of a batch is then
+  read with ``os.preadv`` at its
   byte offset straight into the batch buffer: one copy from the page cache, as a plain file
   read, no chunk pool, no row gather;
 - "map" (tokens on a raw store): the chunk files are memory-mapped (``Store.map_chunk``) and
