@@ -34,9 +34,8 @@ one of three ways (``ChunkLoader.read_mode``):
 
 - "pread" (images on a raw store): the chunk files are opened (and, unless they are in the page
   cache, the OS asked to read them ahead); each (image, token range) piece of a batch is then
-  read with ``os.preadv`` at its
-  byte offset straight into the batch buffer: one copy from the page cache, as a plain file
-  read, no chunk pool, no row gather;
+  read with ``os.preadv`` at its byte offset straight into the batch buffer: one copy from
+  the page cache, as a plain file read, no chunk pool, no row gather;
 - "map" (tokens on a raw store): the chunk files are memory-mapped (``Store.map_chunk``) and
   each batch's rows gathered from the mapped pages (one copy, no chunk pool);
 - "pool" (a store that is not raw, e.g. compressed): each chunk is decoded
