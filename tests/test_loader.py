@@ -68,20 +68,22 @@ def _assert_two_epochs_match(ld, reference) -> None:
                 np.testing.assert_array_equal(got[e * n + i].acts[j].numpy(), ref[i][j][lo:hi])
 
 
-def _slow_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
-    """The contract's definition of epoch `epoch`, with plain zarr row reads."""
-    t = store.tokens_per_image
+def _reference_blocks(store, images, seed, buffer_chunks, epoch):
+    """The contract's blocks of epoch `epoch`: each block's selected images, chunk by chunk."""
     sel = store.valid & (np.ones(store.n_images, bool) if images is None else images)
     counts = [sel[slice(*store.chunk_images_range(c))].sum() for c in range(store.n_chunks)]
     active = [c for c in range(store.n_chunks) if counts[c]]
     order = np.random.default_rng([seed, 0, epoch]).permutation(np.array(active, dtype=np.int64))
+    return [[i for c in order[b0 : b0 + buffer_chunks] for i in range(*store.chunk_images_range(int(c))) if sel[i]]
+            for b0 in range(0, len(order), buffer_chunks)]
+
+
+def _slow_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
+    """The contract's definition of epoch `epoch`, with plain zarr row reads."""
+    t = store.tokens_per_image
     stream = []
-    for bi, b0 in enumerate(range(0, len(order), buffer_chunks)):
-        rows = []
-        for c in order[b0 : b0 + buffer_chunks]:
-            for img in range(*store.chunk_images_range(int(c))):
-                if sel[img]:
-                    rows.extend(range(img * t, (img + 1) * t))
+    for bi, imgs in enumerate(_reference_blocks(store, images, seed, buffer_chunks, epoch)):
+        rows = [r for img in imgs for r in range(img * t, (img + 1) * t)]
         perm = np.random.default_rng([seed, 1, epoch, bi]).permutation(len(rows))
         stream.extend((bi, int(p), rows[p]) for p in perm)  # (block, place in the block, store row)
     batches = []
@@ -320,13 +322,8 @@ def test_reiterating_same_loader_continues_the_stream(store):
 def _slow_image_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
     """The contract's image-granular stream of epoch `epoch`, with plain zarr row reads."""
     t = store.tokens_per_image
-    sel = store.valid & (np.ones(store.n_images, bool) if images is None else images)
-    counts = [sel[slice(*store.chunk_images_range(c))].sum() for c in range(store.n_chunks)]
-    active = [c for c in range(store.n_chunks) if counts[c]]
-    order = np.random.default_rng([seed, 0, epoch]).permutation(np.array(active, dtype=np.int64))
     stream = {k: [] for k in keys}
-    for bi, b0 in enumerate(range(0, len(order), buffer_chunks)):
-        imgs = [i for c in order[b0 : b0 + buffer_chunks] for i in range(*store.chunk_images_range(int(c))) if sel[i]]
+    for bi, imgs in enumerate(_reference_blocks(store, images, seed, buffer_chunks, epoch)):
         for p in np.random.default_rng([seed, 2, epoch, bi]).permutation(len(imgs)):
             for k in keys:
                 stream[k].append(store.read_rows(k, imgs[p] * t, (imgs[p] + 1) * t))
