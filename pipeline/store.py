@@ -403,26 +403,14 @@ class Store:
         in the page cache already, the OS is told they will be read (POSIX_FADV_WILLNEED starts
         read-ahead now; on cached files it only slows concurrent reads of them).
         """
-        nbytes, f = self._raw_chunk_bytes(key, i)
-        if not f.exists():
-            return None
-        fd = os.open(f, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        try:
-            size = os.fstat(fd).st_size
-            if size < nbytes:
-                raise StoreError(f"chunk file {f} is truncated ({size} of {nbytes} bytes)")
-            if hasattr(os, "posix_fadvise") and not _cached(fd, nbytes):
+        fd, nbytes = self._open_raw(key, i)
+        if fd is not None and hasattr(os, "posix_fadvise") and not _cached(fd, nbytes):
+            try:
                 os.posix_fadvise(fd, 0, nbytes, os.POSIX_FADV_WILLNEED)
-        except BaseException:
-            os.close(fd)
-            raise
+            except BaseException:
+                os.close(fd)
+                raise
         return fd
-
-    def _raw_chunk_bytes(self, key: str, i: int) -> tuple[int, Path]:
-        if not self._direct[key]:
-            raise StoreError(f"backbone {key!r} of {self.path} is not stored raw: read its chunks with read_chunk")
-        r0, r1 = self.chunk_rows(i)
-        return (r1 - r0) * self.widths[key] * 2, self.chunk_file(key, i)
 
     def map_chunk(self, key: str, i: int) -> np.ndarray:
         """Token rows of chunk i of one backbone as a read-only float16 (rows, d) array over the
@@ -432,15 +420,12 @@ class Store:
         on first touch (cheaper than MAP_POPULATE for cached files: the kernel maps pages around
         each fault in one go).
         """
-        nbytes, f = self._raw_chunk_bytes(key, i)
-        rows, d = nbytes // (2 * self.widths[key]), self.widths[key]
-        if not f.exists():  # never written: zarr's fill value
+        fd, nbytes = self._open_raw(key, i)
+        d = self.widths[key]
+        rows = nbytes // (2 * d)
+        if fd is None:  # never written: zarr's fill value
             return np.broadcast_to(np.zeros((1, d), np.float16), (rows, d))
-        fd = os.open(f, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
-            size = os.fstat(fd).st_size
-            if size < nbytes:  # mapping past the end would crash the reader (SIGBUS), not raise
-                raise StoreError(f"chunk file {f} is truncated ({size} of {nbytes} bytes)")
             m = mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ)
             cached = _cached(fd, nbytes)
         finally:
@@ -448,6 +433,27 @@ class Store:
         if _WILLNEED is not None and not cached:
             m.madvise(_WILLNEED)
         return np.frombuffer(m, np.float16).reshape(rows, d)
+
+    def _open_raw(self, key: str, i: int) -> tuple[int | None, int]:
+        """(read-only descriptor of chunk i's file of one backbone, or None when never written;
+        bytes of the chunk's rows), for raw arrays only. A file too short for the rows is an
+        error here: reading it in parts would come up short, mapping it would crash the reader
+        (SIGBUS) instead of raising."""
+        if not self._direct[key]:
+            raise StoreError(f"backbone {key!r} of {self.path} is not stored raw: read its chunks with read_chunk")
+        r0, r1 = self.chunk_rows(i)
+        nbytes, f = (r1 - r0) * self.widths[key] * 2, self.chunk_file(key, i)
+        if not f.exists():
+            return None, nbytes
+        fd = os.open(f, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            size = os.fstat(fd).st_size
+            if size < nbytes:
+                raise StoreError(f"chunk file {f} is truncated ({size} of {nbytes} bytes)")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, nbytes
 
     def read_rows(self, key: str, r0: int, r1: int) -> np.ndarray:
         """Contiguous rows through zarr (for small reads and tests, not for loaders)."""
