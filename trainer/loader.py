@@ -29,8 +29,8 @@ so this costs nothing, and it turns the gather into a forward sweep through each
 
 Reading: whole chunk files or contiguous parts of them, never a random row gather through
 zarr. A reader thread makes the chunks of the stream available ahead of the batcher, at most
-``buffer_chunks + prefetch`` at a time (at least a block ahead when that costs no memory), in
-one of three ways (``ChunkLoader.read_mode``):
+``chunks_out`` at a time (a block and ``prefetch`` chunks; up to 16 ahead when that costs no
+memory), in one of three ways (``ChunkLoader.read_mode``):
 
 - "pread" (images on a raw store): the chunk files are opened (and, unless they are in the page
   cache, the OS asked to read them ahead); each (image, token range) piece of a batch is then
@@ -320,7 +320,9 @@ class _Source(NamedTuple):
     """One chunk of the stream, available to the batcher."""
 
     slot: int
-    """Its slot among the `buffer_chunks + prefetch` the reader may have out at once."""
+    """Its slot among the `chunks_out` the reader may have out at once."""
+    chunk: int
+    """Its chunk id (-1: a slot not yet used)."""
     data: dict[str, np.ndarray | int | None]
     """Per backbone: the chunk's (rows, d) float16 rows (a pool slot, or a mapping of the chunk
     file), or an open descriptor of the chunk file for ``os.preadv`` (None: never written, zeros)."""
@@ -350,7 +352,7 @@ class _Workers:
     """Reader + batcher threads (and helper gather threads) for one iteration, from (epoch, step).
 
     The reader makes each chunk of the stream available as one (rows, d) float16 array per
-    backbone, at most ``buffer_chunks + prefetch`` chunks at a time: mapped over the chunk file
+    backbone, at most ``chunks_out`` chunks at a time: mapped over the chunk file
     on a raw store (no copy), read into a slot of a fixed chunk pool otherwise; for
     shuffle="images" on a raw store, only opened (each image piece is then read with
     ``os.preadv`` straight into the batch). The batcher cuts the stream into batches and
@@ -369,9 +371,9 @@ class _Workers:
         if self.how == "pool" and not self.pool:
             self.pool = {k: np.empty((n_slots, loader._chunk_rows, st.widths[k]), np.float16) for k in loader.backbones}
         self._spare: list[tuple[dict[str, np.ndarray], int]] = buffers[1]  # (buffers, idle refcount)
-        self.free: queue.Queue = queue.Queue()  # (slot, the chunk it held or None): the reader releases it
+        self.free: queue.Queue = queue.Queue()  # slots back from the batcher, with the chunk the reader releases
         for s in range(n_slots):
-            self.free.put((s, None))
+            self.free.put(_Source(s, -1, {}))
         self.ready: queue.Queue = queue.Queue()
         self.out: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
@@ -437,10 +439,9 @@ class _Workers:
         if done:
             for q in (self.free, self.ready, self.out):  # chunks read or mapped, batches nobody will take
                 while not q.empty():
-                    item = q.get_nowait()  # a _Source (ready), (slot, _Source | None) (free), a Batch (out)
-                    src = item if isinstance(item, _Source) else item[1] if isinstance(item, tuple) else None
-                    if isinstance(src, _Source):
-                        src.release()
+                    item = q.get_nowait()
+                    if isinstance(item, _Source):
+                        item.release()
         return done
 
     def _start_block(self, blocks: list[_Block], step: int) -> int:
@@ -460,11 +461,11 @@ class _Workers:
         for _, _, blocks, b0 in self._epochs(epoch, step):
             for blk in blocks[b0:]:
                 for c in blk.chunks.tolist():
-                    slot, done = self._get(self.free)
-                    if done is not None:  # a chunk the batcher is finished with: released here, off its path
-                        done.release()
-                        del done
-                    src = _Source(slot, {})
+                    done = self._get(self.free)
+                    done.release()  # the chunk the batcher is finished with: released here, off its path
+                    slot = done.slot
+                    del done
+                    src = _Source(slot, c, {})
                     try:
                         for k in self.ld.backbones:
                             if self.how == "pread":
@@ -510,8 +511,7 @@ class _Workers:
                             pos, filled, out = pos + bsz, 0, self._new_out()
                 finally:
                     while ctx.sources:
-                        src = ctx.sources.pop()
-                        self.free.put((src.slot, src))
+                        self.free.put(ctx.sources.pop())
                     del ctx
 
     def _open_block(self, epoch: int, bi: int, blk: _Block) -> _Open:
@@ -563,7 +563,7 @@ class _Workers:
             runs = list(zip(chunk[cuts[:-1]].tolist(), [o + a for a in cuts[:-1]], [o + b for b in cuts[1:]],
                             row[cuts[:-1]].tolist(), strict=True))
             for k in self.ld.backbones:
-                self._pread_runs([src.data[k] for src in ctx.sources], runs, out[k])
+                self._pread_runs(ctx, k, runs, out[k])
             return
         runs = [(int(chunk[a]), a, b, row[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
         for k in self.ld.backbones:  # backbone by backbone: each batch array is written front to back
@@ -576,10 +576,10 @@ class _Workers:
                 else:  # mode="clip": no bounds-checking copy of the output (3-4x slower)
                     np.take(src, r, axis=0, out=dst[o + a : o + b], mode="clip")
 
-    @staticmethod
-    def _pread_runs(fds: list, runs: list, dst: np.ndarray) -> None:
+    def _pread_runs(self, ctx: _Open, k: str, runs: list, dst: np.ndarray) -> None:
         """Runs (chunk in block, first batch row, end batch row, first chunk row) of contiguous rows
-        read from the chunk files (descriptors `fds`, by chunk in block) into `dst`, one pread each."""
+        read from backbone k's chunk files into `dst`, one pread each."""
+        fds = [src.data[k] for src in ctx.sources]
         rb = dst.shape[1] * 2
         mv = memoryview(dst).cast("B")
         preadv = os.preadv
@@ -589,7 +589,8 @@ class _Workers:
                 if fd is None:
                     dst[a:b] = 0
                 elif preadv(fd, (mv[a * rb : b * rb],), r0 * rb) != (b - a) * rb:
-                    raise StoreError(f"a chunk file is truncated (width {rb // 2}, rows {r0}..{r0 + b - a})")
+                    f = self.ld.store.chunk_file(k, ctx.sources[j].chunk)
+                    raise StoreError(f"chunk file {f} is truncated (rows {r0}..{r0 + b - a} not all there)")
         finally:
             mv.release()
 
