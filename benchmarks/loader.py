@@ -126,16 +126,21 @@ def into_two_buffers(st: Store, seed: int, passes: int, batch_tokens: int) -> Ra
     return Rate(rows_read / (time.perf_counter() - t0), rows_read / (time.process_time() - c0))
 
 
-def loader_epoch(st: Store, batch_tokens: int, buffer_chunks: int, prefetch: int, seed: int,
-                 shuffle: str, passes: int = 1, gather_threads: int = 0) -> tuple[Rate, float]:
+def make_loader(a, st: Store, variant: str, seed: int) -> ChunkLoader:
+    """The loader of a variant: "images" or "images:2" (shuffle mode, gather threads), with the
+    command line's batch, block and prefetch (0 for blocks or threads: the loader's default)."""
+    mode, _, threads = variant.partition(":")
+    return ChunkLoader(st, st.backbones, a.batch_tokens, seed=seed, buffer_chunks=a.buffer_chunks or None,
+                       prefetch=a.prefetch, shuffle=mode, gather_threads=int(threads or a.gather_threads) or None)
+
+
+def loader_epoch(ld: ChunkLoader, passes: int = 1) -> tuple[Rate, float]:
     """(steady-state Rate over epochs 2 .. passes+1, wall rows/s of the 1st epoch from a cold start).
 
     A training run iterates epoch after epoch with one loader: its chunk pool and batch
     buffers are paged in during the first epoch (the cold figure includes that and the
     thread start); the steady figure is the next `passes` epochs.
     """
-    ld = ChunkLoader(st, st.backbones, batch_tokens, seed=seed, buffer_chunks=buffer_chunks or None, prefetch=prefetch,
-                     shuffle=shuffle, gather_threads=gather_threads or None)
     it = iter(ld)
     rates = []
     for epochs in (1, passes):
@@ -144,12 +149,6 @@ def loader_epoch(st: Store, batch_tokens: int, buffer_chunks: int, prefetch: int
         rates.append(Rate(n / (time.perf_counter() - t0), n / (time.process_time() - c0)))
     ld.close()
     return rates[1], rates[0].wall
-
-
-def _variant(v: str, default_threads: int) -> tuple[str, int]:
-    """"images" or "images:2" -> (shuffle mode, gather threads; 0 = the loader's default)."""
-    mode, _, threads = v.partition(":")
-    return mode, int(threads) if threads else default_threads
 
 
 def train_setup(st: Store, concepts: int, k: int, batch_tokens: int):
@@ -237,8 +236,7 @@ def measure_reads(a, st: Store, suffix: str) -> dict[str, list[float]]:
         out[f"numpy{suffix}"].append(numpy_into(st, r, a.passes).wall)
         out[f"two_buffers{suffix}"].append(into_two_buffers(st, r, a.passes, a.batch_tokens).wall)
         for m in a.shuffles.split(","):
-            mode, threads = _variant(m, a.gather_threads)
-            steady, _ = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r, mode, a.passes, threads)
+            steady, _ = loader_epoch(make_loader(a, st, m, r), a.passes)
             out[f"loader_{m}{suffix}"].append(steady.wall)
     return out
 
@@ -260,16 +258,13 @@ def measure(a, st: Store) -> dict[str, list[float]]:
         out["fromfile"].append(numpy_read(st, r, a.passes).wall)
         out["two_buffers"].append(into_two_buffers(st, r, a.passes, a.batch_tokens).wall)
         for m in modes:
-            mode, threads = _variant(m, a.gather_threads)
-            steady, cold = loader_epoch(st, a.batch_tokens, a.buffer_chunks, a.prefetch, r, mode, a.passes, threads)
+            steady, cold = loader_epoch(make_loader(a, st, m, r), a.passes)
             out[f"loader_{m}"].append(steady.wall)
             out[f"loader_{m}_cpu"].append(steady.cpu)
             out[f"loader_{m}_cold"].append(cold)
         out["train"].append(a.batch_tokens * a.train_steps / train_steps(state, ctx, mem_batches[1:]))
         for m in modes:
-            ld = ChunkLoader(st, st.backbones, a.batch_tokens, seed=r, buffer_chunks=a.buffer_chunks or None,
-                             gather_threads=_variant(m, a.gather_threads)[1] or None,
-                             prefetch=a.prefetch, shuffle=_variant(m, a.gather_threads)[0])
+            ld = make_loader(a, st, m, r)
             it = iter(ld)
             next(it)  # threads started, first block read
             out[f"train_fed_{m}"].append(a.batch_tokens * a.train_steps / train_from_loader(state, ctx, it, a.train_steps))
@@ -293,9 +288,7 @@ def report(a, st: Store, res: dict) -> None:
     ratios = {"np.fromfile / numpy into a reused array": med["fromfile"] / med["numpy"],
               "whole chunks into 2 batch-sized buffers / numpy": med["two_buffers"] / med["numpy"]}
     for m in modes:
-        mode, threads = _variant(m, a.gather_threads)
-        ld = ChunkLoader(st, st.backbones, a.batch_tokens, shuffle=mode, buffer_chunks=a.buffer_chunks or None,
-                         gather_threads=threads or None)
+        ld = make_loader(a, st, m, 0)
         how = f"{ld.read_mode}, {ld.buffer_chunks}-chunk blocks, {ld.gather_threads} threads"
         rows += [(f"ChunkLoader shuffle={m} ({how})", med[f"loader_{m}"], "rows/s"),
                  ("  1st epoch (thread start, paging in buffers)", med[f"loader_{m}_cold"], "rows/s"),
