@@ -198,6 +198,7 @@ class Store:
         self.widths: dict[str, int] = {k: int(g.attrs["width"]) for k, g in self._groups.items()}
         self.prefix_tokens: dict[str, int] = {k: int(g.attrs.get("prefix_tokens", 0)) for k, g in self._groups.items()}
         self._direct = {k: self._is_raw(self._groups[k]["tokens"]) for k in self.backbones}
+        self._chunk_dirs = {k: os.path.join(self.path, "backbones", k, "tokens", "c") for k in self.backbones}
         self._valid_arr = self._root["valid"]
         self._valid_direct = self._is_raw(self._valid_arr)
         self._image_ids: np.ndarray | None = None
@@ -369,7 +370,11 @@ class Store:
         return codecs == ["bytes"] and sep_ok and np.dtype(arr.dtype).byteorder in "<=|"
 
     def chunk_file(self, key: str, i: int) -> Path:
-        return self.path / "backbones" / key / "tokens" / "c" / str(i) / "0"
+        """The file of chunk i of one backbone's token array (absent when never written)."""
+        return Path(self._chunk_path(key, i))
+
+    def _chunk_path(self, key: str, i: int) -> str:
+        return os.path.join(self._chunk_dirs[key], str(i), "0")
 
     def read_chunk(self, key: str, i: int, out: np.ndarray | None = None) -> np.ndarray:
         """Token rows of chunk i of one backbone, float16 (rows, d); direct file read when raw."""
@@ -442,10 +447,11 @@ class Store:
         if not self._direct[key]:
             raise StoreError(f"backbone {key!r} of {self.path} is not stored raw: read its chunks with read_chunk")
         r0, r1 = self.chunk_rows(i)
-        nbytes, f = (r1 - r0) * self.widths[key] * 2, self.chunk_file(key, i)
-        if not f.exists():
+        nbytes, f = (r1 - r0) * self.widths[key] * 2, self._chunk_path(key, i)
+        try:
+            fd = os.open(f, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        except FileNotFoundError:
             return None, nbytes
-        fd = os.open(f, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         try:
             size = os.fstat(fd).st_size
             if size < nbytes:

@@ -335,17 +335,58 @@ class _Source(NamedTuple):
         self.data.clear()
 
 
+class _Share:
+    """Units of work shared by several threads: each takes the next unit as it becomes free (so
+    all finish together, whenever each started), `wait` returns once every unit is done and
+    raises the first error of any of them."""
+
+    def __init__(self, units: list):
+        self._units = iter(units)
+        self._busy = 0
+        self._done = threading.Condition(threading.Lock())
+        self._error: BaseException | None = None
+
+    def work(self, fn, *args) -> None:
+        """Run fn(*args, *unit) for units until none is left (or one failed)."""
+        while True:
+            with self._done:
+                unit = None if self._error else next(self._units, None)
+                if unit is None:
+                    return
+                self._busy += 1
+            try:
+                fn(*args, *unit)
+            except BaseException as e:  # noqa: BLE001 - raised by wait()
+                self._error = self._error or e
+            finally:
+                with self._done:
+                    self._busy -= 1
+                    if not self._busy:
+                        self._done.notify_all()
+
+    def wait(self) -> None:
+        """Once every unit taken is done and none is left (call after `work`): the first error."""
+        with self._done:
+            while self._busy:
+                self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
 class _Open(NamedTuple):
     """A block being cut into batches."""
 
     sources: list[_Source]
     """The block's chunks, in block order."""
-    order: np.ndarray
-    """Stream order of the block's selected rows (indices into them, taken chunk by chunk)."""
-    chunk_of: np.ndarray
-    """Position in the block of the chunk holding each selected row."""
-    row_of: np.ndarray
-    """Row inside its chunk of each selected row."""
+    chunk_of: np.ndarray | list[int]
+    """shuffle="tokens": position in the block of the chunk holding each selected row;
+    shuffle="images": of each image, in stream order (a list: read a piece at a time)."""
+    row_of: np.ndarray | list[int]
+    """shuffle="tokens": row inside its chunk of each selected row; shuffle="images": first
+    row inside its chunk of each image, in stream order (a list)."""
+    order: np.ndarray | None
+    """shuffle="tokens": stream order of the block's selected rows (indices into them, taken
+    chunk by chunk); None for shuffle="images" (``chunk_of`` and ``row_of`` are in stream order)."""
 
 
 class _Workers:
@@ -502,8 +543,7 @@ class _Workers:
                         take = min(bsz - filled, blk.rows - off)
                         w0, w1 = max(lo, filled), min(hi, filled + take)
                         if w1 > w0:  # part of this rank's window
-                            rows = self._segment(ctx, off, off + take)[w0 - filled : w1 - filled]
-                            self._fill(ctx, rows, out, w0 - lo)
+                            self._fill(ctx, self._segment(ctx, off, off + take)[w0 - filled : w1 - filled], out, w0 - lo)
                         filled, off = filled + take, off + take
                         if filled == bsz:
                             self._put(self.out, self._finish(out, ep, pos // bsz))
@@ -524,75 +564,75 @@ class _Workers:
             for src in sources:
                 src.release()
             raise
-        rows = [self.ld.chunk_selected_rows(int(c)) for c in blk.chunks]
+        ld = self.ld
+        if ld.shuffle == "images":  # per image, in stream order: its chunk and first row
+            st = ld.store
+            imgs = [np.flatnonzero(ld._selected[slice(*st.chunk_images_range(c))]) for c in blk.chunks.tolist()]
+            chunk_of = np.repeat(np.arange(len(imgs)), [len(i) for i in imgs])
+            perm = ld.block_image_permutation(epoch, bi, len(chunk_of))
+            return _Open(sources, chunk_of[perm].tolist(), (np.concatenate(imgs)[perm] * ld._t).tolist(), None)
+        rows = [ld.chunk_selected_rows(int(c)) for c in blk.chunks]
         chunk_of = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-        return _Open(sources, self.ld.block_order(epoch, bi, blk.rows), chunk_of, np.concatenate(rows))
+        return _Open(sources, chunk_of, np.concatenate(rows), ld.block_order(epoch, bi, blk.rows))
 
-    def _segment(self, ctx: _Open, s0: int, s1: int) -> np.ndarray:
-        """Block rows (indices into its selected rows) of stream rows [s0, s1), in batch order."""
-        rows = ctx.order[s0:s1]
-        return np.sort(rows) if self.ld.shuffle == "tokens" else rows
+    def _segment(self, ctx: _Open, s0: int, s1: int) -> np.ndarray | range:
+        """Stream rows [s0, s1) of a block in batch order: for shuffle="tokens", the block's
+        selected rows (indices into them), sorted; for shuffle="images", the stream positions."""
+        if ctx.order is None:
+            return range(s0, s1)
+        return np.sort(ctx.order[s0:s1])
 
-    def _fill(self, ctx: _Open, rows: np.ndarray, out: dict[str, np.ndarray], o: int) -> None:
-        """Gather block rows `rows` into batch rows o.. of `out`, split across the gather threads."""
-        n = len(rows)
-        parts = min(self.ld.gather_threads, max(1, n * self.ld._row_bytes // _MIN_SPLIT_BYTES))
-        if parts == 1 or self._helpers is None:
-            self._gather(ctx, rows, out, o)
+    def _fill(self, ctx: _Open, rows: np.ndarray | range, out: dict[str, np.ndarray], o: int) -> None:
+        """Gather block rows `rows` (see `_segment`) into batch rows o.. of `out`, run by run and
+        backbone by backbone, the runs shared out to the gather threads as each becomes free."""
+        units = [(k, *run) for run in self._runs(ctx, rows, o) for k in self.ld.backbones]
+        if self._helpers is None or len(rows) * self.ld._row_bytes < _MIN_SPLIT_BYTES:
+            for u in units:
+                self._copy(ctx, out, *u)
             return
-        cuts = [n * p // parts for p in range(parts + 1)]
-        futures = [self._helpers.submit(self._gather, ctx, rows[a:b], out, o + a)
-                   for a, b in zip(cuts[1:-1], cuts[2:], strict=True)]
-        try:
-            self._gather(ctx, rows[: cuts[1]], out, o)
-        finally:
-            for f in futures:
-                f.result()
+        share = _Share(units)
+        for _ in range(self.ld.gather_threads - 1):
+            self._helpers.submit(share.work, self._copy, ctx, out)
+        share.work(self._copy, ctx, out)
+        share.wait()
 
-    def _gather(self, ctx: _Open, rows: np.ndarray, out: dict[str, np.ndarray], o: int) -> None:
-        """Gather run by run: a run is consecutive batch rows from one chunk (for tokens, the
-        chunk's share of the segment, ascending; for images, whole images or pieces of one)."""
+    def _runs(self, ctx: _Open, rows: np.ndarray | range, o: int) -> list[tuple]:
+        """(chunk in block, first batch row, end batch row, chunk rows) of each run of `rows`: a
+        run is consecutive batch rows from one chunk (for images, a whole image or a piece of one;
+        for tokens, the chunk's share of the segment, ascending); chunk rows are the first row when
+        they are contiguous, else their array."""
+        if isinstance(rows, range):  # images: stream positions -> pieces of images
+            t, runs, s = self.ld._t, [], rows.start
+            while s < rows.stop:
+                i, r = divmod(s, t)
+                n = min(t - r, rows.stop - s)
+                runs.append((ctx.chunk_of[i], o, o + n, ctx.row_of[i] + r))
+                s, o = s + n, o + n
+            return runs
         if not len(rows):
-            return
+            return []
         chunk, row = ctx.chunk_of[rows], ctx.row_of[rows]
-        cut = chunk[1:] != chunk[:-1]
-        if self.how == "pread":  # file reads need contiguous rows: one run per image piece
-            cut |= row[1:] != row[:-1] + 1
-        cuts = [0, *(np.flatnonzero(cut) + 1).tolist(), len(rows)]
-        if self.how == "pread":
-            runs = list(zip(chunk[cuts[:-1]].tolist(), [o + a for a in cuts[:-1]], [o + b for b in cuts[1:]],
-                            row[cuts[:-1]].tolist(), strict=True))
-            for k in self.ld.backbones:
-                self._pread_runs(ctx, k, runs, out[k])
-            return
-        runs = [(int(chunk[a]), a, b, row[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
-        for k in self.ld.backbones:  # backbone by backbone: each batch array is written front to back
-            dst = out[k]
-            for j, a, b, r in runs:
-                src = ctx.sources[j].data[k]
-                r0 = int(r[0])
-                if int(r[-1]) - r0 == b - a - 1:  # contiguous rows: a plain copy
-                    dst[o + a : o + b] = src[r0 : r0 + b - a]
-                else:  # mode="clip": no bounds-checking copy of the output (3-4x slower)
-                    np.take(src, r, axis=0, out=dst[o + a : o + b], mode="clip")
+        cuts = [0, *(np.flatnonzero(chunk[1:] != chunk[:-1]) + 1).tolist(), len(rows)]
+        runs = []
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            r, r0 = row[a:b], int(row[a])
+            runs.append((int(chunk[a]), o + a, o + b, r0 if int(r[-1]) - r0 == b - a - 1 else r))
+        return runs
 
-    def _pread_runs(self, ctx: _Open, k: str, runs: list, dst: np.ndarray) -> None:
-        """Runs (chunk in block, first batch row, end batch row, first chunk row) of contiguous rows
-        read from backbone k's chunk files into `dst`, one pread each."""
-        fds = [src.data[k] for src in ctx.sources]
-        rb = dst.shape[1] * 2
-        mv = memoryview(dst).cast("B")
-        preadv = os.preadv
-        try:
-            for j, a, b, r0 in runs:
-                fd = fds[j]
-                if fd is None:
-                    dst[a:b] = 0
-                elif preadv(fd, (mv[a * rb : b * rb],), r0 * rb) != (b - a) * rb:
-                    f = self.ld.store.chunk_file(k, ctx.sources[j].chunk)
-                    raise StoreError(f"chunk file {f} is truncated (rows {r0}..{r0 + b - a} not all there)")
-        finally:
-            mv.release()
+    def _copy(self, ctx: _Open, out: dict[str, np.ndarray], k: str, j: int, a: int, b: int, r: int | np.ndarray) -> None:
+        """Rows `r` of block chunk j of backbone k (see `_runs`) into batch rows [a, b) of out[k]."""
+        dst, src = out[k][a:b], ctx.sources[j].data[k]
+        if src is None:  # a chunk never written: zeros
+            dst[:] = 0
+        elif self.how == "pread":  # r is the first row: one read straight into the batch
+            rb = dst.shape[1] * 2
+            if os.preadv(src, (dst,), r * rb) != (b - a) * rb:
+                f = self.ld.store.chunk_file(k, ctx.sources[j].chunk)
+                raise StoreError(f"chunk file {f} is truncated (rows {r}..{r + b - a} not all there)")
+        elif isinstance(r, int):  # contiguous rows: a plain copy
+            dst[:] = src[r : r + b - a]
+        else:  # mode="clip": no bounds-checking copy of the output (3-4x slower)
+            np.take(src, r, axis=0, out=dst, mode="clip")
 
     def _new_out(self) -> dict[str, np.ndarray]:
         """Batch buffers: a spare set nobody references any more, else a new one.
