@@ -9,17 +9,21 @@ Measured side by side in one process (interleaved, median of --repeats), data in
      the copy from the page cache into memory that stays in the CPU cache. THE BASELINE.
    - ``np.fromfile`` (a new array per chunk): as fast when the allocator hands back the same
      warm memory, up to ~3x slower when each array is fresh memory to fault in (a new process).
-2. ChunkLoader, once per shuffle mode (images, the default: whole images read piece by piece
-   with preadv straight into the batch; tokens: rows gathered from the memory-mapped chunk
-   files): shuffled, aligned batches of --batch-tokens rows of all backbones, steady state =
-   epochs 2 .. --passes + 1 of one iterator (the first, with start-up, is shown too);
-   rows/s = delivered rows / time.  Target: loader / numpy (reused array) >= 0.8, given as the
-   ratio of the medians and as the median of the per-repeat ratios.
+2. ChunkLoader, once per variant of --shuffles (images, the default: whole images read piece
+   by piece with preadv straight into the batch; tokens: rows gathered from the memory-mapped
+   chunk files; "images:1": one gather thread): shuffled, aligned batches of --batch-tokens
+   rows of all backbones, steady state = epochs 2 .. --passes + 1 of one iterator (the first,
+   with start-up, is shown too); rows/s = delivered rows / time.  The consumer drops each batch
+   before asking for the next, as `usae train` does, so the loader refills the same, cache-warm
+   buffers; a "/hold" variant (e.g. "images/hold") holds the previous batch meanwhile, as the
+   loop variable of ``for batch in loader`` does, and gets two buffers in rotation.
+   Target: loader / numpy (reused array) >= 0.8, given as the ratio of the medians and as the
+   median of the per-repeat ratios.
    Both are also given per CPU second of the process (time.process_time, all threads): on a
    shared, oversubscribed machine wall-clock rates mostly measure the scheduler, CPU-time
    rates measure the work done.
-   Also: whole chunk files read into two alternating batch-sized buffers (no shuffle), the
-   bound for any loader writing into batch buffers (numpy above reuses one cache-hot buffer).
+   Also: whole chunk files read into two alternating batch-sized buffers (no shuffle), a
+   bound for a loader that alternates two batch buffers (numpy above reuses one cache-hot one).
    Then (unless --no-reread) the store's files are evicted from the page cache and read back
    in, the state of a store extracted earlier and read again for training, and numpy, the
    two-buffer bound and the loaders are measured again: a just-written store's page cache can
@@ -127,25 +131,35 @@ def into_two_buffers(st: Store, seed: int, passes: int, batch_tokens: int) -> Ra
 
 
 def make_loader(a, st: Store, variant: str, seed: int) -> ChunkLoader:
-    """The loader of a variant: "images" or "images:2" (shuffle mode, gather threads), with the
-    command line's batch, block and prefetch (0 for blocks or threads: the loader's default)."""
-    mode, _, threads = variant.partition(":")
+    """The loader of a variant: "images", "images:2" (shuffle mode, gather threads) or
+    "images/hold" (see `loader_epoch`), with the command line's batch, block and prefetch (0 for
+    blocks or threads: the loader's default)."""
+    mode, _, threads = variant.split("/")[0].partition(":")
     return ChunkLoader(st, st.backbones, a.batch_tokens, seed=seed, buffer_chunks=a.buffer_chunks or None,
                        prefetch=a.prefetch, shuffle=mode, gather_threads=int(threads or a.gather_threads) or None)
 
 
-def loader_epoch(ld: ChunkLoader, passes: int = 1) -> tuple[Rate, float]:
+def loader_epoch(ld: ChunkLoader, passes: int = 1, hold: bool = False) -> tuple[Rate, float]:
     """(steady-state Rate over epochs 2 .. passes+1, wall rows/s of the 1st epoch from a cold start).
 
     A training run iterates epoch after epoch with one loader: its chunk pool and batch
     buffers are paged in during the first epoch (the cold figure includes that and the
-    thread start); the steady figure is the next `passes` epochs.
+    thread start); the steady figure is the next `passes` epochs. The consumer drops each batch
+    before it asks for the next, as `usae train` does; with `hold` it still holds it then (as
+    the loop variable of ``for batch in loader`` does), so the loader cannot refill it at once.
     """
     it = iter(ld)
     rates = []
     for epochs in (1, passes):
         t0, c0 = time.perf_counter(), time.process_time()
-        n = sum(next(it).acts[0].shape[0] for _ in range(ld.batches_per_epoch * epochs))
+        n, b = 0, None
+        for _ in range(ld.batches_per_epoch * epochs):
+            if hold:
+                b = next(it)  # the previous batch stays referenced until next() returns
+                n += b.acts[0].shape[0]
+            else:
+                n += next(it).acts[0].shape[0]
+        del b
         rates.append(Rate(n / (time.perf_counter() - t0), n / (time.process_time() - c0)))
     ld.close()
     return rates[1], rates[0].wall
@@ -195,8 +209,9 @@ def main() -> None:
     ap.add_argument("--store", default="", help="reuse/create the store here (default: a temp dir)")
     ap.add_argument("--no-reread", dest="reread", action="store_false",
                     help="skip the second round on the store evicted from the page cache and read back")
-    ap.add_argument("--shuffles", default="images,tokens",
-                    help="loader variants to measure side by side: a shuffle mode, or mode:threads (e.g. images:1)")
+    ap.add_argument("--shuffles", default="images,images/hold,tokens",
+                    help="loader variants to measure side by side: a shuffle mode, mode:threads (e.g. images:1), "
+                         "and /hold for a consumer that holds the previous batch (e.g. images/hold)")
     ap.add_argument("--out", default="benchmarks/loader.json")
     a = ap.parse_args()
     widths = tuple(int(w) for w in a.widths.split(","))
@@ -236,7 +251,7 @@ def measure_reads(a, st: Store, suffix: str) -> dict[str, list[float]]:
         out[f"numpy{suffix}"].append(numpy_into(st, r, a.passes).wall)
         out[f"two_buffers{suffix}"].append(into_two_buffers(st, r, a.passes, a.batch_tokens).wall)
         for m in a.shuffles.split(","):
-            steady, _ = loader_epoch(make_loader(a, st, m, r), a.passes)
+            steady, _ = loader_epoch(make_loader(a, st, m, r), a.passes, m.endswith("/hold"))
             out[f"loader_{m}{suffix}"].append(steady.wall)
     return out
 
@@ -258,7 +273,7 @@ def measure(a, st: Store) -> dict[str, list[float]]:
         out["fromfile"].append(numpy_read(st, r, a.passes).wall)
         out["two_buffers"].append(into_two_buffers(st, r, a.passes, a.batch_tokens).wall)
         for m in modes:
-            steady, cold = loader_epoch(make_loader(a, st, m, r), a.passes)
+            steady, cold = loader_epoch(make_loader(a, st, m, r), a.passes, m.endswith("/hold"))
             out[f"loader_{m}"].append(steady.wall)
             out[f"loader_{m}_cpu"].append(steady.cpu)
             out[f"loader_{m}_cold"].append(cold)
@@ -297,7 +312,7 @@ def report(a, st: Store, res: dict) -> None:
         ratios |= {
             f"{m}: loader / numpy (target >= 0.8)": med[f"loader_{m}"] / med["numpy"],
             f"{m}:   median of the per-repeat ratios": paired(f"loader_{m}", "numpy"),
-            f"{m}:   / the 2-buffer ceiling": med[f"loader_{m}"] / med["two_buffers"],
+            f"{m}:   / two alternating buffers": med[f"loader_{m}"] / med["two_buffers"],
             f"{m}:   same per CPU second": med[f"loader_{m}_cpu"] / med["numpy_cpu"],
             f"{m}: loader / training step (target >= 10)": med[f"loader_{m}"] / med["train"],
             f"{m}: fed / in-memory training (1.0 = free)": med[f"train_fed_{m}"] / med["train"],

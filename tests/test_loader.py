@@ -512,3 +512,74 @@ def test_images_batch_buffers_never_overwritten_while_referenced(store):
     assert all(torch.equal(v, ref[n][1][1:6]) for n, v in kept.items())
     assert all(torch.equal(a, r) for a, r in zip(whole.acts, ref[4], strict=True))
     assert len(ptrs) <= len(kept) + 4  # dropped batches' buffers were reused
+
+
+def _share_in_threads(share, fn, n_threads: int) -> None:
+    """Run share.work(fn) in n_threads threads beside this one, then wait like the batcher."""
+    threads = [threading.Thread(target=share.work, args=(fn,)) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    try:
+        share.work(fn)
+        share.wait()
+    finally:
+        for t in threads:
+            t.join()
+
+
+@pytest.mark.parametrize("n_threads", [0, 1, 3])
+def test_shared_units_each_done_once_before_wait_returns(n_threads):
+    done, by = [], set()
+    started = threading.Barrier(n_threads + 1) if n_threads else None
+
+    def unit(i):
+        if started is not None and i < n_threads + 1:  # every thread takes one unit before any ends
+            started.wait(timeout=10)
+        done.append(i)
+        by.add(threading.get_ident())
+
+    share = loader_module._Share([(i,) for i in range(200)])
+    _share_in_threads(share, unit, n_threads)
+    assert sorted(done) == list(range(200))
+    assert len(by) == n_threads + 1
+
+
+def test_shared_units_stop_at_the_first_error_and_wait_raises_it():
+    ran = []
+
+    def unit(i):
+        ran.append(i)
+        if i == 5:
+            raise StoreError("unit 5 failed")
+
+    share = loader_module._Share([(i,) for i in range(100)])
+    with pytest.raises(StoreError, match="unit 5"):
+        _share_in_threads(share, unit, 2)
+    assert 5 in ran and len(ran) < 100  # no unit is taken once one has failed (a few may be in flight)
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_a_trainer_faster_than_the_loader_gets_its_dropped_buffer_back(store, monkeypatch, drop):
+    """A trainer waiting for each batch that drops it before asking for the next gets the same
+    (cache-warm) buffers back every time; one that still holds it gets the other set, and the
+    batch it holds is never overwritten."""
+    ref = [[a.clone() for a in b.acts] for b in _epoch(ChunkLoader(store, ["a", "b"], 8, seed=3, shuffle="images"), 12)]
+    real = loader_module._Workers._copy
+
+    def slow_copy(self, *args):  # the loader is the slower side: the trainer always waits for it
+        threading.Event().wait(0.002)
+        return real(self, *args)
+
+    monkeypatch.setattr(loader_module._Workers, "_copy", slow_copy)
+    monkeypatch.setattr(loader_module, "_AGAIN_S", 30.0)  # however late the trainer's next request comes
+    it = iter(ChunkLoader(store, ["a", "b"], 8, seed=3, shuffle="images", gather_threads=1))
+    ptrs, held = [], None
+    for n in range(12):
+        b = next(it)
+        ptrs.append(b.acts[0].data_ptr())
+        assert all(torch.equal(a, r) for a, r in zip(b.acts, ref[n], strict=True))
+        if held is not None:
+            assert all(torch.equal(a, r) for a, r in zip(held.acts, ref[n - 1], strict=True))
+        held = None if drop else b
+        del b
+    assert len(set(ptrs)) == (1 if drop else 2)

@@ -891,6 +891,8 @@ def _loop(cfg: TrainConfig, s: TrainState, ctx: StepContext, loader, st: Store, 
             batch = next(it)
             check_finite(st, keys, batch.acts, train_images, ctx.world)
             x = [s.model.standardize(j, a.to(dev, non_blocking=True).float()) for j, a in enumerate(batch.acts)]
+            epoch = int(batch.epoch)
+            del batch  # dropped before the step: the loader can refill the same, cache-warm buffers
             want = (s.step + 1) % cfg.log_every == 0 or s.step + 1 == ctx.total_steps
             try:
                 out = train_step(s, ctx, x, with_r2=want)
@@ -899,7 +901,7 @@ def _loop(cfg: TrainConfig, s: TrainState, ctx: StepContext, loader, st: Store, 
                     else "no checkpoint was written yet"
                 raise TrainError(f"{e}; training stopped, {where}") from None
             last = out.loss
-            line = logger.log(s, out, int(batch.epoch))
+            line = logger.log(s, out, epoch)
             if line is not None:
                 bar.update(task, info=f"loss {line['loss']:.4f} L0 {line['l0']:.1f}")
             bar.update(task, completed=s.step)
