@@ -83,8 +83,8 @@ from usae.pipeline.store import Store, StoreError
 _ROTATION = 2  # batch buffers in rotation: one with the trainer, one being filled (see the module docstring)
 _SPARE_BATCHES = 6  # batch buffers kept for reuse once the trainer drops them
 _AGAIN_S = 2e-3  # how long the batcher waits for a fast trainer to ask for its next batch (see `_new_out`)
-_MIN_SPLIT_BYTES = 4 << 20  # a gather is split across threads in parts of at least this many bytes (smaller
-# parts lose more to waking the helper thread than they gain: 2 threads on 2048-token batches were 0.9x of 1)
+_MIN_SPLIT_BYTES = 4 << 20  # a window of fewer bytes is gathered by the batcher alone (waking a helper costs
+# more than it gains there: with the work split in even halves, 2 threads on 2048-token batches were 0.9x of 1)
 # chunks per shuffle block when not given: a block is what a batch is drawn from, so the more chunks
 # the closer batches are to a uniform sample of the store (a store keeps its manifest's order, often
 # sorted by folder, i.e. by class); they cost memory only when decoded into a pool
@@ -405,8 +405,8 @@ class _Workers:
     on a raw store (no copy), read into a slot of a fixed chunk pool otherwise; for
     shuffle="images" on a raw store, only opened (each image piece is then read with
     ``os.preadv`` straight into the batch). The batcher cuts the stream into batches and
-    gathers each rank window's rows straight into the batch buffers, split across
-    ``gather_threads`` threads.
+    gathers each rank window's rows straight into the batch buffers, its copies shared out to
+    ``gather_threads`` threads (`_Share`).
     """
 
     def __init__(self, loader: ChunkLoader, epoch: int, step: int, buffers: tuple[dict, list] | None):
