@@ -382,18 +382,16 @@ class Store:
         d = self.widths[key]
         rows = r1 - r0
         if self._direct[key]:
-            f = self.chunk_file(key, i)
-            full = self.chunk_images * self.tokens_per_image
             if out is None:
                 out = np.empty((rows, d), dtype=np.float16)
-            if not f.exists():  # never written: zarr's fill value
+            fd, nbytes = self._open_raw(key, i)  # checked to hold the chunk's rows
+            if fd is None:  # never written: zarr's fill value
                 out[:] = 0
                 return out
-            with open(f, "rb") as fh:
-                nbytes = rows * d * 2
+            with open(fd, "rb") as fh:
                 got = fh.readinto(memoryview(out.reshape(-1)).cast("B")[:nbytes])
-            if got != nbytes and got != full * d * 2:
-                raise StoreError(f"chunk file {f} is truncated ({got} of {nbytes} bytes)")
+            if got != nbytes:  # cut while being read
+                raise StoreError(f"chunk file {self.chunk_file(key, i)} is truncated ({got} of {nbytes} bytes)")
             return out
         arr = self._groups[key]["tokens"][r0:r1]
         if out is not None:
