@@ -214,13 +214,6 @@ class ChunkLoader:
         """The shuffle of one block's selected images (shuffle="images"), drawn from (seed, epoch, block)."""
         return np.random.default_rng([self.seed, 2, epoch, block]).permutation(n_images)
 
-    def block_order(self, epoch: int, block: int, rows: int) -> np.ndarray:
-        """Stream order of a block's selected rows, as indices into those rows taken chunk by chunk."""
-        if self.shuffle == "tokens":
-            return self.block_permutation(epoch, block, rows)
-        imgs = self.block_image_permutation(epoch, block, rows // self._t)
-        return (imgs[:, None] * self._t + np.arange(self._t)).reshape(-1)
-
     @property
     def read_mode(self) -> str:
         """How chunks are read: "pread" (images on a raw store: each image piece is read from
@@ -587,7 +580,7 @@ class _Workers:
             return _Open(sources, chunk_of[perm].tolist(), (np.concatenate(imgs)[perm] * ld._t).tolist(), None)
         rows = [ld.chunk_selected_rows(int(c)) for c in blk.chunks]
         chunk_of = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-        return _Open(sources, chunk_of, np.concatenate(rows), ld.block_order(epoch, bi, blk.rows))
+        return _Open(sources, chunk_of, np.concatenate(rows), ld.block_permutation(epoch, bi, blk.rows))
 
     def _segment(self, ctx: _Open, s0: int, s1: int) -> np.ndarray | range:
         """Stream rows [s0, s1) of a block in batch order: for shuffle="tokens", the block's
