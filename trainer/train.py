@@ -48,6 +48,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from usae.pipeline.store import Store, holdout_mask
 from usae.trainer import checkpoint as ckpt
+from usae.trainer.loader import SHUFFLES, ChunkLoader
 from usae.trainer.model import USAE, Codes, ModelSpec
 
 CONFIG_SCHEMA_VERSION = 1
@@ -128,7 +129,7 @@ class TrainConfig:
             (self.loss in ("l1", "l2"), f"loss must be l1 or l2, got {self.loss!r}"),
             (self.update in ("paper", "reference"), f"update must be paper or reference, got {self.update!r}"),
             (self.dtype in ("bf16", "fp32"), f"dtype must be bf16 or fp32, got {self.dtype!r}"),
-            (self.shuffle in ("tokens", "images"), f"shuffle must be tokens or images, got {self.shuffle!r}"),
+            (self.shuffle in SHUFFLES, f"shuffle must be {' or '.join(SHUFFLES)}, got {self.shuffle!r}"),
             (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), f"bad device {self.device!r}"),
             (self.k > 0, "k must be positive"),
             (self.batch_tokens > 0, "batch_tokens must be positive"),
@@ -618,8 +619,6 @@ def model_spec(st: Store, keys: Sequence[str], cfg: TrainConfig) -> ModelSpec:
 
 
 def make_loader(st: Store, keys: Sequence[str], cfg: TrainConfig, images: np.ndarray, d: Dist):
-    from usae.trainer.loader import ChunkLoader
-
     if cfg.batch_tokens % d.world:
         raise TrainError(f"batch_tokens {cfg.batch_tokens} is not divisible by the {d.world} DDP processes")
     try:
