@@ -53,6 +53,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from usae.trainer.model import USAE
 
+from usae.errors import UsaeError
+
 CONTRAST = 1.5
 """Gain between the unit-variance decorrelated image and the sigmoid's input."""
 LEAK = 0.01
@@ -63,7 +65,7 @@ DTYPES = {
 }  # fmt: skip
 
 
-class MaximizeError(RuntimeError):
+class MaximizeError(UsaeError, RuntimeError):
     """A user-facing problem with the run, its store, its backbones or the requested concepts."""
 
 

@@ -31,10 +31,12 @@ from usae.analysis import metrics as mx
 from usae.pipeline.store import Store, StoreError, holdout_mask
 from usae.trainer.model import USAE, load_run
 
+from usae.errors import UsaeError
+
 IMAGE_CHOICES = ("auto", "holdout", "train", "all")
 
 
-class AnalyzeError(RuntimeError):
+class AnalyzeError(UsaeError, RuntimeError):
     """The analysis cannot run (incompatible run/store, bad option, unreadable input)."""
 
 

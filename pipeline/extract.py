@@ -39,12 +39,14 @@ from usae.pipeline.registry import (
 )
 from usae.pipeline.store import BackboneLayout, Store
 
+from usae.errors import UsaeError
+
 # Test hook: seconds to sleep after computing each chunk, so that a test can kill a run
 # between commits. Not a user setting.
 _DELAY_ENV = "USAE_EXTRACT_TEST_CHUNK_DELAY"
 
 
-class ExtractError(RuntimeError):
+class ExtractError(UsaeError, RuntimeError):
     """A user-facing extraction problem (bad option, too many failed images, ...)."""
 
 

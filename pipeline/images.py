@@ -43,6 +43,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from usae.errors import UsaeError
+
 DEFAULT_MAX_PIXELS = 64_000_000
 """Largest accepted image (width * height), e.g. 8000 x 8000."""
 
@@ -52,7 +54,7 @@ BACKGROUND_RGB = (0, 0, 0)
 ImageSource = str | os.PathLike | IO[bytes] | bytes
 
 
-class ImageError(ValueError):
+class ImageError(UsaeError, ValueError):
     """An image that cannot be used; ``reason`` is a short human-readable explanation."""
 
     def __init__(self, reason: str):

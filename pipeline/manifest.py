@@ -46,6 +46,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from usae.pipeline.images import has_scheme
 
+from usae.errors import UsaeError
+
 REQUIRED_COLUMNS = ("image_id", "path")
 OPTIONAL_COLUMNS = ("split", "label", "sha256")
 SPLITS = ("train", "val", "test")
@@ -54,7 +56,7 @@ _EXAMPLES = 5  # how many offending rows an error message lists
 _HASH_THREADS = 4  # files hashed at once (I/O bound on network and cold disks)
 
 
-class ManifestError(ValueError):
+class ManifestError(UsaeError, ValueError):
     """A manifest that cannot be used (missing columns, duplicate ids, escaping paths)."""
 
 

@@ -28,16 +28,18 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from usae.errors import UsaeError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 
-class RegistryError(ValueError):
+class RegistryError(UsaeError, ValueError):
     """An unknown backbone name or an unusable model."""
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(UsaeError, RuntimeError):
     """No weights for a backbone: none in the local cache, no file given, no random init asked."""
 
 

@@ -22,6 +22,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from usae.errors import UsaeError
+
 SCHEMA_VERSION = 1
 FORMAT = "usae-activations"
 _META = "_usae"
@@ -41,7 +43,7 @@ def _cached(fd: int, nbytes: int) -> bool:
         return False
 
 
-class StoreError(RuntimeError):
+class StoreError(UsaeError, RuntimeError):
     """A store is missing, incomplete, incompatible or malformed."""
 
 

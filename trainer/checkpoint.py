@@ -27,10 +27,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from usae.errors import UsaeError
+
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsaeError, RuntimeError):
     """A checkpoint is missing, malformed, unsafe or does not fit the model."""
 
 

@@ -1,7 +1,9 @@
 """Standardised token activations of M backbones <-> one shared TopK concept code (the USAE).
 
 Per backbone i: encoder Linear(d_i -> m) -> BatchNorm1d(m) -> ReLU -> TopK(k), decoder
-D_i (m, d_i) with unit-norm rows at every use and no bias (usae-spec.md section 2).
+D_i (m, d_i) with unit-norm rows at every use and no bias (docs/method.md, section 2).
+The model owns its maths (`encode_pre` also for a slice of concepts, as activation
+maximisation needs) and its file (`save`, `load`, `load_run`).
 Backbones are addressed by their position i in ``spec.backbones``; nothing here branches on a
 backbone's name.
 """
@@ -18,7 +20,15 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from usae.errors import UsaeError
+from usae.runtime import atomic_path
+
 STD_EPS = 1e-5
+WEIGHTS_FILE = "model.safetensors"
+
+
+class RunNotFound(UsaeError, FileNotFoundError):
+    """A folder that holds no usae run (no config.json, or no weights)."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +106,19 @@ class USAE(nn.Module):
         d = self.decoders[j]
         return d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def encode_pre(self, i: int, x_bd: Float[Tensor, "b d"]) -> Float[Tensor, "b m"]:
-        return self.bns[i](self.encoders[i](x_bd))
+    def encode_pre(self, i: int, x_bd: Float[Tensor, "... d"], concepts: Tensor | None = None) -> Float[Tensor, "... c"]:
+        """BN_i(W_i x + b_i) of standardised inputs, before ReLU/TopK: every concept, or only
+        the columns `concepts` (a 1-d index tensor; eval mode only: BatchNorm uses its running
+        statistics). Leading dimensions of `x` are kept."""
+        lin, bn = self.encoders[i], self.bns[i]
+        if concepts is None:
+            lead = x_bd.shape[:-1]
+            return bn(lin(x_bd.reshape(-1, x_bd.shape[-1]))).reshape(*lead, -1)
+        if self.training:
+            raise ValueError("encode_pre for a slice of concepts needs eval mode (BatchNorm running statistics)")
+        h = F.linear(x_bd, lin.weight[concepts], lin.bias[concepts])
+        scale = bn.weight[concepts] * torch.rsqrt(bn.running_var[concepts] + bn.eps)
+        return (h - bn.running_mean[concepts]) * scale + bn.bias[concepts]
 
     def encode(self, i: int, x_bd: Float[Tensor, "b d"], k: int | None = None) -> Codes:
         pre = self.encode_pre(i, x_bd)
@@ -124,27 +145,41 @@ class USAE(nn.Module):
         return codes, out
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "model.safetensors") -> tuple[USAE, dict]:
-    """Rebuild a trained USAE from a run directory (config.json + safetensors, no pickle)."""
-    from usae.trainer.checkpoint import CheckpointError, safe_load_safetensors
+    def save(self, path: str | Path) -> None:
+        """Write the weights (state_dict) to a safetensors file, atomically."""
+        from safetensors.torch import save_file
 
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+
+    @classmethod
+    def load(cls, spec: ModelSpec, path: str | Path) -> USAE:
+        """A USAE of `spec` with the weights of a safetensors file (anything else is refused:
+        a crafted file never runs code), in eval mode on the CPU."""
+        from usae.trainer.checkpoint import CheckpointError, safe_load_safetensors
+
+        model = cls(spec)
+        try:
+            model.load_state_dict(safe_load_safetensors(Path(path)))
+        except RuntimeError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path} does not fit the model described by config.json ({e})") from None
+        return model.eval()
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = WEIGHTS_FILE) -> tuple[USAE, dict]:
+    """Rebuild a trained USAE from a run directory (config.json + safetensors, no pickle);
+    the final weights, or the latest checkpoint's when the run has not finished."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a usae run directory (no config.json)")
+        raise RunNotFound(f"{run_dir} is not a usae run directory (no config.json)")
     cfg = json.loads(cfg_path.read_text())
-    spec = ModelSpec.from_dict(cfg["model"])
-    model = USAE(spec)
     wpath = run_dir / weights
     if not wpath.exists():
-        wpath = run_dir / "checkpoint" / "model.safetensors"
+        wpath = run_dir / "checkpoint" / WEIGHTS_FILE
     if not wpath.exists():
-        raise FileNotFoundError(f"{run_dir} holds no weights ({weights} or checkpoint/model.safetensors)")
-    try:  # refuses anything but safetensors: a crafted file never runs code
-        model.load_state_dict(safe_load_safetensors(wpath))
-    except RuntimeError as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{wpath} does not fit the model described by config.json ({e})") from None
-    model.to(device).eval()
-    return model, cfg
+        raise RunNotFound(f"{run_dir} holds no weights ({weights} or checkpoint/{WEIGHTS_FILE})")
+    model = USAE.load(ModelSpec.from_dict(cfg["model"]), wpath)
+    return model.to(device).eval(), cfg

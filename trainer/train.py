@@ -51,10 +51,12 @@ from usae.trainer import checkpoint as ckpt
 from usae.trainer.loader import SHUFFLES, ChunkLoader
 from usae.trainer.model import USAE, Codes, ModelSpec
 
+from usae.errors import UsaeError
+
 CONFIG_SCHEMA_VERSION = 1
 
 
-class TrainError(RuntimeError):
+class TrainError(UsaeError, RuntimeError):
     """Training cannot start or cannot go on (bad input, non-finite loss, disk full...)."""
 
 
