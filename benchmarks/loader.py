@@ -51,9 +51,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from usae.pipeline.store import BackboneLayout, Store
+from usae.trainer.config import TrainConfig
 from usae.trainer.loader import ChunkLoader
 from usae.trainer.model import ModelSpec
-from usae.trainer.train import StepContext, TrainConfig, new_state, train_step
+from usae.trainer.state import new_state
+from usae.trainer.train import StepContext, train_step
+
+from usae.runtime import autocast_dtype
 
 
 def make_store(path: Path, n_images: int, widths: tuple[int, ...], tpi: int, chunk_images: int) -> Store:
@@ -169,8 +173,7 @@ def train_setup(st: Store, concepts: int, k: int, batch_tokens: int):
     widths = tuple(st.widths[key] for key in st.backbones)
     spec = ModelSpec(tuple(st.backbones), widths, (0.0,) * len(widths), (1.0,) * len(widths), concepts, k)
     cfg = TrainConfig(lr=3e-4, batch_tokens=batch_tokens)
-    has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    amp = torch.bfloat16 if has_bf16 else None
+    amp = autocast_dtype("bf16", "cpu")
     torch.manual_seed(0)
     state = new_state(spec, cfg, torch.device("cpu"))
     return state, StepContext(cfg, 10**6, 0, 1, amp), amp

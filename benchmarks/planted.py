@@ -29,10 +29,10 @@ from usae.trainer.train import TrainConfig, run_train
 
 # name -> TrainConfig overrides; "k" None = the planted number of active concepts
 VARIANTS = {
-    "paper": dict(update="paper"),
-    "reference": dict(update="reference"),
-    "independent": dict(independent=True),
-    "paper-k4x": dict(update="paper", k_mult=4),
+    "paper": dict(mode="paper"),
+    "reference": dict(mode="reference"),
+    "independent": dict(mode="independent"),
+    "paper-k4x": dict(mode="paper", k_mult=4),
 }
 
 

@@ -20,8 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from usae.trainer.config import TrainConfig
 from usae.trainer.model import USAE, ModelSpec
-from usae.trainer.train import StepContext, TrainConfig, TrainState, make_optimizer, train_step
+from usae.trainer.state import TrainState, make_optimizer
+from usae.trainer.train import StepContext, train_step
+
+from usae.runtime import fast_bf16
 
 
 def dense_step(model: USAE, opt: torch.optim.AdamW, i: int, x_list: list[torch.Tensor], cfg: TrainConfig,
@@ -108,7 +112,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(SEED)  # the same draws train_step makes
     sources = [int(torch.randint(len(widths), (1,), generator=g)) for _ in batches]
     variants = {"dense fp32 (baseline)": "dense", "usae fp32": None}
-    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+    if fast_bf16("cpu"):
         variants["usae bf16"] = torch.bfloat16
     times: dict[str, list[float]] = {v: [] for v in variants}
     losses: dict[str, list[float]] = {}

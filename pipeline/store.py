@@ -351,6 +351,10 @@ class Store:
             raise StoreError(f"{self.path}: backbone {key!r} has no statistics (store incomplete?)")
         return dict(s)
 
+    def token_rows(self, key: str) -> int:
+        """Rows of a backbone's token array (n_images * tokens_per_image in a sound store)."""
+        return int(self._groups[key]["tokens"].shape[0])
+
     def chunk_images_range(self, i: int) -> tuple[int, int]:
         a = i * self.chunk_images
         return a, min(a + self.chunk_images, self.n_images)

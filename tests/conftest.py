@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+# wide terminals for CliRunner: rich wraps error panels at the terminal width, and a message
+# split over two lines of a box cannot be matched as one string
+os.environ.setdefault("COLUMNS", "200")
 
 
 def _photos() -> list[np.ndarray]:

@@ -16,24 +16,25 @@ from usae.trainer.train import run_train
 def weights_init(store):
     """The initial weights of a run with the test configuration (same seed)."""
     from usae.pipeline.store import Store
-    from usae.trainer.train import model_spec, new_state
+    from usae.trainer.inputs import model_spec
+    from usae.trainer.state import new_state
 
     st = Store.open(store)
     cfg = small_cfg(store, "unused")
     return new_state(model_spec(st, ["b0", "b1"], cfg), cfg, torch.device("cpu")).model.state_dict()
 
 
-@pytest.mark.parametrize("update", ["paper", "reference"])
-def test_two_process_gloo_matches_single_process(tmp_path, update):
+@pytest.mark.parametrize("mode", ["paper", "reference"])
+def test_two_process_gloo_matches_single_process(tmp_path, mode):
     store = make_store(tmp_path / "s.zarr", n=32)
-    cfg = small_cfg(store, tmp_path / "one", steps=6, ckpt_every=3, log_every=3, update=update)
+    cfg = small_cfg(store, tmp_path / "one", steps=6, ckpt_every=3, log_every=3, mode=mode)
     run_train(cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "usae.cli", "train", "--store", str(store), "--out", str(tmp_path / "two"),
            "--steps", "6", "--ckpt-every", "3", "--log-every", "3", "--batch-tokens", "32", "--concepts", "16",
            "--k", "3", "--lr", "3e-3", "--holdout", "0.2", "--dtype", "fp32", "--device", "cpu",
-           "--warmup-steps", "2", "--update", update]
+           "--warmup-steps", "2", "--mode", mode]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")

@@ -489,7 +489,7 @@ def test_train_end_to_end_with_image_batches(tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["shuffle"] == "images"
     bad = CliRunner().invoke(app, [*args[:3], "--out", str(tmp_path / "x"), "--shuffle", "pixels"])
-    assert bad.exit_code == 2 and "shuffle must be" in bad.output
+    assert bad.exit_code == 2 and "'pixels' is not one of 'images', 'tokens'" in bad.output
 
 
 def test_images_batch_buffers_never_overwritten_while_referenced(store):

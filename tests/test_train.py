@@ -11,18 +11,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as hst
+from usae.trainer.config import TrainConfig
 from usae.trainer.model import USAE, ModelSpec
-from usae.trainer.train import (
-    StepContext,
-    TrainConfig,
-    TrainState,
-    aux_selection,
-    lr_at,
-    make_optimizer,
-    mask_to_aux_,
-    source_loss,
-    train_step,
-)
+from usae.trainer.objective import aux_selection, mask_to_aux_, source_loss
+from usae.trainer.state import TrainState, lr_at, make_optimizer
+from usae.trainer.train import StepContext, train_step
 
 torch.set_num_threads(1)
 
@@ -125,9 +118,9 @@ def test_reference_detaches_other_decoders_only():
 def test_r2_and_codes_reported():
     model = tiny()
     x = batch(model.spec.widths)
-    from usae.trainer.train import _reduce_metrics
+    from usae.trainer.distributed import reduce_metrics
 
-    out = _reduce_metrics([source_loss(model, 0, x, [0, 1, 2], loss="l1", aux_weight=0.1, with_r2=True)], 1)[0]
+    out = reduce_metrics([source_loss(model, 0, x, [0, 1, 2], loss="l1", aux_weight=0.1, with_r2=True)], 1)[0]
     z = model.dense_codes(out.codes)
     for j in range(3):
         d = model.decoder_weight(j).detach()
@@ -157,12 +150,12 @@ def _slow_steps(model, cfg, xs, sources, total, warmup):
     for t, (x, i) in enumerate(zip(xs, sources, strict=True)):
         for o in opts:
             o.zero_grad(set_to_none=True)
-        if cfg.independent:
+        if cfg.mode == "independent":
             loss = sum(slow_loss(model, j, x, [j], cfg.loss, cfg.aux_weight) for j in range(n))
         else:
             loss = slow_loss(model, i, x, range(n), cfg.loss, cfg.aux_weight)
         loss.backward()
-        if cfg.update == "reference" and not cfg.independent:
+        if cfg.mode == "reference":
             for j in range(n):  # other backbones' optimisers do not step: their grads are dropped
                 if j != i:
                     opts[j].zero_grad(set_to_none=True)
@@ -172,7 +165,7 @@ def _slow_steps(model, cfg, xs, sources, total, warmup):
             picks[i] += 1
             opts[i].step()
             continue
-        if cfg.independent:
+        if cfg.mode == "independent":
             for o in opts:
                 torch.nn.utils.clip_grad_norm_([p for p in o.param_groups[0]["params"] if p.grad is not None],
                                                cfg.grad_clip)
@@ -183,9 +176,10 @@ def _slow_steps(model, cfg, xs, sources, total, warmup):
             o.step()
 
 
-@pytest.mark.parametrize("update,independent", [("paper", False), ("reference", False), ("paper", True)])
-def test_train_steps_match_slow_update(update, independent):
-    cfg = TrainConfig(lr=1e-2, lr_min=1e-4, update=update, independent=independent, grad_clip=0.05)
+@pytest.mark.parametrize("mode", ["paper", "reference", "independent"])
+def test_train_steps_match_slow_update(mode):
+    independent = mode == "independent"
+    cfg = TrainConfig(lr=1e-2, lr_min=1e-4, mode=mode, grad_clip=0.05)
     model = tiny(independent=independent)
     slow = copy.deepcopy(model)
     st = _state(model, cfg)
@@ -200,7 +194,7 @@ def test_train_steps_match_slow_update(update, independent):
     _slow_steps(slow, cfg, xs, sources, 10, 3)
     for (n, pf), ps in zip(model.named_parameters(), slow.parameters(), strict=True):
         assert torch.allclose(pf, ps, rtol=1e-7, atol=1e-9), n
-    if update == "reference":
+    if mode == "reference":
         assert st.group_steps == [sources.count(j) for j in range(3)]
 
 
@@ -300,7 +294,7 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("s") / "s.zarr")
 
 
-@pytest.mark.parametrize("mode", [dict(update="paper"), dict(update="reference"), dict(independent=True)])
+@pytest.mark.parametrize("mode", [dict(mode="paper"), dict(mode="reference"), dict(mode="independent")])
 def test_resume_is_bitwise_identical(store, tmp_path, mode):
     full = run_train(small_cfg(store, tmp_path / "a", **mode))
     with pytest.raises(SimulatedKill):
@@ -563,25 +557,35 @@ def test_cli_end_to_end_and_errors(store, tmp_path):
 
     r = CliRunner().invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "r"), "--steps", "6",
                                  "--batch-tokens", "32", "--concepts", "16", "--k", "3", "--dtype", "fp32",
-                                 "--warmup", "2", "--log-every", "2", "--update", "reference"])
+                                 "--warmup", "2", "--log-every", "2", "--mode", "reference"])
     assert r.exit_code == 0, r.output
     assert "held-out R2" in r.output and (tmp_path / "r" / "model.safetensors").exists()
     import json
 
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["update"] == "reference"
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["mode"] == "reference"
     bad = CliRunner().invoke(app, ["train", "--store", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 1 and "does not exist" in bad.output and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "does not exist" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "x"), "--loss", "l3"])
-    assert bad.exit_code == 2 and "l1 or l2" in bad.output
+    assert bad.exit_code == 2 and "'l3' is not one of 'l1', 'l2'" in bad.output
 
 
 def test_cli_options_mirror_config_fields():
     import dataclasses
     import inspect
 
-    from usae.trainer.cli import train_cmd
+    import typer
 
+    from usae.cli import app
+
+    train_cmd = typer.main.get_command(app).commands["train"].callback
     assert set(inspect.signature(train_cmd).parameters) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_config_of_a_run_written_before_mode_resumes():
+    """config.json of runs from before `mode`: update/independent map onto it."""
+    assert TrainConfig.from_dict({"update": "reference", "independent": False}).mode == "reference"
+    assert TrainConfig.from_dict({"update": "paper", "independent": True}).mode == "independent"
+    assert TrainConfig.from_dict({}).mode == "paper"
 
 
 def test_sigkill_then_resume_is_bitwise_identical(store, tmp_path):

@@ -1,0 +1,172 @@
+"""`usae train`'s settings -> the resolved config and the plan of each step.
+
+`TrainConfig` is the one frozen description of a run (written to RUN/config.json). `Plan`
+resolves its `mode` once into what a step does: which backbones are sources, which are
+targets, which decoders get no gradient, which parameter groups step and how they are clipped.
+
+The three modes (docs/method.md, section 3):
+  paper        one source backbone i is drawn per step; its codes reconstruct EVERY backbone
+               and the summed loss trains encoder i and every decoder; one lr schedule.
+  reference    as in the authors' code: one AdamW per backbone and only backbone i steps, so
+               decoders j != i are detached and each backbone's schedule advances only when it
+               is picked (it ends near lr * 0.75 for three backbones, not at lr_min).
+  independent  one separate SAE per backbone (the paper's baseline): every step trains every
+               backbone on its own tokens, each with its own gradient-norm clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+from usae.trainer.loader import SHUFFLES
+
+from usae.errors import UsaeError
+from usae.runtime import check_device_name
+
+Mode = Literal["paper", "reference", "independent"]
+MODES: tuple[str, ...] = ("paper", "reference", "independent")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train a Universal SAE (or independent SAEs) on an activation store; writes a run directory."""
+
+    store: str = ""
+    """Activation store (S.zarr) to train on."""
+    out: str = ""
+    """New run directory to write (must not hold another run)."""
+    backbones: tuple[str, ...] = ()
+    """Subset of the store's backbones, in this order (empty: all)."""
+    concepts: int = 0
+    """Concepts m in the shared code (0: 8 x the largest width)."""
+    k: int = 32
+    """Active concepts per token (TopK)."""
+    loss: Literal["l1", "l2"] = "l1"
+    """Reconstruction loss: l1 (mean absolute error) or l2 (mean squared error)."""
+    aux_weight: float = 0.1
+    """Weight of the auxiliary loss on the non-selected pre-activations."""
+    lr: float = 3e-4
+    """Peak AdamW learning rate."""
+    lr_min: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 1e-5
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+    batch_tokens: int = 6272
+    """Tokens per global batch (32 images x 196 tokens)."""
+    steps: int = 0
+    """Optimiser steps (0: derived from epochs)."""
+    epochs: float = 30.0
+    """Epochs over the training images (used when steps is 0)."""
+    warmup_steps: int = -1
+    """Linear warm-up steps (-1: one epoch)."""
+    mode: Mode = "paper"
+    """paper: the source's codes rebuild every backbone and the summed loss trains every decoder; reference: one AdamW per backbone and only the source backbone steps (the authors' code); independent: one separate SAE per backbone (the paper's baseline)."""
+    holdout: float = 0.1
+    """Fraction of images held out for the final metrics (the store's split when it has one)."""
+    seed: int = 0
+    """Seed of the initialisation, the source-backbone draws and the loader's shuffle."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Matmul precision: bf16 (autocast where the device has fast bf16, else fp32) or fp32."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N (under torchrun, cuda is the local rank's GPU)."""
+    log_every: int = 50
+    """Append a line to metrics.jsonl every this many steps."""
+    ckpt_every: int = 1000
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
+    dead_window_tokens: int = 1_000_000
+    """A concept is dead when it was not selected for this many training tokens."""
+    buffer_chunks: int = 0
+    """Chunks shuffled together by the loader (a batch is drawn from them); 0: chosen by how the store is read, 64 for whole-image batches from a raw store, 16 for token batches from a raw store, 4 when chunks are decoded into a memory pool (a compressed store)."""
+    shuffle: Literal["images", "tokens"] = "images"
+    """images (default): batches of whole images in shuffled order, as the paper's 32 x 196-token batches, each image read straight from its chunk file into the batch; tokens: single rows shuffled within a buffer of chunks (more images per batch, about half the loader's speed)."""
+    resume: str = ""
+    """Continue the run in this directory (its config.json wins over other options)."""
+    stop_after: int = 0
+    """Testing aid: stop abruptly after this many steps, as if killed (0: never)."""
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+        checks = [
+            (self.loss in ("l1", "l2"), f"loss must be l1 or l2, got {self.loss!r}"),
+            (self.mode in MODES, f"mode must be {', '.join(MODES)}, got {self.mode!r}"),
+            (self.dtype in ("bf16", "fp32"), f"dtype must be bf16 or fp32, got {self.dtype!r}"),
+            (self.shuffle in SHUFFLES, f"shuffle must be {' or '.join(SHUFFLES)}, got {self.shuffle!r}"),
+            (self.k > 0, "k must be positive"),
+            (self.batch_tokens > 0, "batch_tokens must be positive"),
+            (self.buffer_chunks >= 0, "buffer_chunks must be >= 0 (0: chosen by how the store is read)"),
+            (0.0 <= self.holdout < 1.0, "holdout must be in [0, 1)"),
+            (self.steps >= 0 and self.epochs > 0, "steps must be >= 0 and epochs > 0"),
+            (self.log_every > 0 and self.ckpt_every >= 0, "log_every must be > 0, ckpt_every >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["backbones"] = list(self.backbones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """From a config.json's "train" (also of runs written before `mode` replaced the
+        `update` and `independent` options)."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "mode" not in d:
+            kw["mode"] = "independent" if d.get("independent") else d.get("update", "paper")
+        kw["backbones"] = tuple(kw.get("backbones", ()))
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one step of `mode` does, for M backbones (resolved once from the config)."""
+
+    mode: Mode
+    n: int
+    """Number of backbones M."""
+
+    def sources(self, gen: torch.Generator) -> list[int]:
+        """Source backbones of a step: one drawn uniformly (same draw on every rank), or all."""
+        if self.mode == "independent":
+            return list(range(self.n))
+        return [int(torch.randint(self.n, (1,), generator=gen).item())]
+
+    def targets(self, i: int) -> list[int]:
+        """Backbones that source i's codes reconstruct."""
+        return [i] if self.mode == "independent" else list(range(self.n))
+
+    def detached(self, i: int) -> list[int]:
+        """Targets whose decoders get no gradient when i is the source."""
+        return [j for j in range(self.n) if j != i] if self.mode == "reference" else []
+
+    def stepping(self, sources: list[int]) -> list[int]:
+        """Parameter groups (one per backbone) whose optimiser steps."""
+        return list(sources) if self.mode == "reference" else list(range(self.n))
+
+    @property
+    def schedule_per_group(self) -> bool:
+        """True: each backbone's lr schedule advances only when its group steps."""
+        return self.mode == "reference"
+
+    @property
+    def clip_per_group(self) -> bool:
+        """True: each backbone's gradients are clipped alone (the SAEs never interact)."""
+        return self.mode == "independent"
+
+    @property
+    def independent(self) -> bool:
+        return self.mode == "independent"
+
+
+class TrainError(UsaeError, RuntimeError):
+    """Training cannot start or cannot go on (bad input, non-finite loss, disk full...)."""
+
+
+class SimulatedKill(UsaeError, RuntimeError):
+    """Raised by `stop_after` to stop a run as abruptly as a kill (tests of --resume)."""

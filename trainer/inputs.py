@@ -1,0 +1,106 @@
+"""A store and a TrainConfig -> what training reads: checked backbones, image masks, the model
+spec and the loader. Every problem with the input is a `TrainError` naming what is wrong."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from usae.pipeline.store import Store
+from usae.trainer.config import TrainConfig, TrainError
+from usae.trainer.distributed import Dist, max_over_ranks
+from usae.trainer.loader import ChunkLoader
+from usae.trainer.model import ModelSpec
+
+from usae.runtime import heldout_images
+
+
+def open_store(cfg: TrainConfig) -> tuple[Store, list[str]]:
+    """Open the store and check everything the trainer relies on (clear errors, no tracebacks)."""
+    if not cfg.store:
+        raise TrainError("no --store given")
+    if not Path(cfg.store).exists():
+        raise TrainError(f"store {cfg.store} does not exist")
+    st = Store.open(cfg.store)  # StoreError: not a store, other schema, incomplete
+    keys = list(cfg.backbones) or list(st.backbones)
+    missing = [k for k in keys if k not in st.backbones]
+    if missing:
+        raise TrainError(f"backbone(s) {missing} not in the store (it has {st.backbones})")
+    if len(set(keys)) != len(keys):
+        raise TrainError(f"backbones listed twice: {keys}")
+    check_rows_agree(st, keys)
+    return st, keys
+
+
+def check_rows_agree(st: Store, keys: Sequence[str]) -> None:
+    """Every backbone must hold the same rows (same images, same tokens) as the image table."""
+    expect = st.n_images * st.tokens_per_image
+    counts = {}
+    for k in keys:
+        rows = st.token_rows(k)
+        if rows != expect:
+            raise TrainError(
+                f"backbone {k!r} has {rows} token rows, but the store's {st.n_images} image ids "
+                f"x {st.tokens_per_image} tokens make {expect}: the backbones disagree on images/rows"
+            )
+        counts[k] = int(st.stats(k)["count"])
+    if len(set(counts.values())) > 1:
+        raise TrainError(f"backbones disagree on the number of valid rows: {counts}")
+
+
+def image_masks(st: Store, holdout: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) boolean masks over the valid images (`usae.runtime.heldout_images`)."""
+    valid, held = st.valid, heldout_images(st, holdout)
+    return valid & ~held, valid & held
+
+
+def model_spec(st: Store, keys: Sequence[str], cfg: TrainConfig) -> ModelSpec:
+    widths = tuple(st.widths[k] for k in keys)
+    stats = [st.stats(k) for k in keys]
+    for k, s in zip(keys, stats, strict=True):
+        if not (math.isfinite(s["scalar_mean"]) and math.isfinite(s["scalar_std"])):
+            raise_non_finite(st, k)  # the statistics saw NaN/inf: name the chunk
+    return ModelSpec(
+        backbones=tuple(keys),
+        widths=widths,
+        mu=tuple(float(s["scalar_mean"]) for s in stats),
+        sigma=tuple(float(s["scalar_std"]) for s in stats),
+        concepts=cfg.concepts or 8 * max(widths),
+        k=cfg.k,
+        independent=cfg.mode == "independent",
+    )
+
+
+def make_loader(st: Store, keys: Sequence[str], cfg: TrainConfig, images: np.ndarray, d: Dist) -> ChunkLoader:
+    if cfg.batch_tokens % d.world:
+        raise TrainError(f"batch_tokens {cfg.batch_tokens} is not divisible by the {d.world} DDP processes")
+    try:
+        return ChunkLoader(
+            st, list(keys), cfg.batch_tokens, images=images, seed=cfg.seed,
+            buffer_chunks=cfg.buffer_chunks or None, rank=d.rank, world_size=d.world, shuffle=cfg.shuffle,
+        )  # fmt: skip
+    except ValueError as e:
+        raise TrainError(f"cannot load batches from {st.path}: {e}") from None
+
+
+def check_finite(st: Store, keys: Sequence[str], acts: Sequence[Tensor], train_images: np.ndarray, world: int = 1) -> None:
+    """Stop with the backbone and chunk when a batch holds NaN/inf activations (on any rank)."""
+    bad = next((j for j, a in enumerate(acts) if not bool(torch.isfinite(a).all())), -1)
+    # every rank must stop together, not hang in the next all_reduce
+    bad = int(max_over_ranks(torch.tensor([bad + 1], dtype=torch.long, device=acts[0].device), world)) - 1
+    if bad >= 0:
+        raise_non_finite(st, keys[bad], train_images)
+
+
+def raise_non_finite(st: Store, key: str, images: np.ndarray | None = None) -> None:
+    """Find the first store chunk of `key` with NaN/inf on the given images and stop with it."""
+    rows = np.repeat(st.valid if images is None else images, st.tokens_per_image)
+    for c in range(st.n_chunks):
+        r0, r1 = st.chunk_rows(c)
+        if not np.isfinite(st.read_chunk(key, c)[rows[r0:r1]]).all():
+            raise TrainError(f"non-finite activations (NaN/inf) in backbone {key!r}, store chunk {c} (rows {r0}..{r1})")
+    raise TrainError(f"non-finite activations (NaN/inf) in backbone {key!r}")

@@ -1,0 +1,171 @@
+"""Standardised tokens of the backbones -> one source backbone's loss (the step's objective).
+
+For source backbone i with TopK codes Z and targets j (docs/method.md, section 3):
+
+    sum over j of  rec(x_j, Z D_j) + aux_weight * rec(x_j - Z D_j, A D_j)
+
+where A keeps the top m/2 of the non-selected positive pre-activations ReLU(pre) - Z. The
+gradient flows through the residual and through A into the encoder (no detach).
+
+Implementation: the sparse reconstruction Z D is one embedding_bag over the k selected rows of
+the concatenated decoders (one gather for all targets); the aux codes are half dense, so they
+are found by selection (kthvalue, not a sort) and decoded with one matmul (bf16 when asked)
+against the same concatenation. Tests compare all of it with a slow dense float64 version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from usae.trainer.model import USAE, Codes
+
+
+class LossParts(NamedTuple):
+    """One source backbone's loss and what the metrics need."""
+
+    loss: Tensor
+    """Scalar: sum of rec + aux_weight * aux over the targets (with graph)."""
+    rec_j: list[Tensor]
+    """Reconstruction loss per target (detached)."""
+    aux_j: list[Tensor]
+    """Auxiliary loss per target (detached)."""
+    r2_j: list[Tensor] | None
+    """R2 of each target from the source's codes on this batch (when asked; from source_loss:
+    the sums of `r2_sums`, turned into R2 over the global batch by train_step)."""
+    codes: Codes
+    """The source's codes."""
+
+
+def batch_norm_local(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
+    """Training-mode BatchNorm over this process's batch (updates running statistics)."""
+    bn.num_batches_tracked.add_(1)
+    return F.batch_norm(h_bm, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
+
+
+class AuxSelection(NamedTuple):
+    """Which entries of ReLU(pre) are aux codes: the n largest of ReLU(pre) - Z per row."""
+
+    idx_bk: Tensor
+    """TopK indices (never aux codes)."""
+    rows: Tensor | None
+    """Rows with more than n positive non-selected entries (None: no such row)."""
+    low_rm: Tensor | None
+    """For those rows, True where an entry is below their n-th largest non-selected value."""
+
+
+def aux_selection(act_bm: Tensor, idx_bk: Tensor, n: int) -> AuxSelection:
+    """Find the aux codes by selection (kthvalue), not sorting: same set as
+    torch.topk(ReLU(pre) - Z, n) up to ties at the threshold. A row with at most n positive
+    non-selected entries keeps all of them (topk would only add zeros, which decode to 0 and
+    get no gradient through the ReLU), so only the other rows need a threshold."""
+    m = act_bm.shape[1]
+    with torch.no_grad():
+        pos = torch.count_nonzero(act_bm, dim=1) - torch.count_nonzero(act_bm.gather(1, idx_bk), dim=1)
+        over = pos > n
+        if n >= m or not bool(over.any()):
+            return AuxSelection(idx_bk, None, None)
+        rows = over.nonzero().squeeze(1)
+        sub = act_bm[rows].scatter(1, idx_bk[rows], 0)
+        thr = torch.kthvalue(sub, m - n + 1, dim=1).values
+        return AuxSelection(idx_bk, rows, sub < thr[:, None])
+
+
+def mask_to_aux_(a_bm: Tensor, sel: AuxSelection) -> Tensor:
+    """Zero, in place, the entries of a (b, m) tensor that are not aux codes, except entries
+    where ReLU(pre) is 0 (left as they are: ReLU's backward zeroes their gradient anyway)."""
+    a_bm.scatter_(1, sel.idx_bk, 0)
+    if sel.rows is not None:
+        a_bm[sel.rows] = a_bm[sel.rows].masked_fill_(sel.low_rm, 0)
+    return a_bm
+
+
+class _AuxDecode(torch.autograd.Function):
+    """(aux codes of act) @ dec in `dtype`: one cast pass and sparse masking forward, the same
+    masking of the gradient backward; the masked (b, m) copy is made once."""
+
+    @staticmethod
+    def forward(ctx, act_bm: Tensor, dec_md: Tensor, sel: AuxSelection, dtype: torch.dtype) -> Tensor:
+        a = mask_to_aux_(act_bm.to(dtype, copy=True), sel)
+        d = dec_md.to(dtype)
+        ctx.save_for_backward(a, d)
+        ctx.sel, ctx.dtypes = sel, (act_bm.dtype, dec_md.dtype)
+        return (a @ d).to(act_bm.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, d = ctx.saved_tensors
+        g = g.to(a.dtype)
+        ga = gd = None
+        if ctx.needs_input_grad[0]:
+            ga = mask_to_aux_(g @ d.T, ctx.sel).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            gd = (a.T @ g).to(ctx.dtypes[1])
+        return ga, gd, None, None
+
+
+def _err(e: Tensor, kind: str) -> Tensor:
+    return e.abs().mean() if kind == "l1" else e.square().mean()
+
+
+def r2_sums(x_bd: Tensor, resid_bd: Tensor) -> Tensor:
+    """(sum resid^2, sum x, sum x^2, n) in float64: R2 sums that add up over ranks."""
+    x = x_bd.double()
+    return torch.stack([resid_bd.double().square().sum(), x.sum(), x.square().sum(),
+                        torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+
+
+def r2_from_sums(s_4: Tensor) -> Tensor:
+    n = s_4[3]
+    return 1 - (s_4[0] / n) / (s_4[2] / n - (s_4[1] / n).square())
+
+
+def source_loss(
+    model: USAE,
+    i: int,
+    x_list: Sequence[Float[Tensor, "b _"]],
+    targets: Sequence[int],
+    *,
+    loss: str,
+    aux_weight: float,
+    detach: Sequence[int] = (),
+    bn_fn: Callable[[nn.BatchNorm1d, Tensor], Tensor] = batch_norm_local,
+    amp: torch.dtype | None = None,
+    with_r2: bool = False,
+) -> LossParts:
+    """Loss of one source backbone i over the target backbones (standardised inputs x_list).
+
+    detach: targets whose decoders get no gradient (the reference update's other backbones).
+    amp: autocast dtype for the encoder and aux matmuls (None: fp32).
+    """
+    dev = x_list[i].device.type
+    ac = torch.autocast(dev, dtype=amp) if amp is not None else nullcontext()
+    with ac:
+        h_bm = model.encoders[i](x_list[i])
+    pre_bm = bn_fn(model.bns[i], h_bm.to(x_list[i].dtype))
+    act_bm = F.relu(pre_bm)
+    vals_bk, idx_bk = torch.topk(act_bm, model.spec.k, dim=1, sorted=False)
+    sel = aux_selection(act_bm, idx_bk, model.spec.concepts // 2)
+    dec = [model.decoder_weight(j) for j in targets]
+    dec = [w.detach() if j in detach else w for j, w in zip(targets, dec, strict=True)]
+    d_cat = torch.cat(dec, dim=1) if len(dec) > 1 else dec[0]
+    xhat = F.embedding_bag(idx_bk, d_cat, per_sample_weights=vals_bk, mode="sum")
+    auxhat = _AuxDecode.apply(act_bm, d_cat, sel, amp or act_bm.dtype)
+    x_cat = torch.cat([x_list[j] for j in targets], dim=1) if len(targets) > 1 else x_list[targets[0]]
+    resid = x_cat - xhat
+    aux_err = resid - auxhat.to(resid.dtype)
+    widths = [x_list[j].shape[1] for j in targets]
+    rec_j = [_err(r, loss) for r in resid.split(widths, dim=1)]
+    aux_j = [_err(a, loss) for a in aux_err.split(widths, dim=1)]
+    total = torch.stack(rec_j).sum() + aux_weight * torch.stack(aux_j).sum()
+    r2 = None
+    if with_r2:
+        with torch.no_grad():
+            r2 = [r2_sums(x_list[j], r) for j, r in zip(targets, resid.detach().split(widths, dim=1), strict=True)]
+    codes = Codes(vals_bk.detach(), idx_bk, pre_bm.detach())
+    return LossParts(total, [r.detach() for r in rec_j], [a.detach() for a in aux_j], r2, codes)

@@ -1,0 +1,102 @@
+"""A run's training state <-> its checkpoint: model, optimiser, schedule, RNGs and counters.
+
+Everything that changes while training lives in `TrainState`, and all of it is checkpointed,
+so a resumed run continues bit for bit (fp32 on CPU). The optimiser is one AdamW with one
+parameter group per backbone, which is the same as one AdamW per backbone (AdamW is
+per-parameter), and lets the reference mode step and schedule each backbone alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from usae.trainer import checkpoint as ckpt
+from usae.trainer.config import TrainConfig, TrainError
+from usae.trainer.model import USAE, ModelSpec
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training (all of it is checkpointed)."""
+
+    model: USAE
+    opt: torch.optim.AdamW
+    gen: torch.Generator
+    """Draws the source backbone of each step (same seed on every rank)."""
+    step: int = 0
+    group_steps: list[int] = field(default_factory=list)
+    """Schedule position of each backbone (reference mode: advances only when picked)."""
+    tokens: int = 0
+    """Global training tokens seen."""
+    last_fired_mt: Tensor | None = None
+    """(M, m) token count at which each concept was last selected from backbone i."""
+    self_r2: list[float | None] = field(default_factory=list)
+    """Latest training-batch R2 of each backbone from its own codes."""
+    log_loss: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    """Sum and count of step losses since the last metrics line."""
+
+
+def make_optimizer(model: USAE, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with one parameter group per backbone (= one AdamW per backbone)."""
+    groups = []
+    for j in range(model.n_models):
+        params = [*model.encoders[j].parameters(), *model.bns[j].parameters(), model.decoders[j]]
+        groups.append({"params": params, "lr": cfg.lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(t: int, total: int, warmup: int, lr: float, lr_min: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay from lr to lr_min at step `total`."""
+    if t < warmup:
+        return lr * (t + 1) / warmup
+    p = min(1.0, (t - warmup) / max(1, total - warmup))
+    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * p))
+
+
+def new_state(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> TrainState:
+    torch.manual_seed(cfg.seed)
+    model = USAE(spec).to(device).train()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    n = len(spec.backbones)
+    dead = torch.zeros(n, spec.concepts, dtype=torch.long, device=device)
+    return TrainState(model, make_optimizer(model, cfg), gen, 0, [0] * n, 0, dead, [None] * n)
+
+
+def save_state(ckpt_dir: Path, s: TrainState, loader, resume_hint: str) -> None:
+    """Atomic checkpoint; a failed write (disk full...) leaves the previous one intact."""
+    rng = {"gen": s.gen.get_state(), "torch": torch.get_rng_state(), "last_fired": s.last_fired_mt.cpu()}
+    js = {
+        "step": s.step,
+        "tokens": s.tokens,
+        "group_steps": s.group_steps,
+        "self_r2": s.self_r2,
+        "log_loss": s.log_loss,
+        "loader": loader.state_dict(),
+    }
+    try:
+        ckpt.save_checkpoint(ckpt_dir, s.model.state_dict(), s.opt.state_dict(), rng, js)
+    except OSError as e:
+        raise TrainError(
+            f"could not write the checkpoint at step {s.step} ({e}); the previous checkpoint in "
+            f"{ckpt_dir} is intact, resume from it with {resume_hint}"
+        ) from None
+
+
+def restore_state(ckpt_dir: Path, s: TrainState, loader) -> None:
+    c = ckpt.load_checkpoint(ckpt_dir)
+    try:
+        s.model.load_state_dict(c.model)
+        s.opt.load_state_dict(c.optim)
+        s.gen.set_state(c.rng["gen"])
+        torch.set_rng_state(c.rng["torch"])
+        s.last_fired_mt.copy_(c.rng["last_fired"])
+        s.step, s.tokens = int(c.state["step"]), int(c.state["tokens"])
+        s.group_steps, s.self_r2 = list(c.state["group_steps"]), list(c.state["self_r2"])
+        s.log_loss = [float(v) for v in c.state["log_loss"]]
+        loader.load_state_dict(c.state["loader"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise ckpt.CheckpointError(f"checkpoint in {ckpt_dir} does not fit this run ({e})") from None
