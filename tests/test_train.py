@@ -99,6 +99,52 @@ def test_paper_loss_and_grads_match_slow(loss, beta):
         assert torch.allclose(model.bns[i].running_var, slow.bns[i].running_var)
 
 
+def slow_dead_loss(model: USAE, i: int, x_list, targets, dead, aux_weight=0.1):
+    """AuxK over dead concepts written out densely: the k_aux largest non-selected positive
+    pre-activations among the dead concepts rebuild the detached residual."""
+    pre = model.bns[i](model.encoders[i](x_list[i]))
+    act = F.relu(pre)
+    m = act.shape[1]
+    v, ix = torch.topk(act, model.spec.k, dim=1)
+    z = torch.zeros_like(act).scatter(1, ix, v)
+    cand = (act - z) * dead.to(act.dtype)
+    a = torch.zeros_like(act)
+    if int(dead.sum()):
+        av, ai = torch.topk(cand, min(m // 2, int(dead.sum())), dim=1)
+        a = a.scatter(1, ai, av)
+    total = 0.0
+    for j in targets:
+        d = model.decoders[j] / model.decoders[j].norm(dim=1, keepdim=True)
+        r = x_list[j] - z @ d
+        total = total + r.abs().mean() + aux_weight * (r.detach() - a @ d).abs().mean()
+    return total
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 20])
+def test_dead_aux_loss_and_grads_match_slow(n_dead):
+    model = tiny()
+    with torch.no_grad():
+        for bn in model.bns:
+            bn.bias += 1.0  # most pre-activations positive: dead concepts have candidates
+    slow = copy.deepcopy(model)
+    x = batch(model.spec.widths)
+    dead = torch.zeros(model.spec.concepts, dtype=torch.bool)
+    dead[torch.randperm(model.spec.concepts, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+    fast = source_loss(model, 1, x, [0, 1, 2], loss="l1", aux_weight=0.1, aux="dead", dead_m=dead)
+    ref = slow_dead_loss(slow, 1, x, [0, 1, 2], dead)
+    fast.loss.backward()
+    ref.backward()
+    assert torch.allclose(fast.loss, ref, rtol=1e-10, atol=1e-12)
+    gf, gs = grads(model), grads(slow)
+    for name in gf:
+        if gs[name] is None:
+            assert gf[name] is None, name
+        else:
+            assert torch.allclose(gf[name], gs[name], rtol=1e-8, atol=1e-12), name
+    if n_dead == 0:  # nothing dead: the aux term is the plain residual and trains nothing
+        assert torch.allclose(torch.stack(fast.aux_j), torch.stack(fast.rec_j))
+
+
 def test_reference_detaches_other_decoders_only():
     model = tiny()
     slow = copy.deepcopy(model)
@@ -294,7 +340,8 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("s") / "s.zarr")
 
 
-@pytest.mark.parametrize("mode", [dict(mode="paper"), dict(mode="reference"), dict(mode="independent")])
+@pytest.mark.parametrize("mode", [dict(mode="paper"), dict(mode="reference"), dict(mode="independent"),
+                                  dict(mode="paper", aux="dead", dead_window_tokens=64)])
 def test_resume_is_bitwise_identical(store, tmp_path, mode):
     full = run_train(small_cfg(store, tmp_path / "a", **mode))
     with pytest.raises(SimulatedKill):

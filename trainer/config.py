@@ -47,6 +47,8 @@ class TrainConfig:
     """Reconstruction loss: l1 (mean absolute error) or l2 (mean squared error)."""
     aux_weight: float = 0.1
     """Weight of the auxiliary loss on the non-selected pre-activations."""
+    aux: Literal["paper", "dead"] = "paper"
+    """Auxiliary loss: paper (the top m/2 non-selected codes rebuild the residual, a dense decode of half the concepts) or dead (AuxK as in Gao et al.: only concepts dead for dead_window_tokens, up to m/2 per token, rebuild the detached residual; a sparse decode)."""
     lr: float = 3e-4
     """Peak AdamW learning rate."""
     lr_min: float = 1e-6
@@ -93,6 +95,7 @@ class TrainConfig:
         checks = [
             (self.loss in ("l1", "l2"), f"loss must be l1 or l2, got {self.loss!r}"),
             (self.mode in MODES, f"mode must be {', '.join(MODES)}, got {self.mode!r}"),
+            (self.aux in ("paper", "dead"), f"aux must be paper or dead, got {self.aux!r}"),
             (self.dtype in ("bf16", "fp32"), f"dtype must be bf16 or fp32, got {self.dtype!r}"),
             (self.shuffle in SHUFFLES, f"shuffle must be {' or '.join(SHUFFLES)}, got {self.shuffle!r}"),
             (self.k > 0, "k must be positive"),

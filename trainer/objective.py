@@ -137,11 +137,15 @@ def source_loss(
     bn_fn: Callable[[nn.BatchNorm1d, Tensor], Tensor] = batch_norm_local,
     amp: torch.dtype | None = None,
     with_r2: bool = False,
+    aux: str = "paper",
+    dead_m: Tensor | None = None,
 ) -> LossParts:
     """Loss of one source backbone i over the target backbones (standardised inputs x_list).
 
     detach: targets whose decoders get no gradient (the reference update's other backbones).
     amp: autocast dtype for the encoder and aux matmuls (None: fp32).
+    aux: "paper" (the top m/2 non-selected codes rebuild the residual, gradient through both)
+    or "dead" (`dead_aux`: AuxK over the dead concepts `dead_m` only, as in Gao et al.).
     """
     dev = x_list[i].device.type
     ac = torch.autocast(dev, dtype=amp) if amp is not None else nullcontext()
@@ -150,15 +154,18 @@ def source_loss(
     pre_bm = bn_fn(model.bns[i], h_bm.to(x_list[i].dtype))
     act_bm = F.relu(pre_bm)
     vals_bk, idx_bk = torch.topk(act_bm, model.spec.k, dim=1, sorted=False)
-    sel = aux_selection(act_bm, idx_bk, model.spec.concepts // 2)
     dec = [model.decoder_weight(j) for j in targets]
     dec = [w.detach() if j in detach else w for j, w in zip(targets, dec, strict=True)]
     d_cat = torch.cat(dec, dim=1) if len(dec) > 1 else dec[0]
     xhat = F.embedding_bag(idx_bk, d_cat, per_sample_weights=vals_bk, mode="sum")
-    auxhat = _AuxDecode.apply(act_bm, d_cat, sel, amp or act_bm.dtype)
     x_cat = torch.cat([x_list[j] for j in targets], dim=1) if len(targets) > 1 else x_list[targets[0]]
     resid = x_cat - xhat
-    aux_err = resid - auxhat.to(resid.dtype)
+    if aux == "dead":
+        aux_err = resid.detach() - dead_aux(act_bm, idx_bk, d_cat, dead_m, model.spec.concepts // 2)
+    else:
+        sel = aux_selection(act_bm, idx_bk, model.spec.concepts // 2)
+        auxhat = _AuxDecode.apply(act_bm, d_cat, sel, amp or act_bm.dtype)
+        aux_err = resid - auxhat.to(resid.dtype)
     widths = [x_list[j].shape[1] for j in targets]
     rec_j = [_err(r, loss) for r in resid.split(widths, dim=1)]
     aux_j = [_err(a, loss) for a in aux_err.split(widths, dim=1)]
@@ -169,3 +176,16 @@ def source_loss(
             r2 = [r2_sums(x_list[j], r) for j, r in zip(targets, resid.detach().split(widths, dim=1), strict=True)]
     codes = Codes(vals_bk.detach(), idx_bk, pre_bm.detach())
     return LossParts(total, [r.detach() for r in rec_j], [a.detach() for a in aux_j], r2, codes)
+
+
+def dead_aux(act_bm: Tensor, idx_bk: Tensor, d_cat: Tensor, dead_m: Tensor | None, k_aux: int) -> Tensor:
+    """AuxK over dead concepts (Gao et al. 2024): the decode of the k_aux largest positive
+    pre-activations among the concepts in `dead_m` (not selected by TopK), which the caller
+    fits to the DETACHED residual, so only those concepts learn from it. A sparse decode of
+    at most k_aux entries per token instead of the paper's dense half; zero when none is dead."""
+    n_dead = 0 if dead_m is None else int(dead_m.sum())
+    if n_dead == 0:
+        return torch.zeros(act_bm.shape[0], d_cat.shape[1], dtype=d_cat.dtype, device=act_bm.device)
+    cand = act_bm.masked_fill(~dead_m, 0).scatter(1, idx_bk, 0)
+    vals, idx = torch.topk(cand, min(k_aux, n_dead), dim=1, sorted=False)
+    return F.embedding_bag(idx, d_cat, per_sample_weights=vals.to(d_cat.dtype), mode="sum")

@@ -81,10 +81,11 @@ def train_step(st: TrainState, ctx: StepContext, x_list: list[Tensor], with_r2: 
     cfg, model = ctx.cfg, st.model
     plan = Plan(cfg.mode, model.n_models)
     bn_fn = batch_norm_global if ctx.world > 1 else batch_norm_local
-    kw = dict(loss=cfg.loss, aux_weight=cfg.aux_weight, bn_fn=bn_fn, amp=ctx.amp, with_r2=with_r2)
+    kw = dict(loss=cfg.loss, aux_weight=cfg.aux_weight, bn_fn=bn_fn, amp=ctx.amp, with_r2=with_r2, aux=cfg.aux)
     st.opt.zero_grad(set_to_none=True)
     sources = plan.sources(st.gen)
-    parts = [source_loss(model, i, x_list, plan.targets(i), detach=plan.detached(i), **kw) for i in sources]
+    parts = [source_loss(model, i, x_list, plan.targets(i), detach=plan.detached(i), dead_m=dead(st, cfg, i), **kw)
+             for i in sources]
     loss = torch.stack([p.loss for p in parts]).sum()
     loss.backward()
     loss_f = float(mean_over_ranks(loss.detach(), ctx.world))
@@ -100,6 +101,13 @@ def train_step(st: TrainState, ctx: StepContext, x_list: list[Tensor], with_r2: 
         parts = reduce_metrics(parts, ctx.world)
     record(st, parts, sources, loss_f, plan)
     return StepOut(loss_f, sources, parts, lrs)
+
+
+def dead(st: TrainState, cfg: TrainConfig, i: int) -> Tensor | None:
+    """(m,) concepts of source i not selected for dead_window_tokens (for --aux dead only)."""
+    if cfg.aux != "dead":
+        return None
+    return (st.tokens - st.last_fired_mt[i]) >= cfg.dead_window_tokens
 
 
 def clip_gradients(st: TrainState, max_norm: float, plan: Plan) -> None:
