@@ -373,17 +373,17 @@ def load_backbone(
         torch.manual_seed(seed)  # seeded init: identical weights for the same seed, every run
         model = _build_model(spec, tiny)
     if weights is not None:
-        weight_files.load_state(
-            spec, model, weight_files.read_state_file(weights), f"weights file {weights}"
+        file, origin, source = (
+            Path(weights),
+            f"weights file {weights}",
+            f"file:{Path(weights).name}",
         )
-        source = f"file:{Path(weights).name}"
     elif cached is not None:
-        weight_files.load_state(
-            spec, model, weight_files.read_state_file(cached), f"cached weights {cached}"
-        )
-        source = f"cache:{cached.name}"
+        file, origin, source = cached, f"cached weights {cached}", f"cache:{cached.name}"
     else:
-        source = "random-init"
+        file, origin, source = None, "", "random-init"
+    if file is not None:
+        weight_files.load_state(spec, model, weight_files.read_state_file(file), origin)
     depth = _depth(model, spec.source)
     if layer is not None and not 0 <= layer < depth:
         raise RegistryError(

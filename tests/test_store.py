@@ -134,15 +134,8 @@ def test_running_stats_merge_equals_whole():
 def test_resume_skips_committed_and_refuses_other_settings(tmp_path):
     ids = [f"i{j}" for j in range(10)]
     lay = [BackboneLayout("a", 3)]
-    s = Store.create(
-        tmp_path / "s.zarr",
-        ids,
-        lay,
-        grid=(1, 2),
-        chunk_images=4,
-        source="synth",
-        fingerprint_of="v1",
-    )
+    same = dict(grid=(1, 2), chunk_images=4, source="synth", fingerprint_of="v1")
+    s = Store.create(tmp_path / "s.zarr", ids, lay, **same)
     data = {"a": np.arange(60, dtype=np.float16).reshape(20, 3)}
     _fill(s, data, np.ones(10, bool), chunks=[0])
     with pytest.raises(StoreError, match="uncommitted"):
@@ -150,15 +143,7 @@ def test_resume_skips_committed_and_refuses_other_settings(tmp_path):
     with pytest.raises(StoreError, match="incomplete"):
         Store.open(tmp_path / "s.zarr")
     # same settings: reopened, not recreated; committed chunk kept
-    s2 = Store.create(
-        tmp_path / "s.zarr",
-        ids,
-        lay,
-        grid=(1, 2),
-        chunk_images=4,
-        source="synth",
-        fingerprint_of="v1",
-    )
+    s2 = Store.create(tmp_path / "s.zarr", ids, lay, **same)
     assert s2.committed_chunks() == {0}
     _fill(s2, data, np.ones(10, bool), chunks=[1, 2])
     s2.finalize()
