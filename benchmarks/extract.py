@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from usae.pipeline.extract import ExtractConfig, get_backbones, prepare, run_extract
+from usae.pipeline.extract import ExtractConfig, prepare, run_extract
+from usae.pipeline.extract_task import get_backbones
 from usae.pipeline.images import load_image
 from usae.pipeline.registry import resize_square
 

@@ -85,10 +85,18 @@ def main() -> None:
         paths = bench_paths(Path(tmp) / "root", a.rows, a.folders, a.repeats)
         decode = bench_decode(Path(tmp) / "demo", a.images, a.repeats)
     print(f"{'measurement':<48} {'median s':>10} {'ratio':>8}")
-    print(f"{'path check, per folder (' + str(a.rows) + ' rows)':<48} {statistics.median(paths['per_folder_s']):>10.3f}")
-    print(f"{'path check, one by one':<48} {statistics.median(paths['one_by_one_s']):>10.3f} {paths['speedup']:>7.1f}x")
-    print(f"{'decode, bare PIL (' + str(a.images) + ' demo images)':<48} {statistics.median(decode['bare_pil_s']):>10.3f}")
-    print(f"{'decode, load_image':<48} {statistics.median(decode['load_image_s']):>10.3f} {decode['overhead']:>7.2f}x")
+    print(
+        f"{'path check, per folder (' + str(a.rows) + ' rows)':<48} {statistics.median(paths['per_folder_s']):>10.3f}"
+    )
+    print(
+        f"{'path check, one by one':<48} {statistics.median(paths['one_by_one_s']):>10.3f} {paths['speedup']:>7.1f}x"
+    )
+    print(
+        f"{'decode, bare PIL (' + str(a.images) + ' demo images)':<48} {statistics.median(decode['bare_pil_s']):>10.3f}"
+    )
+    print(
+        f"{'decode, load_image':<48} {statistics.median(decode['load_image_s']):>10.3f} {decode['overhead']:>7.2f}x"
+    )
     a.out.write_text(json.dumps({"repeats": a.repeats, "paths": paths, "decode": decode}, indent=2))
     print(f"wrote {a.out}")
 

@@ -60,7 +60,9 @@ def write_store(path: Path, chunks, n_images: int, chunk_images: int, stats=None
     )  # fmt: skip
     t0 = time.perf_counter()
     for i, ch in enumerate(chunks):
-        st.write_chunk(i, ch, np.ones(ch["vit"].shape[0] // T, bool), stats=None if stats is None else stats[i])
+        st.write_chunk(
+            i, ch, np.ones(ch["vit"].shape[0] // T, bool), stats=None if stats is None else stats[i]
+        )
     st.finalize()
     return time.perf_counter() - t0
 
@@ -131,7 +133,9 @@ def main() -> None:
             store_s.append(write_store(tmp / f"s{r}.zarr", chunks, args.images, args.chunk_images))
             stats_s.append(stats_only(chunks))
             os.sync()
-            data_s.append(write_store(tmp / f"d{r}.zarr", chunks, args.images, args.chunk_images, pre))
+            data_s.append(
+                write_store(tmp / f"d{r}.zarr", chunks, args.images, args.chunk_images, pre)
+            )
             shutil.rmtree(tmp / f"d{r}.zarr")
             os.sync()
             zarr_s.append(
@@ -145,7 +149,13 @@ def main() -> None:
     mb = nbytes / 1e6
     med = {
         k: statistics.median(v)
-        for k, v in (("store", store_s), ("raw", raw_s), ("stats", stats_s), ("zarr", zarr_s), ("data", data_s))
+        for k, v in (
+            ("store", store_s),
+            ("raw", raw_s),
+            ("stats", stats_s),
+            ("zarr", zarr_s),
+            ("data", data_s),
+        )
     }
     result = {
         "images": args.images,
@@ -175,7 +185,9 @@ def main() -> None:
     print(
         f"ratio store / raw = {result['ratio_store_over_raw']:.3f} (target >= 0.7), {mb:.0f} MB/run"
     )
-    print(f"ratio store data path / raw = {result['ratio_store_data_path_over_raw']:.3f} (target >= 0.7)")
+    print(
+        f"ratio store data path / raw = {result['ratio_store_data_path_over_raw']:.3f} (target >= 0.7)"
+    )
     print(f"ratio zarr-python writes / raw = {result['ratio_zarr_writes_only_over_raw']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

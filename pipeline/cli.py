@@ -1,57 +1,31 @@
-"""Command line -> extraction stage: `usae extract`, `usae info` (and `usae manifest`).
+"""Command line -> the pipeline's stages: `usae manifest`, `usae extract`, `usae info`.
 
-A thin Typer layer: options mirror the fields of `ExtractConfig` (help text = the field's
-docstring), the command builds the config and calls `run_extract`. A notebook calls the
-same `run_extract(ExtractConfig(...))`.
+A thin layer: each command is generated from its stage's frozen config dataclass by
+`usae.options.config_command` (one option per field, help = the field's docstring), builds
+the config, calls the stage's ``run_*`` function and prints what it returned. A notebook
+calls the same functions, e.g. ``run_extract(ExtractConfig(...))``.
 """
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
-from functools import cache
-from pathlib import Path
+import os
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from usae.pipeline.extract import (
-    ExtractConfig,
-    ExtractError,
-    ExtractSummary,
-    TooManyFailures,
-    run_extract,
-)
-from usae.pipeline.registry import RegistryError, WeightsUnavailable
-from usae.pipeline.store import Store, StoreError
+from usae.pipeline.extract import ExtractConfig, ExtractSummary, TooManyFailures, run_extract
+from usae.pipeline.info import InfoConfig, info_tables, run_info
+from usae.pipeline.manifest import ManifestConfig, ManifestResult, run_manifest
+from usae.pipeline.weights import parse_weight_files
+
+from usae.options import Opt, config_command, fail
 
 
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Docstrings written under the fields of a dataclass (the single source of help text)."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for prev, node in zip(body, body[1:], strict=False):
-        if (
-            isinstance(prev, ast.AnnAssign)
-            and isinstance(prev.target, ast.Name)
-            and isinstance(node, ast.Expr)
-            and isinstance(node.value, ast.Constant)
-            and isinstance(node.value.value, str)
-        ):
-            docs[prev.target.id] = " ".join(node.value.value.split())
-    return docs
-
-
-def _doc(name: str, extra: str = "") -> str:
-    return (field_docs(ExtractConfig)[name] + (" " + extra if extra else "")).strip()
-
-
+# ---------------------------------------------------------------- parsing option text
 def parse_grid(text: str) -> tuple[int, int]:
-    """'14x14' (or '14') -> (14, 14)."""
-    parts = text.lower().replace("*", "x").split("x")
+    """'14x14' (or '14', or '14,14' as the default is shown) -> (14, 14)."""
+    parts = str(text).lower().replace("*", "x").replace(",", "x").split("x")
     try:
         vals = [int(p) for p in parts]
     except ValueError:
@@ -68,23 +42,14 @@ def parse_grid(text: str) -> tuple[int, int]:
 
 
 def parse_weights(items: list[str]) -> tuple[tuple[str, str], ...]:
-    """['KEY=FILE', ...] -> ((key, file), ...), each file checked to exist."""
-    out = []
-    for it in items:
-        key, sep, file = it.partition("=")
-        if not sep or not key or not file:
-            raise typer.BadParameter(f"expected KEY=FILE, got {it!r}", param_hint="--weights")
-        if not Path(file).is_file():
-            raise typer.BadParameter(f"{file} does not exist", param_hint="--weights")
-        out.append((key.strip(), file))
-    keys = [k for k, _ in out]
-    if len(set(keys)) != len(keys):
-        raise typer.BadParameter(
-            f"one weights file per backbone, got {keys}", param_hint="--weights"
-        )
-    return tuple(out)
+    """['KEY=FILE', ...] -> ((key, file), ...) (`usae.pipeline.weights.parse_weight_files`)."""
+    try:
+        return parse_weight_files(items)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--weights") from None
 
 
+# ---------------------------------------------------------------- extract
 def _summary_table(s: ExtractSummary) -> Table:
     t = Table(title="usae extract", show_header=False)
     rate = s.computed / s.seconds if s.seconds > 0 else 0.0
@@ -102,66 +67,8 @@ def _summary_table(s: ExtractSummary) -> Table:
     return t
 
 
-def extract_cmd(
-    manifest: Path = typer.Option(..., "--manifest", "-m", help=_doc("manifest")),
-    store: Path = typer.Option(..., "--store", "-s", help=_doc("store")),
-    image_root: Path | None = typer.Option(None, help=_doc("image_root")),
-    backbones: str = typer.Option(
-        ",".join(ExtractConfig.backbones), help=_doc("backbones", "Comma-separated.")
-    ),
-    layer: int | None = typer.Option(
-        None,
-        help=_doc("layer", "E.g. --layer 5 stores the output of the 6th block (no final norm)."),
-    ),
-    grid: str = typer.Option("14x14", help=_doc("grid", "Written HxW.")),
-    weights: list[str] = typer.Option(
-        [], "--weights", "-w", help=_doc("weights", "As KEY=FILE; repeatable.")
-    ),
-    random_init: bool = typer.Option(False, "--random-init", help=_doc("random_init")),
-    seed: int = typer.Option(ExtractConfig.seed, help=_doc("seed")),
-    tiny: bool = typer.Option(False, "--tiny", hidden=True, help=_doc("tiny")),
-    dtype: str = typer.Option(ExtractConfig.dtype, help=_doc("dtype")),
-    batch_size: int = typer.Option(ExtractConfig.batch_size, min=1, help=_doc("batch_size")),
-    device: str = typer.Option(ExtractConfig.device, help=_doc("device")),
-    chunk_images: int = typer.Option(ExtractConfig.chunk_images, min=1, help=_doc("chunk_images")),
-    workers: int = typer.Option(ExtractConfig.workers, min=0, help=_doc("workers")),
-    scheduler: str | None = typer.Option(None, help=_doc("scheduler")),
-    max_failures: float = typer.Option(
-        ExtractConfig.max_failures, min=0.0, max=1.0, help=_doc("max_failures")
-    ),
-    decode_threads: int = typer.Option(
-        ExtractConfig.decode_threads, min=1, help=_doc("decode_threads")
-    ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help=_doc("progress")),
-) -> None:
-    """Run backbones over the images of a manifest into an activation store (resumable)."""
-    if dtype not in ("auto", "bf16", "fp32"):
-        raise typer.BadParameter("choose auto, bf16 or fp32", param_hint="--dtype")
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise typer.BadParameter("choose auto, cpu or cuda", param_hint="--device")
-    cfg = ExtractConfig(
-        manifest=manifest,
-        store=store,
-        image_root=image_root,
-        backbones=tuple(b.strip() for b in backbones.split(",") if b.strip()),
-        layer=layer,
-        grid=parse_grid(grid),
-        weights=parse_weights(weights),
-        random_init=random_init,
-        seed=seed,
-        tiny=tiny,
-        dtype=dtype,
-        batch_size=batch_size,
-        device=device,
-        chunk_images=chunk_images,
-        workers=workers,
-        scheduler=scheduler,
-        max_failures=max_failures,
-        decode_threads=decode_threads,
-        progress=progress,
-    )
-    from usae.pipeline.manifest import ManifestError
-
+def extract(cfg: ExtractConfig) -> None:
+    """Run the extraction and print its summary (Ctrl-C: the resume hint, exit 130)."""
     console = Console()
     try:
         summary = run_extract(cfg)
@@ -170,100 +77,96 @@ def extract_cmd(
             "[yellow]interrupted[/yellow]: committed chunks are kept; re-run the same command to resume"
         )
         raise typer.Exit(130) from None
-    except TooManyFailures as e:
-        console.print(_summary_table(e.summary))
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1) from None
-    except (ExtractError, RegistryError, WeightsUnavailable, StoreError, ManifestError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    except TooManyFailures as e:  # the store is complete: show what was done, then the error
+        fail(e, details=_summary_table(e.summary))
     console.print(_summary_table(summary))
 
 
-# ---------------------------------------------------------------- info
-def _weights_text(spec: dict) -> str:
-    ident = spec.get("identity") or {}
-    src = ident.get("weights", "?")
-    sha = (ident.get("sha256") or "")[:12]
-    seed = f" seed {ident.get('seed')}" if ident.get("random_init") else ""
-    return f"{src}{seed} sha256 {sha}…" + (" (tiny)" if ident.get("tiny") else "")
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
-
-def info_tables(summary: dict, failures: list[dict], max_failures_shown: int = 10) -> list[Table]:
-    """Rich tables describing a store (what `usae info` prints)."""
-    head = Table(title=f"store {summary['path']}", show_header=False)
-    done = "[green]complete[/green]" if summary["complete"] else "[yellow]incomplete[/yellow]"
-    for k, v in (
-        ("source", str(summary["source"])),
-        ("status", done),
-        ("images", f"{summary['n_images']} ({summary['n_valid']} valid)"),
-        (
-            "grid",
-            "x".join(map(str, summary["grid"])) + f" = {summary['tokens_per_image']} tokens/image",
-        ),
-        (
-            "chunks",
-            f"{summary['chunks_committed']} committed, {summary['chunk_images']} images each",
-        ),
-        ("failures", str(summary["failures"])),
-    ):
-        head.add_row(k, v)
-    bb = Table(title="backbones")
-    for col in ("key", "model", "tokens (+prefix)", "layer, dtype", "weights", "mean / std"):
-        bb.add_column(col, overflow="fold")
-    for key, b in summary["backbones"].items():
-        spec = b["spec"]
-        layer = "last+norm" if spec.get("layer") is None else f"block {spec['layer']}"
-        bb.add_row(
-            key,
-            f"{spec.get('source', '?')}:{spec.get('name', '?')}",
-            f"{b['rows']} x {b['width']} (+{b['prefix_tokens']}/image)",
-            f"{layer}, {spec.get('compute_dtype', '-')}",
-            _weights_text(spec),
-            f"{_fmt(b['scalar_mean'])} / {_fmt(b['scalar_std'])}",
-        )
-    tables = [head, bb]
-    if failures:
-        ft = Table(
-            title=f"failed images (first {min(len(failures), max_failures_shown)} of {len(failures)})"
-        )
-        for col in ("image_id", "path", "reason"):
-            ft.add_column(col)
-        for f in failures[:max_failures_shown]:
-            ft.add_row(str(f.get("image_id")), str(f.get("path")), str(f.get("reason")))
-        tables.append(ft)
-    return tables
-
-
-def info_cmd(
-    store: Path = typer.Argument(..., help="Activation store to describe."),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the summary as JSON instead of tables."
+EXTRACT_OPTS = {
+    "manifest": Opt(flags=("--manifest", "-m")),
+    "store": Opt(flags=("--store", "-s")),
+    "backbones": Opt(extra_help="Comma-separated."),
+    "layer": Opt(extra_help="E.g. --layer 5 stores the output of the 6th block (no final norm)."),
+    "grid": Opt(parse=parse_grid, metavar="HxW", extra_help="Written HxW."),
+    "weights": Opt(
+        flags=("--weights", "-w"),
+        multiple=True,
+        parse=parse_weights,
+        metavar="KEY=FILE",
+        extra_help="As KEY=FILE; repeatable.",
     ),
-) -> None:
-    """Describe an activation store: backbones, shapes, grid, weights, completeness, failures."""
-    console = Console()
-    try:
-        st = Store.open(store, require_complete=False)
-    except StoreError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    summary = st.summary()
-    if as_json:
-        print(json.dumps({**summary, "failure_list": st.failures}, indent=2, default=str))
+    "random_init": Opt(flags=("--random-init",)),
+    "tiny": Opt(flags=("--tiny",), hidden=True),
+}
+
+
+# ---------------------------------------------------------------- info
+def info(cfg: InfoConfig) -> None:
+    """Print a store's description: JSON with ``--json``, else tables."""
+    summary = run_info(cfg)
+    if cfg.json:
+        print(json.dumps(summary, indent=2, default=str))
         return
-    for t in info_tables(summary, st.failures):
+    console = Console()
+    for t in info_tables(summary, summary["failure_list"]):
         console.print(t)
 
 
-def register(app: typer.Typer) -> None:
-    """Add `extract` and `info` (and `manifest`, when its module exists) to the CLI."""
-    app.command("extract")(extract_cmd)
-    app.command("info")(info_cmd)
-    from usae.pipeline import manifest
+# ---------------------------------------------------------------- manifest
+def manifest(cfg: ManifestConfig) -> None:
+    """Build and write the manifest, then say what was written."""
+    res: ManifestResult = run_manifest(cfg)
+    console = Console()
+    console.print(
+        f"wrote [bold]{res.path}[/bold]: {res.n_images} images, sha256 {res.manifest_sha256[:16]}…"
+    )
+    if res.splits:
+        splits = ", ".join(f"{k or '(none)'}={v}" for k, v in sorted(res.splits.items()))
+        console.print("splits: " + splits)
+    if res.ids_with_extension:
+        console.print(
+            f"{res.ids_with_extension} files share a name with another extension: their ids keep it"
+        )
+    if res.skipped_symlinks:
+        console.print(f"skipped {res.skipped_symlinks} symlink(s) pointing outside {cfg.image_dir}")
+    if os.path.realpath(cfg.out.parent) != os.path.realpath(cfg.image_dir):
+        console.print(
+            f"note: paths are relative to {cfg.image_dir}; pass it as the image root when reading "
+            f"this manifest (the default root is the manifest's folder, {cfg.out.parent})"
+        )
 
-    manifest.register(app)
+
+MANIFEST_OPTS = {
+    "image_dir": Opt(argument=True),
+    "out": Opt(flags=("--out", "-o")),
+    "hash_files": Opt(flags=("--hash/--no-hash",)),
+    "extensions": Opt(extra_help="Comma-separated."),
+}
+
+
+def register(app: typer.Typer) -> None:
+    """Add `manifest`, `extract` and `info` to the CLI."""
+    config_command(
+        app,
+        "manifest",
+        ManifestConfig,
+        manifest,
+        opts=MANIFEST_OPTS,
+        help="Build a manifest (image_id, path, split, label, sha256) from a folder of images.",
+    )
+    config_command(
+        app,
+        "extract",
+        ExtractConfig,
+        extract,
+        opts=EXTRACT_OPTS,
+        help="Run backbones over the images of a manifest into an activation store (resumable).",
+    )
+    config_command(
+        app,
+        "info",
+        InfoConfig,
+        info,
+        opts={"store": Opt(argument=True)},
+        help="Describe an activation store: backbones, shapes, grid, weights, completeness, failures.",
+    )

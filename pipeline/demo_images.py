@@ -28,8 +28,9 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from usae.pipeline.manifest import write_manifest
+
+from usae.runtime import atomic_write, progress_bar
 
 VAL_FRACTION = 0.2
 MIN_SIDE, MAX_SIDE = 160, 320
@@ -89,7 +90,8 @@ def load_photos() -> list[Photo]:
         missing.append(f"sklearn sample images ({type(e).__name__}: {e})")
     if missing:
         raise RuntimeError(
-            "demo photos not available offline: " + ", ".join(missing)
+            "demo photos not available offline: "
+            + ", ".join(missing)
             + "; install scikit-image and scikit-learn wheels that bundle them"
         )
     return photos
@@ -151,13 +153,6 @@ def _encode(im: Image.Image, c: Crop) -> bytes:
     return b.getvalue()
 
 
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def build_demo_images(
     out_dir: str | os.PathLike,
     n: int = 300,
@@ -172,10 +167,8 @@ def build_demo_images(
     out = Path(out_dir)
     photos = load_photos()
     rows = []
-    with Progress(
-        TextColumn("[bold]demo images"), BarColumn(), MofNCompleteColumn(), transient=True
-    ) as bar:
-        task = bar.add_task("demo", total=n, visible=show_progress)
+    with progress_bar(show_progress, transient=True) as bar:
+        task = bar.add_task("demo images", total=n)
         for i in range(n):
             photo = photos[i % len(photos)]
             c = draw_crop(photo.pixels.shape[0], photo.pixels.shape[1], seed, i)
@@ -183,8 +176,11 @@ def build_demo_images(
             split = "val" if c.val else "train"
             image_id = f"{photo.name}_{i:04d}"
             rel = f"images/{split}/{image_id}.{'jpg' if c.jpeg else 'png'}"
-            _write(out / rel, data)
-            rows.append((image_id, rel, split, photo.name, photo.name, hashlib.sha256(data).hexdigest()))
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / rel, data)
+            rows.append(
+                (image_id, rel, split, photo.name, photo.name, hashlib.sha256(data).hexdigest())
+            )
             bar.advance(task)
     df = pd.DataFrame(rows, columns=["image_id", "path", "split", "label", "source", "sha256"])
     return write_manifest(df, out / manifest_name)

@@ -111,7 +111,9 @@ def _read_url(url: str) -> bytes:
     except FileNotFoundError:
         raise ImageError("file not found") from None
     except Exception as e:  # noqa: BLE001 - any storage backend error is a per-image failure
-        raise ImageError(f"cannot read {url.split('://')[0]} URL: {type(e).__name__}: {e}") from None
+        raise ImageError(
+            f"cannot read {url.split('://')[0]} URL: {type(e).__name__}: {e}"
+        ) from None
     if not data:
         raise ImageError("empty file (0 bytes)")
     return data
@@ -191,7 +193,10 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             im = Image.open(fh)
         except UnidentifiedImageError:
             raise ImageError("not an image (unrecognised format)") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # warning: -W error
+        except (
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as e:  # warning: -W error
             raise ImageError(f"too large (decompression bomb limit): {e}"[:200]) from None
         except Exception as e:  # noqa: BLE001
             raise ImageError(_decode_reason(e)) from None
@@ -199,4 +204,3 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             frame = _first_frame(im, max_pixels)
             rgb_hw3 = _to_rgb(frame)
     return np.ascontiguousarray(rgb_hw3, dtype=np.uint8)
-

@@ -24,14 +24,11 @@ as no file with the same name but another extension is added next to it.
 
 from __future__ import annotations
 
-import ast
 import csv
 import hashlib
-import inspect
 import json
 import os
 import posixpath
-import textwrap
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,17 +38,26 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from usae.pipeline.images import has_scheme
 
 from usae.errors import UsaeError
+from usae.runtime import atomic_path, progress_bar
 
 REQUIRED_COLUMNS = ("image_id", "path")
 OPTIONAL_COLUMNS = ("split", "label", "sha256")
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".gif",
+    ".webp",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+)
 _EXAMPLES = 5  # how many offending rows an error message lists
 _HASH_THREADS = 4  # files hashed at once (I/O bound on network and cold disks)
 
@@ -117,11 +123,19 @@ class _PathChecker:
             return "leaves the image root" if bad else None
         joined = os.path.join(self.root_abs, rel)  # an absolute rel replaces the root
         if not _inside(os.path.normpath(joined), self.root_abs):
-            return "absolute path outside the image root" if os.path.isabs(rel) else "'..' leaves the image root"
+            return (
+                "absolute path outside the image root"
+                if os.path.isabs(rel)
+                else "'..' leaves the image root"
+            )
         parent, name = os.path.split(joined)
         real_parent, links = self.folder(parent)
         real = os.path.realpath(joined) if name in links else os.path.join(real_parent, name)
-        return None if _inside(os.path.normpath(real), self.root_real) else "symlink resolves outside the image root"
+        return (
+            None
+            if _inside(os.path.normpath(real), self.root_real)
+            else "symlink resolves outside the image root"
+        )
 
 
 def _symlinks_in(folder: str) -> frozenset[str]:
@@ -160,7 +174,9 @@ def escaping_paths(df: pd.DataFrame, root: str | os.PathLike) -> list[tuple[int,
         if not _inside(real_dir, check.root_real):
             bad += [(int(i), "symlink resolves outside the image root") for i in rows]
         elif links:
-            bad += [(int(i), why) for i in rows if parts.at[i, 2] in links and (why := check(rels[i]))]
+            bad += [
+                (int(i), why) for i in rows if parts.at[i, 2] in links and (why := check(rels[i]))
+            ]
     return sorted(bad)
 
 
@@ -171,7 +187,9 @@ def check_paths(df: pd.DataFrame, root: str | os.PathLike) -> None:
         ids = df["image_id"].to_numpy()
         paths = df["path"].to_numpy()
         shown = "; ".join(f"{ids[i]!r}: {paths[i]!r} ({why})" for i, why in bad[:_EXAMPLES])
-        raise ManifestError(f"{len(bad)} path(s) leave the image root {os.fspath(root)!r}, e.g. {shown}")
+        raise ManifestError(
+            f"{len(bad)} path(s) leave the image root {os.fspath(root)!r}, e.g. {shown}"
+        )
 
 
 # ---------------------------------------------------------------- table rules
@@ -197,11 +215,15 @@ def validate(df: pd.DataFrame) -> None:
     """Required columns present, ids and paths non-empty, ids unique (errors list examples)."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise ManifestError(f"manifest lacks required column(s) {missing}; it has {list(df.columns)}")
+        raise ManifestError(
+            f"manifest lacks required column(s) {missing}; it has {list(df.columns)}"
+        )
     for c in REQUIRED_COLUMNS:
         empty = df.index[df[c] == ""].tolist()
         if empty:
-            raise ManifestError(f"{len(empty)} row(s) have an empty {c!r}, e.g. rows {empty[:_EXAMPLES]}")
+            raise ManifestError(
+                f"{len(empty)} row(s) have an empty {c!r}, e.g. rows {empty[:_EXAMPLES]}"
+            )
     ids = df["image_id"]
     repeated = ids[ids.duplicated(keep=False)]
     if len(repeated):
@@ -237,18 +259,20 @@ def write_manifest(df: pd.DataFrame, out: str | os.PathLike) -> Path:
     c = canonical(df)
     validate(c)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if kind == "parquet":
-        c.to_parquet(tmp, index=False)
-    else:
-        # pandas leaves a lone "\r" unquoted, which splits the row on reading: quote all then
-        has_cr = any(c[col].str.contains("\r", regex=False).any() for col in c.columns)
-        c.to_csv(tmp, index=False, lineterminator="\n", quoting=csv.QUOTE_ALL if has_cr else csv.QUOTE_MINIMAL)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        if kind == "parquet":
+            c.to_parquet(tmp, index=False)
+        else:
+            # pandas leaves a lone "\r" unquoted, which splits the row on reading: quote all then
+            has_cr = any(c[col].str.contains("\r", regex=False).any() for col in c.columns)
+            quoting = csv.QUOTE_ALL if has_cr else csv.QUOTE_MINIMAL
+            c.to_csv(tmp, index=False, lineterminator="\n", quoting=quoting)
     return out
 
 
-def read_manifest(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> pd.DataFrame:
+def read_manifest(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None
+) -> pd.DataFrame:
     """Read a Parquet or CSV manifest (a local file or an fsspec URL), validate it, and
     return it with string columns.
 
@@ -268,7 +292,9 @@ def read_manifest(path: str | os.PathLike, image_root: str | os.PathLike | None 
     except FileNotFoundError:
         raise ManifestError(f"manifest {os.fspath(path)} not found") from None
     except Exception as e:  # noqa: BLE001 - a broken file is a user error with a clear message
-        raise ManifestError(f"cannot read manifest {os.fspath(path)}: {type(e).__name__}: {e}") from None
+        raise ManifestError(
+            f"cannot read manifest {os.fspath(path)}: {type(e).__name__}: {e}"
+        ) from None
     df = canonical(raw)
     validate(df)
     if image_root is not None:
@@ -299,7 +325,9 @@ def _walk(image_dir: Path, extensions: Sequence[str]) -> tuple[list[_Found], int
             with os.scandir(image_dir / rel_dir) as it:
                 entries = list(it)
         except OSError as e:
-            raise ManifestError(f"cannot list folder {image_dir / rel_dir}: {e.strerror or e}") from None
+            raise ManifestError(
+                f"cannot list folder {image_dir / rel_dir}: {e.strerror or e}"
+            ) from None
         for e in entries:
             if e.name.startswith("."):
                 continue
@@ -339,10 +367,12 @@ def _sha256_file(path: Path) -> str:
 
 def _hashes(image_dir: Path, rels: Sequence[str], show_progress: bool) -> list[str]:
     """sha256 of every file, in order; a few threads (hashlib and file reads release the GIL)."""
-    columns = (TextColumn("[bold]hashing images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     out = []
-    with Progress(*columns, transient=True) as bar, ThreadPoolExecutor(_HASH_THREADS) as pool:
-        task = bar.add_task("hash", total=len(rels), visible=show_progress)
+    with (
+        progress_bar(show_progress, transient=True) as bar,
+        ThreadPoolExecutor(_HASH_THREADS) as pool,
+    ):
+        task = bar.add_task("hashing images", total=len(rels))
         for digest in pool.map(_sha256_file, (image_dir / r for r in rels)):
             out.append(digest)
             bar.advance(task)
@@ -371,18 +401,22 @@ def build_manifest(
     rels = [f.rel for f in found]
     df = pd.DataFrame({"image_id": ids, "path": rels})
     if split_from_dirs:
-        split = [r.split("/", 1)[0] if "/" in r and r.split("/", 1)[0] in SPLITS else "" for r in rels]
+        split = [
+            r.split("/", 1)[0] if "/" in r and r.split("/", 1)[0] in SPLITS else "" for r in rels
+        ]
         if any(split):
             df["split"] = split
     if label_from_parent:
         df["label"] = [posixpath.basename(posixpath.dirname(r)) for r in rels]
     if hash_files:
         df["sha256"] = _hashes(image_dir, rels, show_progress)
-    df.attrs.update({"image_root": str(image_dir), "ids_with_extension": kept_ext, "skipped_symlinks": skipped})
+    df.attrs.update(
+        {"image_root": str(image_dir), "ids_with_extension": kept_ext, "skipped_symlinks": skipped}
+    )
     return df
 
 
-# ---------------------------------------------------------------- command
+# ---------------------------------------------------------------- the `usae manifest` stage
 @dataclass(frozen=True)
 class ManifestConfig:
     """`usae manifest`: build a manifest from a folder of images."""
@@ -400,6 +434,13 @@ class ManifestConfig:
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     """File extensions counted as images (case-insensitive)."""
 
+    def __post_init__(self) -> None:
+        if not Path(self.image_dir).is_dir():
+            raise ManifestError(f"{self.image_dir} is not a folder")
+        _kind(self.out)  # .parquet, .pq or .csv
+        if not self.extensions:
+            raise ManifestError("give at least one extension")
+
 
 class ManifestResult(NamedTuple):
     """What `run_manifest` wrote."""
@@ -414,7 +455,6 @@ class ManifestResult(NamedTuple):
 
 def run_manifest(cfg: ManifestConfig) -> ManifestResult:
     """Build, check and write the manifest of ``cfg.image_dir``."""
-    _kind(cfg.out)
     df = build_manifest(
         cfg.image_dir,
         extensions=cfg.extensions,
@@ -423,74 +463,17 @@ def run_manifest(cfg: ManifestConfig) -> ManifestResult:
         hash_files=cfg.hash_files,
     )
     if len(df) == 0:
-        raise ManifestError(f"no image files under {cfg.image_dir} (extensions {', '.join(cfg.extensions)})")
+        raise ManifestError(
+            f"no image files under {cfg.image_dir} (extensions {', '.join(cfg.extensions)})"
+        )
     check_paths(df, cfg.image_dir)
     path = write_manifest(df, cfg.out)
     splits = dict(Counter(df["split"])) if "split" in df else {}
     return ManifestResult(
-        path, len(df), manifest_sha256(df), splits, df.attrs["ids_with_extension"], df.attrs["skipped_symlinks"]
+        path,
+        len(df),
+        manifest_sha256(df),
+        splits,
+        df.attrs["ids_with_extension"],
+        df.attrs["skipped_symlinks"],
     )
-
-
-def _summary(cfg: ManifestConfig, res: ManifestResult, console: Console) -> None:
-    console.print(f"wrote [bold]{res.path}[/bold]: {res.n_images} images, sha256 {res.manifest_sha256[:16]}…")
-    if res.splits:
-        console.print("splits: " + ", ".join(f"{k or '(none)'}={v}" for k, v in sorted(res.splits.items())))
-    if res.ids_with_extension:
-        console.print(f"{res.ids_with_extension} files share a name with another extension: their ids keep it")
-    if res.skipped_symlinks:
-        console.print(f"skipped {res.skipped_symlinks} symlink(s) pointing outside {cfg.image_dir}")
-    if os.path.realpath(cfg.out.parent) != os.path.realpath(cfg.image_dir):
-        console.print(
-            f"note: paths are relative to {cfg.image_dir}; pass it as the image root when reading "
-            f"this manifest (the default root is the manifest's folder, {cfg.out.parent})"
-        )
-
-
-def register(app: typer.Typer) -> None:
-    """Add `usae manifest` to the CLI."""
-
-    @app.command("manifest")
-    def manifest_cmd(
-        image_dir: Path = typer.Argument(..., help=_doc("image_dir")),
-        out: Path = typer.Option(ManifestConfig.out, "--out", "-o", help=_doc("out")),
-        split_from_dirs: bool = typer.Option(True, help=_doc("split_from_dirs")),
-        label_from_parent: bool = typer.Option(False, help=_doc("label_from_parent")),
-        hash_files: bool = typer.Option(True, "--hash/--no-hash", help=_doc("hash_files")),
-        extensions: str = typer.Option(",".join(IMAGE_EXTENSIONS), help=_doc("extensions") + " Comma-separated."),
-    ) -> None:
-        """Build a manifest (image_id, path, split, label, sha256) from a folder of images."""
-        if not image_dir.is_dir():
-            raise typer.BadParameter(f"{image_dir} is not a folder", param_hint="IMAGE_DIR")
-        if out.suffix.lower() not in (".parquet", ".pq", ".csv"):
-            raise typer.BadParameter("must end in .parquet or .csv", param_hint="--out")
-        exts = tuple(e.strip() for e in extensions.split(",") if e.strip())
-        if not exts:
-            raise typer.BadParameter("give at least one extension", param_hint="--extensions")
-        cfg = ManifestConfig(image_dir, out, split_from_dirs, label_from_parent, hash_files, exts)
-        console = Console()
-        try:
-            res = run_manifest(cfg)
-        except ManifestError as e:
-            console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(1) from None
-        _summary(cfg, res, console)
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string under each field), for help texts."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):  # installed without sources: no help texts, still works
-        return {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for a, b in zip(body, body[1:], strict=False):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
-    return docs
-
-
-def _doc(field: str) -> str:
-    """Help text of a ManifestConfig field: its docstring, written once in the dataclass."""
-    return _field_docs(ManifestConfig).get(field, "")

@@ -11,14 +11,13 @@ for an open_clip ViT vision tower).
 Weights come, in this order, from an explicit file (``weights=``), from the LOCAL hub cache
 (never the network), or from a seeded random init when asked for (``random_init=True``).
 If none applies, `load_backbone` fails at once with `WeightsUnavailable`, naming both ways out.
+Reading weights files, finding them in the cache and hashing them is `usae.pipeline.weights`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from usae.pipeline import weights as weight_files
 
 from usae.errors import UsaeError
 
@@ -37,10 +37,6 @@ HALF = (0.5, 0.5, 0.5)
 
 class RegistryError(UsaeError, ValueError):
     """An unknown backbone name or an unusable model."""
-
-
-class WeightsUnavailable(UsaeError, RuntimeError):
-    """No weights for a backbone: none in the local cache, no file given, no random init asked."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +76,7 @@ class BackboneSpec:
         return d
 
 
-# The paper's three backbones, pinned to exact tags (see shared/usae-spec.md section 1).
+# The paper's three backbones, pinned to exact tags (docs/method.md).
 REGISTRY: dict[str, BackboneSpec] = {
     "dinov2": BackboneSpec(
         "dinov2",
@@ -101,17 +97,6 @@ REGISTRY: dict[str, BackboneSpec] = {
     ),
 }
 DEFAULT_BACKBONES = ("dinov2", "siglip", "vit")
-
-# Parameters that feed only classification/pooling heads, never the tokens we extract.
-_HEAD_PREFIXES = (
-    "head.",
-    "fc_norm.",
-    "attn_pool.",
-    "head_drop.",
-    "proj",
-    "text_projection",
-    "logit_",
-)
 
 
 class Activations(NamedTuple):
@@ -244,16 +229,12 @@ def _build_model(spec: BackboneSpec, tiny: bool) -> nn.Module:
         if tiny:
             vcfg.update(width=64, layers=2, head_width=32)
             embed_dim = 64
-        quick = bool(cfg.get("quick_gelu", False) or _oc_pretrained(spec).get("quick_gelu", False))
+        quick = bool(
+            cfg.get("quick_gelu", False)
+            or weight_files.open_clip_pretrained(spec).get("quick_gelu", False)
+        )
         return _build_vision_tower(embed_dim, CLIPVisionCfg(**vcfg), quick_gelu=quick)
     raise RegistryError(f"unknown backbone source {spec.source!r}")
-
-
-def _oc_pretrained(spec: BackboneSpec) -> dict:
-    import open_clip
-
-    model, _, tag = spec.name.partition("/")
-    return dict(open_clip.get_pretrained_cfg(model, tag) or {}) if tag else {}
 
 
 def _depth(model: nn.Module, source: str) -> int:
@@ -285,113 +266,6 @@ def _open_clip_tokens(m: nn.Module, x: Tensor, layer: int | None) -> Tensor:
 
 
 _TOKEN_FNS = {"timm": _timm_tokens, "open_clip": _open_clip_tokens}
-
-
-# ---------------------------------------------------------------- weights
-def read_state_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A safetensors file or a torch state-dict file (loaded with weights_only: no code runs)."""
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsUnavailable(f"weights file {p} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p), device="cpu")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickles with code, TorchScript archives, junk
-        raise WeightsUnavailable(
-            f"{p} is not a plain state dict torch can load safely: {e}"
-        ) from None
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise WeightsUnavailable(f"{p} does not hold a state dict of tensors")
-    return dict(obj)
-
-
-def hub_cache_file(spec: BackboneSpec) -> Path | None:
-    """The backbone's pretrained weights in the LOCAL cache (HF hub or torch hub), or None.
-
-    Looks only at files on disk: never touches the network.
-    """
-    from huggingface_hub import try_to_load_from_cache
-
-    if spec.source == "timm":
-        import timm
-
-        cfg = timm.models.get_pretrained_cfg(spec.name)
-        if cfg is None:
-            return None
-        repo, files, url = cfg.hf_hub_id, ("model.safetensors", "pytorch_model.bin"), cfg.url
-    else:
-        pcfg = _oc_pretrained(spec)
-        repo = (pcfg.get("hf_hub") or "").strip("/")
-        files, url = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), pcfg.get("url")
-    if repo:
-        for fname in files:
-            hit = try_to_load_from_cache(repo, fname)
-            if isinstance(hit, str) and os.path.isfile(hit):
-                return Path(hit)
-    if url:
-        f = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-        if f.is_file() and f.suffix in (".safetensors", ".pth", ".bin", ".pt"):
-            return f
-    return None
-
-
-def _adapt_state(
-    spec: BackboneSpec, model: nn.Module, state: dict[str, Tensor]
-) -> dict[str, Tensor]:
-    """Checkpoint layout -> this model's (timm's own conversions, open_clip's visual. prefix)."""
-    if spec.source == "timm":
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
-        return checkpoint_filter_fn(state, model)
-    if any(k.startswith("visual.") for k in state):
-        state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
-    return state
-
-
-def _load_state(
-    spec: BackboneSpec, model: nn.Module, state: dict[str, Tensor], origin: str
-) -> None:
-    try:
-        res = model.load_state_dict(_adapt_state(spec, model, state), strict=False)
-    except (RuntimeError, KeyError, ValueError) as e:  # shape mismatches, foreign layouts
-        msg = str(e).strip().splitlines()
-        raise WeightsUnavailable(
-            f"{origin} does not fit {spec.source}:{spec.name} ({spec.key}): {msg[:3]}"
-        ) from None
-    missing = [k for k in res.missing_keys if not k.startswith(_HEAD_PREFIXES)]
-    unexpected = [k for k in res.unexpected_keys if not k.startswith(_HEAD_PREFIXES)]
-    if missing or unexpected:
-        raise WeightsUnavailable(
-            f"{origin} does not fit {spec.source}:{spec.name} ({spec.key}): "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-
-
-def state_sha256(model: nn.Module) -> str:
-    """sha256 over the state dict (sorted names, dtype, shape and raw bytes of each tensor)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def missing_weights_message(spec: BackboneSpec) -> str:
-    return (
-        f"no weights for backbone {spec.key!r} ({spec.source}:{spec.name}): not in the local model cache "
-        f"(HF hub cache / torch hub; nothing is downloaded here). Either pass "
-        f"--weights {spec.key}=FILE (a .safetensors or state-dict .pt/.pth file) or --random-init "
-        f"(random weights, for testing the pipeline only)."
-    )
 
 
 # ---------------------------------------------------------------- the module
@@ -483,29 +357,33 @@ def load_backbone(
 ) -> Backbone:
     """Build a backbone with weights from `weights`, the local cache, or a seeded random init.
 
-    Raises WeightsUnavailable (fast, no network) when none applies. `tiny` (tests) keeps
+    Raises `usae.pipeline.weights.WeightsUnavailable` (fast, no network) when none applies. `tiny` (tests) keeps
     img_size and patch size but uses 2 blocks of width 64; it needs random init or a file.
     """
     cached = None
     if weights is None and not random_init:
         if tiny:
-            raise WeightsUnavailable(
+            raise weight_files.WeightsUnavailable(
                 "tiny backbones have no pretrained weights: use random_init or a weights file"
             )
-        cached = hub_cache_file(spec)
+        cached = weight_files.hub_cache_file(spec)
         if cached is None:
-            raise WeightsUnavailable(missing_weights_message(spec))
+            raise weight_files.WeightsUnavailable(weight_files.missing_weights_message(spec))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # seeded init: identical weights for the same seed, every run
         model = _build_model(spec, tiny)
     if weights is not None:
-        _load_state(spec, model, read_state_file(weights), f"weights file {weights}")
-        source = f"file:{Path(weights).name}"
+        file, origin, source = (
+            Path(weights),
+            f"weights file {weights}",
+            f"file:{Path(weights).name}",
+        )
     elif cached is not None:
-        _load_state(spec, model, read_state_file(cached), f"cached weights {cached}")
-        source = f"cache:{cached.name}"
+        file, origin, source = cached, f"cached weights {cached}", f"cache:{cached.name}"
     else:
-        source = "random-init"
+        file, origin, source = None, "", "random-init"
+    if file is not None:
+        weight_files.load_state(spec, model, weight_files.read_state_file(file), origin)
     depth = _depth(model, spec.source)
     if layer is not None and not 0 <= layer < depth:
         raise RegistryError(
@@ -514,7 +392,7 @@ def load_backbone(
     model.eval().requires_grad_(False)
     identity = {
         "weights": source,
-        "sha256": state_sha256(model),
+        "sha256": weight_files.state_sha256(model),
         "random_init": weights is None and cached is None,
         "seed": seed if (weights is None and cached is None) else None,
         "layer": layer,

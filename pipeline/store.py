@@ -10,37 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import platform
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
+from usae.pipeline import chunk_files
 
 from usae.errors import UsaeError
+from usae.runtime import atomic_write, atomic_write_json
 
 SCHEMA_VERSION = 1
 FORMAT = "usae-activations"
 _META = "_usae"
-_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)  # absent where the OS has no madvise
-
-
-def _cached(fd: int, nbytes: int) -> bool:
-    """Whether the first and last byte of a file's first `nbytes` are in the page cache (a read
-    that must not wait, RWF_NOWAIT, where the OS has it; otherwise assume they are not)."""
-    nowait = getattr(os, "RWF_NOWAIT", None)
-    if nowait is None or not hasattr(os, "preadv"):
-        return False
-    probe = bytearray(1)
-    try:
-        return all(os.preadv(fd, [probe], off, nowait) == 1 for off in {0, nbytes - 1})
-    except OSError:  # EAGAIN: not cached (or the file system cannot tell)
-        return False
 
 
 class StoreError(UsaeError, RuntimeError):
@@ -72,19 +59,6 @@ def fingerprint(obj: Any) -> str:
     """Stable short hash of a JSON-serialisable object."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def holdout_mask(image_ids: Sequence[str], fraction: float, salt: str = "usae-holdout") -> np.ndarray:
-    """Held-out flag per image from a stable hash of its id (same answer in every stage)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
-    out = np.zeros(len(image_ids), dtype=bool)
-    if fraction == 0.0:
-        return out
-    for i, iid in enumerate(image_ids):
-        h = hashlib.blake2b(f"{salt}:{iid}".encode(), digest_size=8).digest()
-        out[i] = int.from_bytes(h, "little") / 2**64 < fraction
-    return out
 
 
 # ---------------------------------------------------------------- running statistics
@@ -142,7 +116,9 @@ class RunningStats:
 
     @classmethod
     def from_json(cls, d: Mapping) -> RunningStats:
-        return cls(int(d["count"]), np.asarray(d["mean"], np.float64), np.asarray(d["m2"], np.float64))
+        return cls(
+            int(d["count"]), np.asarray(d["mean"], np.float64), np.asarray(d["m2"], np.float64)
+        )
 
 
 # ---------------------------------------------------------------- layout description
@@ -156,24 +132,6 @@ class BackboneLayout:
     spec: Mapping[str, Any] | None = None
 
 
-def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file under a temporary name, then rename it: readers never see half a file.
-
-    No fsync: a killed process (Ctrl-C, SIGKILL, a lost worker) cannot leave a committed
-    marker without its data, which is what resuming relies on; surviving a power cut as well
-    would need an fsync per file, which costs more than the write itself.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    data = json.dumps(obj).encode()  # dumps uses the C encoder; dump does not
-    _write_atomic(path, lambda f: f.write(data))
-
-
 class Store:
     """A usae activation store. `Store.create` to write one, `Store.open` to read one."""
 
@@ -185,7 +143,9 @@ class Store:
         self._root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
         attrs = dict(self._root.attrs)
         if attrs.get("format") != FORMAT:
-            raise StoreError(f"{self.path} is not a usae activation store (format={attrs.get('format')!r})")
+            raise StoreError(
+                f"{self.path} is not a usae activation store (format={attrs.get('format')!r})"
+            )
         if attrs.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} has schema_version {attrs.get('schema_version')}, this usae reads {SCHEMA_VERSION}"
@@ -198,11 +158,15 @@ class Store:
         self.backbones: list[str] = list(attrs["backbones"])
         self._groups = {k: self._root[f"backbones/{k}"] for k in self.backbones}
         self.widths: dict[str, int] = {k: int(g.attrs["width"]) for k, g in self._groups.items()}
-        self.prefix_tokens: dict[str, int] = {k: int(g.attrs.get("prefix_tokens", 0)) for k, g in self._groups.items()}
-        self._direct = {k: self._is_raw(self._groups[k]["tokens"]) for k in self.backbones}
-        self._chunk_dirs = {k: os.path.join(self.path, "backbones", k, "tokens", "c") for k in self.backbones}
+        self.prefix_tokens: dict[str, int] = {
+            k: int(g.attrs.get("prefix_tokens", 0)) for k, g in self._groups.items()
+        }
+        self._direct = {k: chunk_files.is_raw(self._groups[k]["tokens"]) for k in self.backbones}
+        self._chunk_dirs = {
+            k: os.path.join(self.path, "backbones", k, "tokens", "c") for k in self.backbones
+        }
         self._valid_arr = self._root["valid"]
-        self._valid_direct = self._is_raw(self._valid_arr)
+        self._valid_direct = chunk_files.is_raw(self._valid_arr)
         self._image_ids: np.ndarray | None = None
 
     # ------------------------------------------------------------ creation
@@ -248,7 +212,14 @@ class Store:
         a = root.create_array("image_id", shape=(n,), dtype=str, chunks=(max(n, 1),))
         if n:
             a[:] = np.asarray(ids, dtype=object)
-        root.create_array("valid", shape=(n,), dtype=bool, chunks=(chunk_images,), fill_value=False, compressors=None)
+        root.create_array(
+            "valid",
+            shape=(n,),
+            dtype=bool,
+            chunks=(chunk_images,),
+            fill_value=False,
+            compressors=None,
+        )
         if split is not None:
             s = root.create_array("split", shape=(n,), dtype=str, chunks=(max(n, 1),))
             if n:
@@ -275,7 +246,9 @@ class Store:
                     fill_value=0.0,
                     config={"write_empty_chunks": True},
                 )
-            g.attrs.update({"width": b.width, "prefix_tokens": b.prefix_tokens, "spec": dict(b.spec or {})})
+            g.attrs.update(
+                {"width": b.width, "prefix_tokens": b.prefix_tokens, "spec": dict(b.spec or {})}
+            )
         root.attrs.update(
             {
                 "schema_version": SCHEMA_VERSION,
@@ -324,7 +297,11 @@ class Store:
     @property
     def image_ids(self) -> np.ndarray:
         if self._image_ids is None:
-            self._image_ids = np.asarray(self._root["image_id"][:], dtype=object) if self.n_images else np.zeros(0, object)
+            self._image_ids = (
+                np.asarray(self._root["image_id"][:], dtype=object)
+                if self.n_images
+                else np.zeros(0, object)
+            )
         return self._image_ids
 
     @property
@@ -364,17 +341,6 @@ class Store:
         return a * self.tokens_per_image, b * self.tokens_per_image
 
     # ------------------------------------------------------------ reading
-    @staticmethod
-    def _is_raw(arr) -> bool:
-        md = arr.metadata
-        try:
-            codecs = [c.to_dict()["name"] for c in md.codecs]
-        except Exception:  # noqa: BLE001
-            return False
-        enc = getattr(md, "chunk_key_encoding", None)
-        sep_ok = enc is not None and getattr(enc, "separator", "/") == "/" and getattr(enc, "name", "default") == "default"
-        return codecs == ["bytes"] and sep_ok and np.dtype(arr.dtype).byteorder in "<=|"
-
     def chunk_file(self, key: str, i: int) -> Path:
         """The file of chunk i of one backbone's token array (absent when never written)."""
         return Path(self._chunk_path(key, i))
@@ -394,10 +360,11 @@ class Store:
             if fd is None:  # never written: zarr's fill value
                 out[:] = 0
                 return out
-            with open(fd, "rb") as fh:
-                got = fh.readinto(memoryview(out.reshape(-1)).cast("B")[:nbytes])
+            got = chunk_files.read_into(fd, out, nbytes)
             if got != nbytes:  # cut while being read
-                raise StoreError(f"chunk file {self.chunk_file(key, i)} is truncated ({got} of {nbytes} bytes)")
+                raise StoreError(
+                    f"chunk file {self.chunk_file(key, i)} is truncated ({got} of {nbytes} bytes)"
+                )
             return out
         arr = self._groups[key]["tokens"][r0:r1]
         if out is not None:
@@ -413,12 +380,8 @@ class Store:
         read-ahead now; on cached files it only slows concurrent reads of them).
         """
         fd, nbytes = self._open_raw(key, i)
-        if fd is not None and hasattr(os, "posix_fadvise") and not _cached(fd, nbytes):
-            try:
-                os.posix_fadvise(fd, 0, nbytes, os.POSIX_FADV_WILLNEED)
-            except BaseException:
-                os.close(fd)
-                raise
+        if fd is not None:
+            chunk_files.advise_willneed(fd, nbytes)
         return fd
 
     def map_chunk(self, key: str, i: int) -> np.ndarray:
@@ -431,17 +394,9 @@ class Store:
         """
         fd, nbytes = self._open_raw(key, i)
         d = self.widths[key]
-        rows = nbytes // (2 * d)
         if fd is None:  # never written: zarr's fill value
-            return np.broadcast_to(np.zeros((1, d), np.float16), (rows, d))
-        try:
-            m = mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ)
-            cached = _cached(fd, nbytes)
-        finally:
-            os.close(fd)
-        if _WILLNEED is not None and not cached:
-            m.madvise(_WILLNEED)
-        return np.frombuffer(m, np.float16).reshape(rows, d)
+            return np.broadcast_to(np.zeros((1, d), np.float16), (nbytes // (2 * d), d))
+        return chunk_files.map_rows(fd, nbytes, d)
 
     def _open_raw(self, key: str, i: int) -> tuple[int | None, int]:
         """(read-only descriptor of chunk i's file of one backbone, or None when never written;
@@ -449,20 +404,15 @@ class Store:
         error here: reading it in parts would come up short, mapping it would crash the reader
         (SIGBUS) instead of raising."""
         if not self._direct[key]:
-            raise StoreError(f"backbone {key!r} of {self.path} is not stored raw: read its chunks with read_chunk")
+            raise StoreError(
+                f"backbone {key!r} of {self.path} is not stored raw: read its chunks with read_chunk"
+            )
         r0, r1 = self.chunk_rows(i)
         nbytes, f = (r1 - r0) * self.widths[key] * 2, self._chunk_path(key, i)
-        try:
-            fd = os.open(f, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        except FileNotFoundError:
-            return None, nbytes
-        try:
-            size = os.fstat(fd).st_size
-            if size < nbytes:
-                raise StoreError(f"chunk file {f} is truncated ({size} of {nbytes} bytes)")
-        except BaseException:
+        fd, size = chunk_files.open_file(f)
+        if fd is not None and size < nbytes:
             os.close(fd)
-            raise
+            raise StoreError(f"chunk file {f} is truncated ({size} of {nbytes} bytes)")
         return fd, nbytes
 
     def read_rows(self, key: str, r0: int, r1: int) -> np.ndarray:
@@ -518,7 +468,9 @@ class Store:
         for key in self.backbones:
             x = np.asarray(tokens[key])
             if x.shape != (r1 - r0, self.widths[key]):
-                raise ValueError(f"{key}: chunk {i} expects shape {(r1 - r0, self.widths[key])}, got {x.shape}")
+                raise ValueError(
+                    f"{key}: chunk {i} expects shape {(r1 - r0, self.widths[key])}, got {x.shape}"
+                )
             x16 = np.ascontiguousarray(x, dtype=np.float16)
             self._write_tokens(key, i, x16)
             if stats is not None:
@@ -538,7 +490,7 @@ class Store:
             "failures": [dict(f) for f in failures],
             "stats": out_stats,
         }
-        _write_json_atomic(self._marker(i), marker)
+        atomic_write_json(self._marker(i), marker)
 
     def _write_tokens(self, key: str, i: int, x16: np.ndarray) -> None:
         """Chunk i of a backbone's tokens: the chunk file itself when the array is raw.
@@ -555,13 +507,7 @@ class Store:
         f = self.chunk_file(key, i)
         f.parent.mkdir(parents=True, exist_ok=True)
         full_bytes = self.chunk_images * self.tokens_per_image * x16.shape[1] * 2
-
-        def write(fh: BinaryIO) -> None:
-            x16.tofile(fh)  # faster than fh.write(memoryview) for large arrays
-            if x16.nbytes < full_bytes:  # edge chunk: zarr stores the full chunk shape
-                fh.truncate(full_bytes)  # zero-filled, i.e. the fill value
-
-        _write_atomic(f, write)
+        chunk_files.write_padded(f, x16, full_bytes)
 
     def _write_valid(self, i: int, valid: np.ndarray) -> None:
         """Chunk i of the validity mask (one byte per image), directly when the array is raw."""
@@ -571,14 +517,18 @@ class Store:
             return
         f = self.path / "valid" / "c" / str(i)
         f.parent.mkdir(parents=True, exist_ok=True)
-        data = valid.astype(np.uint8).tobytes() + bytes(self.chunk_images - (b - a))  # edge chunk padded
-        _write_atomic(f, lambda fh: fh.write(data))
+        data = valid.astype(np.uint8).tobytes() + bytes(
+            self.chunk_images - (b - a)
+        )  # edge chunk padded
+        atomic_write(f, data)
 
     def finalize(self) -> None:
         """Merge the commit markers into statistics and failures; mark the store complete."""
         missing = sorted(set(range(self.n_chunks)) - self.committed_chunks())
         if missing:
-            raise StoreError(f"cannot finalize {self.path}: {len(missing)} chunks uncommitted (first: {missing[:5]})")
+            raise StoreError(
+                f"cannot finalize {self.path}: {len(missing)} chunks uncommitted (first: {missing[:5]})"
+            )
         merged = {k: RunningStats.empty(self.widths[k]) for k in self.backbones}
         failures: list[dict] = []
         for i in range(self.n_chunks):
@@ -589,7 +539,11 @@ class Store:
                 merged[k] = merged[k].merge(RunningStats.from_json(m["stats"][k]))
         for k in self.backbones:
             mu, sd = merged[k].scalar()
-            self._groups[k].attrs["stats"] = {**merged[k].to_json(), "scalar_mean": mu, "scalar_std": sd}
+            self._groups[k].attrs["stats"] = {
+                **merged[k].to_json(),
+                "scalar_mean": mu,
+                "scalar_std": sd,
+            }
         self._root.attrs.update({"failures": failures, "complete": True})
         self.attrs = dict(self._root.attrs)
 

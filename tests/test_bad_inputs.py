@@ -22,6 +22,8 @@ from PIL import Image
 from usae.pipeline.images import ImageError, load_image
 from usae.pipeline.manifest import write_manifest
 
+from usae.errors import USER_ERROR_EXIT
+
 
 class Case(NamedTuple):
     """One corpus file and what decoding it must give."""
@@ -101,19 +103,40 @@ def corpus() -> tuple[Case, ...]:
     bad_crc[bad_crc.index(b"IDAT") + 40] ^= 0xFF
     return (
         # odd but decodable
-        Case("cmyk.jpg", _pil(Image.new("CMYK", (16, 12), (10, 200, 50, 30)), format="JPEG"), (12, 16), None),
+        Case(
+            "cmyk.jpg",
+            _pil(Image.new("CMYK", (16, 12), (10, 200, 50, 30)), format="JPEG"),
+            (12, 16),
+            None,
+        ),
         Case("gray16.png", _pil(Image.fromarray(u16), format="PNG"), (20, 30), None),
         Case("gray16.tif", _pil(Image.fromarray(u16), format="TIFF"), (20, 30), None),
-        Case("palette_transparent.png", _pil(_palette(True), format="PNG", transparency=1), (6, 8), None),
+        Case(
+            "palette_transparent.png",
+            _pil(_palette(True), format="PNG", transparency=1),
+            (6, 8),
+            None,
+        ),
         Case("palette.gif", _pil(_palette(False), format="GIF"), (6, 8), None),
-        Case("gray.png", _pil(Image.fromarray(_rgb(9, 7)[..., 0], "L"), format="PNG"), (9, 7), None),
-        Case("gray_alpha.png", _pil(Image.new("LA", (5, 4), (200, 128)), format="PNG"), (4, 5), None),
-        Case("rgba.png", _pil(Image.new("RGBA", (6, 5), (200, 100, 50, 128)), format="PNG"), (5, 6), None),
+        Case(
+            "gray.png", _pil(Image.fromarray(_rgb(9, 7)[..., 0], "L"), format="PNG"), (9, 7), None
+        ),
+        Case(
+            "gray_alpha.png", _pil(Image.new("LA", (5, 4), (200, 128)), format="PNG"), (4, 5), None
+        ),
+        Case(
+            "rgba.png",
+            _pil(Image.new("RGBA", (6, 5), (200, 100, 50, 128)), format="PNG"),
+            (5, 6),
+            None,
+        ),
         Case("animated.gif", _animated("GIF"), (10, 12), None),
         Case("animated.webp", _animated("WEBP", lossless=True), (10, 12), None),
         Case("animated.png", _animated("PNG"), (10, 12), None),
         Case("exif_rot90.jpg", _exif_rotated(), (40, 20), None),
-        Case("one_pixel.png", _pil(Image.new("RGB", (1, 1), (1, 2, 3)), format="PNG"), (1, 1), None),
+        Case(
+            "one_pixel.png", _pil(Image.new("RGB", (1, 1), (1, 2, 3)), format="PNG"), (1, 1), None
+        ),
         Case("no_iend.png", _bytes(png[:-12]), (64, 64), None),
         # broken: each must fail with a clear reason
         Case("missing.jpg", None, None, r"^file not found$"),
@@ -123,7 +146,12 @@ def corpus() -> tuple[Case, ...]:
         Case("truncated.jpg", _bytes(jpg[: len(jpg) // 2]), None, r"^truncated file$"),
         Case("truncated.png", _bytes(png[: len(png) // 2]), None, r"^truncated file$"),
         Case("bad_crc.png", _bytes(bytes(bad_crc)), None, r"^(cannot decode|truncated file)"),
-        Case("bomb.png", _bytes(_gray_png(9000, 9000)), None, r"^too large: 9000x9000 = 81000000 pixels"),
+        Case(
+            "bomb.png",
+            _bytes(_gray_png(9000, 9000)),
+            None,
+            r"^too large: 9000x9000 = 81000000 pixels",
+        ),
         Case("header_bomb.png", _bytes(_claims(100_000, 100_000)), None, r"^too large"),
     )
 
@@ -174,12 +202,16 @@ def _mixed_manifest(root: Path) -> tuple[Path, tuple[Case, ...]]:
     from usae.pipeline.demo_images import build_demo_images
     from usae.pipeline.manifest import read_manifest
 
-    good = read_manifest(build_demo_images(root, n=8, seed=3, manifest_name="good.csv", show_progress=False))
+    good = read_manifest(
+        build_demo_images(root, n=8, seed=3, manifest_name="good.csv", show_progress=False)
+    )
     cases = write_corpus(root / "corpus")
     rows = [(f"bad/{c.name}", f"corpus/{c.name}") for c in cases]
     for k, (iid, p) in enumerate(zip(good["image_id"], good["path"], strict=True)):
         rows.insert(3 * k, (iid, p))
-    return write_manifest(pd.DataFrame(rows, columns=["image_id", "path"]), root / "mixed.csv"), cases
+    return write_manifest(
+        pd.DataFrame(rows, columns=["image_id", "path"]), root / "mixed.csv"
+    ), cases
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +269,7 @@ def test_extract_exits_when_failures_exceed_max(mixed, tmp_path: Path) -> None:
     r = CliRunner().invoke(app, [*args, "--max-failures", "0.2"])
     out = " ".join(re.sub("[\u2500-\u257f]", " ", r.output).split())
     assert n_bad / n_all > 0.2
-    assert r.exit_code == 1, out
+    assert r.exit_code == USER_ERROR_EXIT, out
     assert f"{n_bad} of {n_all} images failed to decode" in out
     st = Store.open(store)  # the store is complete nonetheless, failures recorded
     assert len(st.failures) == n_bad and int(st.valid.sum()) == n_all - n_bad

@@ -27,6 +27,7 @@ from usae.pipeline.registry import load_backbone, resolve
 from usae.pipeline.store import Store, StoreError
 
 from usae.cli import app
+from usae.errors import USER_ERROR_EXIT
 
 torch.set_num_threads(1)
 TINY = {"tiny": True, "random_init": True, "dtype": "fp32", "progress": False}
@@ -152,7 +153,7 @@ def test_too_many_failures_exit_nonzero_but_store_is_complete(image_set, tmp_pat
     assert st.complete and int(st.valid.sum()) == 9
     res = CliRunner().invoke(app, ["extract", "-m", str(cfg.manifest), "-s", str(cfg.store), "--tiny", "--random-init",
                                    "--dtype", "fp32", "--backbones", "siglip", "--chunk-images", "3", "--no-progress"])  # fmt: skip
-    assert res.exit_code == 1 and "max_failures" in res.output
+    assert res.exit_code == USER_ERROR_EXIT and "max_failures" in res.output
 
 
 def test_other_settings_refused(shared_image_set, tmp_path) -> None:
@@ -262,8 +263,7 @@ def test_cli_manifest_extract_info(tmp_path, photo_crops) -> None:
 def test_cli_options_mirror_config() -> None:
     import inspect
 
-    from usae.pipeline.cli import extract_cmd
-
+    extract_cmd = next(c.callback for c in app.registered_commands if c.name == "extract")
     params = inspect.signature(extract_cmd).parameters
     fields = {f.name: f for f in dataclasses.fields(ExtractConfig)}
     assert set(params) == set(fields)

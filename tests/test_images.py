@@ -53,7 +53,9 @@ def test_deterministic(tmp_path: Path) -> None:
 
 def test_has_scheme() -> None:
     assert has_scheme("s3://b/k.jpg") and has_scheme("file:///x.png") and has_scheme("gcs+x://a")
-    assert not has_scheme("a/b.jpg") and not has_scheme("C://x.jpg") and not has_scheme("/abs/x.png")
+    assert (
+        not has_scheme("a/b.jpg") and not has_scheme("C://x.jpg") and not has_scheme("/abs/x.png")
+    )
 
 
 # ---------------------------------------------------------------- failures
@@ -123,7 +125,12 @@ def _gray_png_bomb(w: int, h: int) -> bytes:
         idat += comp.compress(block if h - r0 >= 256 else row * (h - r0))
     idat += comp.flush()
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", bytes(idat)) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", bytes(idat))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture
@@ -150,7 +157,9 @@ def test_bomb_rejected_before_decoding(tmp_path: Path, no_pixel_decoding) -> Non
     huge = bytearray(_gray_png_bomb(16, 16))
     huge[16:24] = struct.pack(">II", 100_000, 100_000)  # header claims 10^10 pixels
     huge[29:33] = struct.pack(">I", zlib.crc32(bytes(huge[12:29])))
-    assert _reason(bytes(huge), max_pixels=10**12).startswith("too large (decompression bomb limit)")
+    assert _reason(bytes(huge), max_pixels=10**12).startswith(
+        "too large (decompression bomb limit)"
+    )
 
 
 def test_max_pixels_configurable(tmp_path: Path) -> None:
@@ -176,7 +185,9 @@ def test_grayscale_and_bilevel(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["png", "tif"])
 def test_16bit_scaled_not_clipped(tmp_path: Path, fmt: str) -> None:
-    v = np.array([[0, 128, 129, 385, 1000, 32768], [40000, 65278, 65279, 65534, 65535, 257]], np.uint16)
+    v = np.array(
+        [[0, 128, 129, 385, 1000, 32768], [40000, 65278, 65279, 65534, 65535, 257]], np.uint16
+    )
     im = Image.fromarray(v)
     assert im.mode == "I;16"
     y = load_image(_save(im, tmp_path / f"x16.{fmt}"))
@@ -208,7 +219,10 @@ def test_cmyk(tmp_path: Path) -> None:
 
 def test_rgba_composited_on_black(tmp_path: Path) -> None:
     assert BACKGROUND_RGB == (0, 0, 0)
-    px = np.array([[[200, 100, 50, 128], [200, 100, 50, 0], [200, 100, 50, 255], [255, 255, 255, 1]]], np.uint8)
+    px = np.array(
+        [[[200, 100, 50, 128], [200, 100, 50, 0], [200, 100, 50, 255], [255, 255, 255, 1]]],
+        np.uint8,
+    )
     y = load_image(_save(Image.fromarray(px, "RGBA"), tmp_path / "a.png"))
     expect = np.floor(px[..., :3] * (px[..., 3:] / 255.0) + 0.5).astype(np.uint8)
     np.testing.assert_array_equal(y, expect)
@@ -227,7 +241,12 @@ def test_palette_with_transparency(tmp_path: Path, fmt: str) -> None:
     im = Image.fromarray(idx, "P")
     im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (253 * 3))
     y = load_image(_save(im, tmp_path / f"p.{fmt}", transparency=1))
-    assert y[0].tolist() == [[255, 0, 0], [0, 0, 0], [0, 0, 255], [0, 0, 0]]  # index 1 -> background
+    assert y[0].tolist() == [
+        [255, 0, 0],
+        [0, 0, 0],
+        [0, 0, 255],
+        [0, 0, 0],
+    ]  # index 1 -> background
     y = load_image(_save(im, tmp_path / f"opaque.{fmt}"))
     assert y[0].tolist() == [[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 255, 0]]
 
@@ -237,7 +256,14 @@ def test_palette_with_transparency(tmp_path: Path, fmt: str) -> None:
 def test_animated_first_frame(tmp_path: Path, fmt: str, kw: dict) -> None:
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
     frames = [Image.new("RGB", (12, 10), c) for c in colours]
-    p = _save(frames[0], tmp_path / f"anim.{fmt}", save_all=True, append_images=frames[1:], duration=50, **kw)
+    p = _save(
+        frames[0],
+        tmp_path / f"anim.{fmt}",
+        save_all=True,
+        append_images=frames[1:],
+        duration=50,
+        **kw,
+    )
     with Image.open(p) as im:
         assert getattr(im, "n_frames", 1) == 3  # really animated
     y = load_image(p)

@@ -13,6 +13,7 @@ import typer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
+from usae.pipeline.cli import register
 from usae.pipeline.manifest import (
     ManifestConfig,
     ManifestError,
@@ -20,11 +21,12 @@ from usae.pipeline.manifest import (
     manifest_sha256,
     open_path,
     read_manifest,
-    register,
     resolve_path,
     run_manifest,
     write_manifest,
 )
+
+from usae.errors import USER_ERROR_EXIT
 
 
 def _touch(root: Path, rel: str, data: bytes | None = None) -> Path:
@@ -72,17 +74,25 @@ def test_build_ids_paths_splits_hashes(tree: Path) -> None:
     }
     split = dict(zip(df["path"], df["split"], strict=True))
     assert split["train/dog/001.png"] == "train" and split["val/cat/003.jpg"] == "val"
-    assert split["test/dog/004.webp"] == "test" and split["misc/a.jpg"] == "" and split["top.gif"] == ""
+    assert (
+        split["test/dog/004.webp"] == "test"
+        and split["misc/a.jpg"] == ""
+        and split["top.gif"] == ""
+    )
     assert dict(zip(df["path"], df["label"], strict=True))["train/dog/001.png"] == "dog"
     for rel, digest in zip(df["path"], df["sha256"], strict=True):
         assert digest == hashlib.sha256(rel.encode()).hexdigest()
     assert df.attrs["ids_with_extension"] == 3
     # stable: the same folder gives the same table
-    assert manifest_sha256(build_manifest(tree, label_from_parent=True, show_progress=False)) == manifest_sha256(df)
+    assert manifest_sha256(
+        build_manifest(tree, label_from_parent=True, show_progress=False)
+    ) == manifest_sha256(df)
 
 
 def test_build_options(tree: Path) -> None:
-    df = build_manifest(tree, split_from_dirs=False, hash_files=False, extensions=[".png"], show_progress=False)
+    df = build_manifest(
+        tree, split_from_dirs=False, hash_files=False, extensions=[".png"], show_progress=False
+    )
     assert list(df.columns) == ["image_id", "path"]
     # a.png alone among .png files: no collision, so the stem id is used
     assert df["path"].tolist() == ["misc/a.jpg.png", "misc/a.png", "train/dog/001.png"]
@@ -180,7 +190,10 @@ def _manifest_with(tmp_path: Path, paths: list[str]) -> Path:
         ("ABS", "absolute path outside"),
         ("link/x.jpg", "symlink resolves outside"),
         ("filelink.jpg", "symlink resolves outside"),
-        ("link/../x.jpg", "symlink resolves outside"),  # '..' after a symlink: the OS follows the link first
+        (
+            "link/../x.jpg",
+            "symlink resolves outside",
+        ),  # '..' after a symlink: the OS follows the link first
     ],
 )
 def test_escaping_paths_rejected(tmp_path: Path, bad: str, why: str) -> None:
@@ -200,7 +213,14 @@ def test_allowed_paths(tmp_path: Path) -> None:
     root = tmp_path / "root"
     _touch(root, "sub/x.jpg")
     os.symlink(root / "sub", root / "inner")  # a symlink that stays inside is fine
-    paths = ["sub/x.jpg", "sub/../sub/x.jpg", str(root / "sub" / "x.jpg"), "inner/x.jpg", "s3://bucket/k.jpg", "missing.jpg"]
+    paths = [
+        "sub/x.jpg",
+        "sub/../sub/x.jpg",
+        str(root / "sub" / "x.jpg"),
+        "inner/x.jpg",
+        "s3://bucket/k.jpg",
+        "missing.jpg",
+    ]
     df = read_manifest(_manifest_with(tmp_path, paths))
     assert df["path"].tolist() == paths
     # an explicit image root is used instead of the manifest's folder
@@ -215,7 +235,9 @@ def test_url_root_paths(tmp_path: Path) -> None:
     m = write_manifest(df, tmp_path / "m.csv")
     with pytest.raises(ManifestError, match="'b'.*leaves the image root"):
         read_manifest(m, image_root="memory://bucket/imgs")
-    ok = read_manifest(write_manifest(df.iloc[:1], tmp_path / "ok.csv"), image_root="memory://bucket/imgs")
+    ok = read_manifest(
+        write_manifest(df.iloc[:1], tmp_path / "ok.csv"), image_root="memory://bucket/imgs"
+    )
     assert ok.attrs["image_root"] == "memory://bucket/imgs"
 
 
@@ -282,10 +304,15 @@ def _slow_escapes(root: Path, rel: str) -> bool:
     )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     rels=st.lists(
-        st.tuples(st.sampled_from(["", "ROOT/", "BASE/"]), st.lists(st.sampled_from(_PARTS), min_size=1, max_size=5)),
+        st.tuples(
+            st.sampled_from(["", "ROOT/", "BASE/"]),
+            st.lists(st.sampled_from(_PARTS), min_size=1, max_size=5),
+        ),
         min_size=1,
         max_size=8,
     )
@@ -303,17 +330,28 @@ def test_property_escape_check_matches_slow_rule(link_tree: Path, rels) -> None:
 
 
 # -------------------------------------------------------------- property: write/read round trip
-_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
-_rows = st.lists(st.tuples(_text, _text, _text, st.one_of(st.none(), st.integers(-5, 5), _text)), max_size=12)
+_text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12
+)
+_rows = st.lists(
+    st.tuples(_text, _text, _text, st.one_of(st.none(), st.integers(-5, 5), _text)), max_size=12
+)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(rows=_rows, fmt=st.sampled_from([".csv", ".parquet"]))
 def test_property_write_read_roundtrip(tmp_path: Path, rows, fmt: str) -> None:
     ids = [f"id{i}:{r[0]}" for i, r in enumerate(rows)]  # unique and non-empty
     paths = [f"p{i}/{r[1]}".replace("..", "__") for i, r in enumerate(rows)]
     df = pd.DataFrame(
-        {"image_id": ids, "path": paths, "split": [r[2] for r in rows], "label": [r[3] for r in rows]},
+        {
+            "image_id": ids,
+            "path": paths,
+            "split": [r[2] for r in rows],
+            "label": [r[3] for r in rows],
+        },
         columns=["image_id", "path", "split", "label"],
     )
     out = write_manifest(df, tmp_path / f"m{fmt}")
@@ -352,14 +390,18 @@ def test_run_manifest_and_cli(tree: Path, tmp_path: Path) -> None:
     assert "9 images" in text(r)
     df = read_manifest(tree / "m.parquet")
     assert "sha256" not in df.columns and len(df) == 9
-    r = runner.invoke(app, ["manifest", str(tree), "--out", str(tmp_path / "m.csv"), "--extensions", ".png"])
+    r = runner.invoke(
+        app, ["manifest", str(tree), "--out", str(tmp_path / "m.csv"), "--extensions", ".png"]
+    )
     assert r.exit_code == 0 and "image root" in text(r)  # manifest written outside the folder
     r = runner.invoke(app, ["manifest", str(tree / "nope"), "--out", str(tree / "x.csv")])
     assert r.exit_code != 0 and "not a folder" in text(r)
     r = runner.invoke(app, ["manifest", str(tree), "--out", str(tree / "x.json")])
     assert r.exit_code != 0 and ".parquet or .csv" in text(r)
-    r = runner.invoke(app, ["manifest", str(tree), "--out", str(tree / "x.csv"), "--extensions", ".zzz"])
-    assert r.exit_code == 1 and "no image files" in text(r)
+    r = runner.invoke(
+        app, ["manifest", str(tree), "--out", str(tree / "x.csv"), "--extensions", ".zzz"]
+    )
+    assert r.exit_code == USER_ERROR_EXIT and "no image files" in text(r)
 
 
 def test_cli_options_mirror_config() -> None:
@@ -367,7 +409,7 @@ def test_cli_options_mirror_config() -> None:
 
     app = typer.Typer(add_completion=False)
     register(app)
-    cmd = typer.main.get_command(app)
+    cmd = typer.main.get_command(app).commands["manifest"]
     params = {p.name for p in cmd.params}
     assert params == {f.name for f in dataclasses.fields(ManifestConfig)}
     for p in cmd.params:
@@ -404,13 +446,20 @@ def test_demo_images_offline_deterministic(tmp_path: Path, monkeypatch) -> None:
         assert rgb.shape[2] == 3 and 160 <= max(rgb.shape[:2]) <= 320 and rgb.std() > 1.0
     assert {Path(p).suffix for p in a["path"]} == {".jpg", ".png"}
     # data_manifests/example.csv is the start of this manifest (file bytes aside)
-    example = read_manifest(Path(__file__).parents[1] / "data_manifests" / "example.csv", image_root=tmp_path / "a")
+    example = read_manifest(
+        Path(__file__).parents[1] / "data_manifests" / "example.csv", image_root=tmp_path / "a"
+    )
     cols = ["image_id", "path", "split", "label", "source"]
     pd.testing.assert_frame_equal(example[cols], a[cols].iloc[: len(example)])
 
 
 @settings(max_examples=200, deadline=None)
-@given(h=st.integers(8, 2000), w=st.integers(8, 2000), seed=st.integers(0, 2**31), i=st.integers(0, 10**6))
+@given(
+    h=st.integers(8, 2000),
+    w=st.integers(8, 2000),
+    seed=st.integers(0, 2**31),
+    i=st.integers(0, 10**6),
+)
 def test_demo_crop_inside_photo(h: int, w: int, seed: int, i: int) -> None:
     from usae.pipeline.demo_images import draw_crop
 

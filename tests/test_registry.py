@@ -13,13 +13,13 @@ from usae.pipeline.registry import (
     REGISTRY,
     Backbone,
     RegistryError,
-    WeightsUnavailable,
     _build_model,
     load_backbone,
     resample_grid,
     resize_square,
     resolve,
 )
+from usae.pipeline.weights import WeightsUnavailable
 
 torch.set_num_threads(1)
 

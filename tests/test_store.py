@@ -9,14 +9,20 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from usae.pipeline.store import BackboneLayout, RunningStats, Store, StoreError, holdout_mask
+from usae.pipeline.store import BackboneLayout, RunningStats, Store, StoreError
+
+from usae.runtime import holdout_mask
 
 
 def _fill(store: Store, data: dict[str, np.ndarray], valid: np.ndarray, chunks=None) -> None:
     for i in chunks if chunks is not None else range(store.n_chunks):
         r0, r1 = store.chunk_rows(i)
         a, b = store.chunk_images_range(i)
-        fails = [{"image_id": f"img{j}", "path": f"p{j}", "reason": "bad"} for j in range(a, b) if not valid[j]]
+        fails = [
+            {"image_id": f"img{j}", "path": f"p{j}", "reason": "bad"}
+            for j in range(a, b)
+            if not valid[j]
+        ]
         store.write_chunk(i, {k: v[r0:r1] for k, v in data.items()}, valid[a:b], failures=fails)
 
 
@@ -25,17 +31,27 @@ def _make(tmp_path, n, tpi_hw, chunk, widths, seed=0, valid=None, name="s.zarr")
     t = tpi_hw[0] * tpi_hw[1]
     layouts = [BackboneLayout(f"b{j}", w) for j, w in enumerate(widths)]
     st_ = Store.create(
-        tmp_path / name, [f"img{i}" for i in range(n)], layouts, grid=tpi_hw, chunk_images=chunk,
-        source="synth", fingerprint_of={"seed": seed},
+        tmp_path / name,
+        [f"img{i}" for i in range(n)],
+        layouts,
+        grid=tpi_hw,
+        chunk_images=chunk,
+        source="synth",
+        fingerprint_of={"seed": seed},
     )
-    data = {f"b{j}": (rng.normal(size=(n * t, w)) * 3 + 1).astype(np.float16) for j, w in enumerate(widths)}
+    data = {
+        f"b{j}": (rng.normal(size=(n * t, w)) * 3 + 1).astype(np.float16)
+        for j, w in enumerate(widths)
+    }
     valid = np.ones(n, bool) if valid is None else valid
     _fill(st_, data, valid)
     st_.finalize()
     return Store.open(tmp_path / name), data, valid
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     n=st.integers(1, 13),
     gh=st.integers(1, 3),
@@ -59,7 +75,9 @@ def test_round_trip_and_alignment(tmp_path_factory, n, gh, gw, chunk, widths, se
         np.testing.assert_array_equal(store.read_rows(k, 0, n * t), x)  # zarr path agrees
         mapped = np.concatenate([store.map_chunk(k, i) for i in range(store.n_chunks)])
         np.testing.assert_array_equal(mapped, x)  # memory-mapped chunk files agree
-        np.testing.assert_array_equal(_pread_all(store, k), x)  # and so do preads through open_chunk
+        np.testing.assert_array_equal(
+            _pread_all(store, k), x
+        )  # and so do preads through open_chunk
         # exact stats over valid rows only
         rows = np.repeat(valid, t)
         ref = x[rows].astype(np.float64)
@@ -76,13 +94,21 @@ def test_round_trip_and_alignment(tmp_path_factory, n, gh, gw, chunk, widths, se
 def test_row_is_same_image_and_position_in_every_backbone(tmp_path):
     n, g, chunk = 7, (2, 3), 3
     t = g[0] * g[1]
-    st_ = Store.create(tmp_path / "a.zarr", [str(i) for i in range(n)],
-                       [BackboneLayout("x", 2), BackboneLayout("y", 5)], grid=g, chunk_images=chunk,
-                       source="synth", fingerprint_of=1)
+    st_ = Store.create(
+        tmp_path / "a.zarr",
+        [str(i) for i in range(n)],
+        [BackboneLayout("x", 2), BackboneLayout("y", 5)],
+        grid=g,
+        chunk_images=chunk,
+        source="synth",
+        fingerprint_of=1,
+    )
     # content encodes (image, token) differently per backbone
     img, tok = np.divmod(np.arange(n * t), t)
-    data = {"x": np.stack([img, tok], 1).astype(np.float16),
-            "y": np.stack([tok, img, img, tok, img + tok], 1).astype(np.float16)}
+    data = {
+        "x": np.stack([img, tok], 1).astype(np.float16),
+        "y": np.stack([tok, img, img, tok, img + tok], 1).astype(np.float16),
+    }
     _fill(st_, data, np.ones(n, bool))
     st_.finalize()
     s = Store.open(tmp_path / "a.zarr")
@@ -108,7 +134,8 @@ def test_running_stats_merge_equals_whole():
 def test_resume_skips_committed_and_refuses_other_settings(tmp_path):
     ids = [f"i{j}" for j in range(10)]
     lay = [BackboneLayout("a", 3)]
-    s = Store.create(tmp_path / "s.zarr", ids, lay, grid=(1, 2), chunk_images=4, source="synth", fingerprint_of="v1")
+    same = dict(grid=(1, 2), chunk_images=4, source="synth", fingerprint_of="v1")
+    s = Store.create(tmp_path / "s.zarr", ids, lay, **same)
     data = {"a": np.arange(60, dtype=np.float16).reshape(20, 3)}
     _fill(s, data, np.ones(10, bool), chunks=[0])
     with pytest.raises(StoreError, match="uncommitted"):
@@ -116,13 +143,21 @@ def test_resume_skips_committed_and_refuses_other_settings(tmp_path):
     with pytest.raises(StoreError, match="incomplete"):
         Store.open(tmp_path / "s.zarr")
     # same settings: reopened, not recreated; committed chunk kept
-    s2 = Store.create(tmp_path / "s.zarr", ids, lay, grid=(1, 2), chunk_images=4, source="synth", fingerprint_of="v1")
+    s2 = Store.create(tmp_path / "s.zarr", ids, lay, **same)
     assert s2.committed_chunks() == {0}
     _fill(s2, data, np.ones(10, bool), chunks=[1, 2])
     s2.finalize()
     np.testing.assert_array_equal(Store.open(tmp_path / "s.zarr").read_rows("a", 0, 20), data["a"])
     with pytest.raises(StoreError, match="different manifest or settings"):
-        Store.create(tmp_path / "s.zarr", ids, lay, grid=(1, 2), chunk_images=4, source="synth", fingerprint_of="v2")
+        Store.create(
+            tmp_path / "s.zarr",
+            ids,
+            lay,
+            grid=(1, 2),
+            chunk_images=4,
+            source="synth",
+            fingerprint_of="v2",
+        )
     with pytest.raises(StoreError, match="immutable"):
         s2.write_chunk(0, {"a": data["a"][:8]}, np.ones(4, bool))
 
@@ -156,13 +191,13 @@ def _pread_all(store: Store, key: str) -> np.ndarray:
 
 
 def test_read_ahead_is_asked_only_for_chunks_not_in_the_page_cache(tmp_path, monkeypatch):
-    import usae.pipeline.store as store_module
+    from usae.pipeline import chunk_files
 
     s, _, _ = _make(tmp_path, 4, (2, 2), 2, [3])
     s.read_chunk("b0", 0)  # now in the page cache
     fd = os.open(s.chunk_file("b0", 0), os.O_RDONLY)
     try:
-        assert store_module._cached(fd, 8 * 3 * 2) == hasattr(os, "RWF_NOWAIT")
+        assert chunk_files.page_cached(fd, 8 * 3 * 2) == hasattr(os, "RWF_NOWAIT")
     finally:
         os.close(fd)
     if not hasattr(os, "posix_fadvise"):
@@ -171,7 +206,7 @@ def test_read_ahead_is_asked_only_for_chunks_not_in_the_page_cache(tmp_path, mon
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: asked.append((n, advice)))
     os.close(s.open_chunk("b0", 0))
     assert asked == ([] if hasattr(os, "RWF_NOWAIT") else [(48, os.POSIX_FADV_WILLNEED)])
-    monkeypatch.setattr(store_module, "_cached", lambda fd, n: False)
+    monkeypatch.setattr(chunk_files, "page_cached", lambda fd, n: False)
     os.close(s.open_chunk("b0", 0))
     assert asked[-1] == (48, os.POSIX_FADV_WILLNEED)
 
@@ -200,8 +235,15 @@ def test_mapped_and_opened_chunks_never_written_are_zeros_and_need_raw_arrays(tm
 
 def test_duplicate_ids_rejected(tmp_path):
     with pytest.raises(StoreError, match="duplicate"):
-        Store.create(tmp_path / "d.zarr", ["a", "a"], [BackboneLayout("x", 1)], grid=(1, 1), chunk_images=1,
-                     source="synth", fingerprint_of=0)
+        Store.create(
+            tmp_path / "d.zarr",
+            ["a", "a"],
+            [BackboneLayout("x", 1)],
+            grid=(1, 1),
+            chunk_images=1,
+            source="synth",
+            fingerprint_of=0,
+        )
 
 
 def test_holdout_mask_is_stable_and_near_fraction():

@@ -1,0 +1,240 @@
+"""Chunks of manifest rows -> backbone activations written and committed to the store: what one
+extraction task does, in this process or on a Dask worker (`usae.pipeline.extract` schedules
+the tasks).
+
+A task owns whole chunks: it computes them and writes them itself (`Store.write_chunk` commits
+each with a marker), so no activation data travels through a scheduler. Inside a task three
+things overlap: a thread pool decodes and resizes the images of the current and the next
+chunk, the task's thread runs the backbones, and a writer thread writes the previous chunk.
+Backbones are loaded once per process (a module-level cache), not per task.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from usae.pipeline.images import ImageError, load_image
+from usae.pipeline.registry import Backbone, BackboneSpec, load_backbone, resize_square
+from usae.pipeline.store import Store
+
+from usae.errors import UsaeError
+from usae.runtime import torch_dtype
+
+# Test hook: seconds to sleep after computing each chunk, so that a test can kill a run
+# between commits. Not a user setting.
+_DELAY_ENV = "USAE_EXTRACT_TEST_CHUNK_DELAY"
+
+
+class ExtractError(UsaeError, RuntimeError):
+    """A user-facing extraction problem (bad option, too many failed images, ...)."""
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Everything that determines the loaded backbones (the per-process cache key)."""
+
+    specs: tuple[BackboneSpec, ...]
+    weights: tuple[tuple[str, str], ...]
+    random_init: bool
+    seed: int
+    layer: int | None
+    tiny: bool
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """What a task needs besides its images: picklable, sent once per task."""
+
+    models: ModelKey
+    identities: tuple[dict, ...]
+    store: str
+    grid: tuple[int, int]
+    batch_size: int
+    decode_threads: int
+    torch_threads: int = 0
+    sizes: tuple[int, ...] = field(default=())
+
+
+# ---------------------------------------------------------------- backbones (once per process)
+_CACHE: dict[ModelKey, list[Backbone]] = {}
+
+
+def get_backbones(key: ModelKey) -> list[Backbone]:
+    """The backbones for `key`, loaded once per process and reused by every task."""
+    if key not in _CACHE:
+        _CACHE.clear()  # one configuration at a time: free the previous models
+        files = dict(key.weights)
+        _CACHE[key] = [
+            load_backbone(
+                s,
+                weights=files.get(s.key),
+                random_init=key.random_init,
+                seed=key.seed,
+                layer=key.layer,
+                tiny=key.tiny,
+                device=key.device,
+                dtype=torch_dtype(key.dtype),
+            )
+            for s in key.specs
+        ]
+    return _CACHE[key]
+
+
+def spec_record(bb: Backbone, key: ModelKey, grid: tuple[int, int]) -> dict:
+    """The backbone's entry in the store (group attribute `spec`, part of the fingerprint)."""
+    return {
+        **bb.spec.to_json(),
+        "identity": dict(bb.identity),
+        "layer": key.layer,
+        "grid": list(grid),
+        "compute_dtype": key.dtype,
+        "random_init": bb.identity["random_init"],
+        "seed": bb.identity["seed"],
+    }
+
+
+# ---------------------------------------------------------------- decoding
+class _Decoded(NamedTuple):
+    images: dict[int, torch.Tensor] | None  # img_size -> (3, s, s) float in [0, 1]
+    reason: str | None  # why decoding failed
+
+
+def _decode(path: str, sizes: Sequence[int]) -> _Decoded:
+    """One image file -> one resized copy per input size, or the reason it failed."""
+    try:
+        rgb_hw3 = load_image(path)
+    except ImageError as e:
+        return _Decoded(None, e.reason)
+    except Exception as e:  # noqa: BLE001 - any other decoder failure is a failed image too
+        return _Decoded(None, f"{type(e).__name__}: {e}")
+    x_13hw = (
+        torch.from_numpy(np.require(rgb_hw3, np.uint8, ["C", "W"]))
+        .permute(2, 0, 1)[None]
+        .float()
+        .div_(255.0)
+    )
+    out = {}
+    for s in sizes:
+        out[s] = x_13hw[0] if tuple(x_13hw.shape[-2:]) == (s, s) else resize_square(x_13hw, s)[0]
+    return _Decoded(out, None)
+
+
+class _ChunkOut(NamedTuple):
+    tokens: dict[str, np.ndarray]  # key -> (n * T, d) float16
+    prefix: dict[str, np.ndarray]  # key -> (n, P, d) float16, only P > 0
+    valid: np.ndarray  # (n,) bool
+    failures: list[dict]  # {image_id, path, reason}
+
+
+def _compute_chunk(
+    plan: TaskPlan,
+    backbones: Sequence[Backbone],
+    images: Sequence[tuple[str, str, str]],
+    decoded: Sequence[Future],
+    on_images: Callable[[int], None] | None,
+) -> _ChunkOut:
+    """Run every backbone over one chunk's images (failed ones stay zero and invalid)."""
+    n, t = len(images), plan.grid[0] * plan.grid[1]
+    tok_ntd = {b.spec.key: np.zeros((n, t, b.spec.width), np.float16) for b in backbones}
+    pre_npd = {
+        b.spec.key: np.zeros((n, b.spec.prefix_tokens, b.spec.width), np.float16)
+        for b in backbones
+        if b.spec.prefix_tokens
+    }
+    valid = np.zeros(n, bool)
+    failures: list[dict] = []
+    device = plan.models.device
+    for b0 in range(0, n, plan.batch_size):
+        idx, batch = [], []
+        for j in range(b0, min(b0 + plan.batch_size, n)):
+            d = decoded[j].result()
+            if d.images is None:
+                failures.append(
+                    {"image_id": images[j][0], "path": images[j][2], "reason": d.reason}
+                )
+            else:
+                idx.append(j)
+                batch.append(d.images)
+        if idx:
+            valid[idx] = True
+            with torch.inference_mode():
+                for bb in backbones:
+                    x_b3hw = torch.stack([im[bb.spec.img_size] for im in batch]).to(
+                        device, non_blocking=True
+                    )
+                    acts = bb(x_b3hw, plan.grid)
+                    tok_ntd[bb.spec.key][idx] = acts.patch_btd.to(torch.float16).cpu().numpy()
+                    if bb.spec.prefix_tokens:
+                        pre_npd[bb.spec.key][idx] = acts.prefix_bpd.to(torch.float16).cpu().numpy()
+        if on_images is not None:
+            on_images(min(b0 + plan.batch_size, n) - b0)
+    tokens = {k: v.reshape(n * t, -1) for k, v in tok_ntd.items()}
+    return _ChunkOut(tokens, pre_npd, valid, failures)
+
+
+class TaskResult(NamedTuple):
+    """What one task reports back (counts only: the data went to the store)."""
+
+    chunks: list[int]  # chunks this task committed
+    images: int  # images computed
+    failed: int  # images that failed to decode
+
+
+def run_chunks(
+    plan: TaskPlan,
+    work: Sequence[tuple[int, Sequence[tuple[str, str, str]]]],
+    on_images: Callable[[int], None] | None = None,
+) -> TaskResult:
+    """Compute and commit chunks: `work` = [(chunk index, [(image_id, file, manifest path)])].
+
+    Decoding of the next chunk and writing of the previous one overlap with compute.
+    Chunks committed meanwhile (e.g. by a worker that was thought lost) are skipped.
+    """
+    if plan.torch_threads:
+        torch.set_num_threads(plan.torch_threads)
+    backbones = get_backbones(plan.models)
+    for bb, ident in zip(backbones, plan.identities, strict=True):
+        if bb.identity["sha256"] != ident["sha256"]:
+            raise ExtractError(
+                f"backbone {bb.spec.key}: this worker's weights differ from the store's"
+            )
+    store = Store(plan.store, mode="r+")
+    work = [(i, ims) for i, ims in work if not store.is_committed(i)]
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    done, n_img, n_fail = [], 0, 0
+    with ThreadPoolExecutor(max(1, plan.decode_threads)) as pool, ThreadPoolExecutor(1) as writer:
+
+        def submit(ims):
+            return [pool.submit(_decode, f, plan.sizes) for _, f, _ in ims]
+
+        pending: Future | None = None
+        nxt = submit(work[0][1]) if work else []
+        for w, (i, ims) in enumerate(work):
+            cur, nxt = nxt, (submit(work[w + 1][1]) if w + 1 < len(work) else [])
+            out = _compute_chunk(plan, backbones, ims, cur, on_images)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(
+                store.write_chunk,
+                i,
+                out.tokens,
+                out.valid,
+                prefix=out.prefix,
+                failures=out.failures,
+            )
+            done.append(i)
+            n_img, n_fail = n_img + len(ims), n_fail + len(out.failures)
+            if delay:
+                time.sleep(delay)
+        if pending is not None:
+            pending.result()
+    return TaskResult(done, n_img, n_fail)
