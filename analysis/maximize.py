@@ -632,7 +632,8 @@ def _dtype(name: str, rec: dict) -> torch.dtype:
 
 def load_target(model: USAE, store, key: str, weights: Path | None, cfg: MaximizeConfig) -> Target:
     """Backbone `key` with the weights the store recorded (same seed / tiny flag, or a file)."""
-    from usae.pipeline.registry import RegistryError, WeightsUnavailable, load_backbone
+    from usae.pipeline.registry import RegistryError, load_backbone
+    from usae.pipeline.weights import WeightsUnavailable
 
     rec, ident = _recorded(store, key)
     spec = _spec_from_record(key, rec)

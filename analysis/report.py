@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 import torch
 from usae.analysis import metrics as mx
-from usae.pipeline.store import Store, StoreError, holdout_mask
+from usae.pipeline.store import Store, StoreError
 from usae.trainer.model import USAE, load_run
 
 from usae.errors import UsaeError
+from usae.runtime import holdout_mask
 
 IMAGE_CHOICES = ("auto", "holdout", "train", "all")
 

@@ -13,10 +13,10 @@ from test_metrics import planted, random_run, write_run, write_store
 from typer.testing import CliRunner
 from usae.analysis import metrics as mx
 from usae.analysis.report import AnalyzeConfig, AnalyzeError, run_analyze
-from usae.pipeline.store import holdout_mask
 from usae.trainer.model import USAE, load_run
 
 from usae.cli import app
+from usae.runtime import holdout_mask
 
 
 def _analyze(*args: str):

@@ -376,7 +376,7 @@ def test_run_directory_contents(store, tmp_path):
     assert np.asarray(m["r2_matrix"]).shape == (2, 2) and m["heldout_tokens"] > 0
     # the R2 matrix agrees with a direct computation on the held-out rows
     st = Store.open(store)
-    from usae.pipeline.store import holdout_mask
+    from usae.runtime import holdout_mask
 
     held = np.repeat(holdout_mask(list(st.image_ids), 0.2), st.tokens_per_image)
     x = [torch.from_numpy(st.read_rows(k, 0, st.n_rows)[held]).float() for k in ("b0", "b1")]

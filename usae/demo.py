@@ -72,7 +72,8 @@ class DemoResult(NamedTuple):
 
 def _weights_plan(cfg: DemoConfig) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[str, ...]]:
     """(weights pairs for cached backbones, pretrained keys, random-init keys)."""
-    from usae.pipeline.registry import hub_cache_file, resolve
+    from usae.pipeline.registry import resolve
+    from usae.pipeline.weights import hub_cache_file
 
     pairs, pre, rnd = [], [], []
     for name in cfg.backbones:
