@@ -118,7 +118,8 @@ def _extract(cfg: DemoConfig, manifest: Path, store: Path, weights) -> None:
 
 
 def _train(cfg: DemoConfig, store: Path, run: Path) -> None:
-    from usae.trainer.train import TrainConfig, print_metrics, run_train
+    from usae.trainer.rundir import print_metrics
+    from usae.trainer.train import TrainConfig, run_train
 
     console.rule("[bold]2/4 train")
     if (run / "model.safetensors").exists():
