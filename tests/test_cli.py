@@ -1,51 +1,86 @@
-"""The CLI as a whole: every command listed, options mirror config fields, the demo end to end."""
+"""The CLI as a whole: every command listed and generated from its config, every user error ending
+the same way, and the demo end to end."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import subprocess
 import sys
+import typing
 
 import pytest
 import typer
 
 from usae.cli import app
-
-# command -> its config dataclass; every config field is a CLI option and vice versa
-COMMANDS = {
-    "extract": "usae.pipeline.extract:ExtractConfig",
-    "manifest": "usae.pipeline.manifest:ManifestConfig",
-    "synth": "usae.trainer.synth:SynthConfig",
-    "train": "usae.trainer.train:TrainConfig",
-    "analyze": "usae.analysis.report:AnalyzeConfig",
-    "maximize": "usae.analysis.maximize:MaximizeConfig",
-    "demo": "usae.demo:DemoConfig",
-}
-# an option named in the singular for a repeatable field
-RENAMED = {("maximize", "concept"): "concepts"}
+from usae.errors import USER_ERROR_EXIT
+from usae.options import field_docs, literal_choices
 
 
-def _config(path: str):
-    mod, cls = path.split(":")
-    return getattr(importlib.import_module(mod), cls)
+def _leaves(group, prefix: str = "") -> dict:
+    out = {}
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):  # a group of commands (usae weights ...)
+            out.update(_leaves(cmd, f"{prefix}{name} "))
+        else:
+            out[f"{prefix}{name}"] = cmd
+    return out
+
+
+COMMANDS = _leaves(typer.main.get_command(app))
 
 
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "usae.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for name in [*COMMANDS, "info"]:
+    for name in ["extract", "manifest", "info", "synth", "train", "analyze", "maximize", "demo"]:
         assert f" {name} " in out, f"`usae --help` does not list {name}"
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
-def test_options_mirror_config_fields(name):
-    cmd = typer.main.get_command(app).commands[name]
-    opts = {RENAMED.get((name, p.name), p.name) for p in cmd.params}
-    fields = {f.name for f in dataclasses.fields(_config(COMMANDS[name]))}
-    assert opts == fields, f"{name}: only in config {sorted(fields - opts)}, only in CLI {sorted(opts - fields)}"
-    for p in cmd.params:
-        assert getattr(p, "help", None) or p.param_type_name == "argument", f"{name} --{p.name} has no help text"
+def test_every_command_is_generated_from_its_config(name):
+    """One option (or argument) per config field, its help the field's docstring, Literal
+    fields offered as their choices, and nothing else."""
+    cb = COMMANDS[name].callback
+    cls = getattr(cb, "config_class", None)
+    assert cls is not None, f"`usae {name}` is not generated from a config dataclass (usae.options.config_command)"
+    params = {p.name: p for p in COMMANDS[name].params}
+    fields = {f.name for f in dataclasses.fields(cls)} - set(cb.config_exclude)
+    assert set(params) == fields, f"{name}: only in config {sorted(fields - set(params))}, only in CLI {sorted(set(params) - fields)}"
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    for f in fields:
+        p = params[f]
+        assert docs.get(f), f"{cls.__name__}.{f} has no docstring"
+        if p.param_type_name == "option":
+            assert p.help.startswith(docs[f]), f"{name} --{f}: help is not the field's docstring"
+        choices = literal_choices(hints[f])
+        if choices is not None:
+            assert tuple(getattr(p.type_descriptor, "choices", ())) == choices, f"{name} --{f} does not offer {choices}"
+
+
+# a user's error for every command: (arguments, text the message must hold)
+USER_ERRORS = {
+    "manifest": (["{tmp}/no-such-folder"], "not a folder"),
+    "extract": (["--manifest", "{tmp}/none.csv", "--store", "{tmp}/s.zarr"], "none.csv"),
+    "info": (["{tmp}/no-store.zarr"], "not a usae store"),
+    "synth": (["--store", "{tmp}/s.zarr", "--models", "0"], "models"),
+    "train": (["--store", "{tmp}/nope.zarr", "--out", "{tmp}/r"], "does not exist"),
+    "analyze": (["--run", "{tmp}/no-run", "--store", "{tmp}/nope.zarr", "--out", "{tmp}/rep"], "no-run"),
+    "maximize": (["--run", "{tmp}/no-run", "--out", "{tmp}/mx", "--concept", "1"], "no-run"),
+    "demo": (["--out", "{tmp}/d", "--backbones", "no-such-backbone", "--tiny"], "no-such-backbone"),
+    "weights fetch": (["no-such-backbone"], "no-such-backbone"),
+    "weights list": (["--backbones", "no-such-backbone"], "no-such-backbone"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_user_error_exits_with_one_code_and_no_traceback(name, tmp_path):
+    from typer.testing import CliRunner
+
+    assert name in USER_ERRORS, f"give `usae {name}` a user-error case"
+    args, text = USER_ERRORS[name]
+    r = CliRunner().invoke(app, [*name.split(), *(a.format(tmp=tmp_path) for a in args)])
+    assert r.exit_code == USER_ERROR_EXIT, (r.exit_code, r.output, r.exception)
+    assert text in r.output and "Traceback" not in r.output, r.output
 
 
 @pytest.mark.slow
