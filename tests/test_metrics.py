@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from scipy import stats as sstats
 from usae.analysis import metrics as mx
 from usae.pipeline.store import BackboneLayout, Store
-from usae.trainer.model import USAE, ModelSpec, load_run
+from usae.trainer.evaluate import reconstruction
+from usae.trainer.model import USAE, Codes, ModelSpec, load_run
 
 
 # ---------------------------------------------------------------- planted stores and runs
@@ -191,7 +192,7 @@ def test_planted_concepts_recovered(tmp_path):
     p = planted(tmp_path)
     model, s = _stream(p.store, p.run, tau=0.1, batch_tokens=17)
     table = mx.concept_table(s)
-    rec = mx.reconstruction(s)
+    rec = reconstruction(s)
     fe = table.firing_entropy_m
     assert (fe[p.universal] > 0.97).all(), fe[p.universal]
     spec_ids = [c for cs in p.specific.values() for c in cs]
@@ -215,7 +216,7 @@ def test_streaming_equals_dense_reference(tmp_path, independent, score):
     mask = np.arange(store.n_images) % 3 != 1
     model, s = _stream(store, run, mask, tau=0.1, batch_tokens=5, top_images=3, image_score=score)
     ref = dense_reference(load_run(run)[0], store, mask, 0.1, 3, score)
-    rec, table = mx.reconstruction(s), mx.concept_table(s)
+    rec, table = reconstruction(s), mx.concept_table(s)
     assert s.n_tokens == ref["n"]
     for got, want in [(rec.r2, ref["r2"]), (rec.r2_channel, ref["r2c"]), (rec.mse, ref["mse"]), (rec.l0, ref["l0"]),
                       (table.energy_mm, ref["energy"]), (table.firing_entropy_m, ref["fe"])]:
@@ -254,7 +255,7 @@ def test_cofires_dead_and_union_constructed():
     acc = mx._Accumulator(USAE(spec), tau=0.1, top_images=1, image_score="max", device=torch.device("cpu"))
     idx = [torch.tensor([[0, 1], [2, 3]]), torch.tensor([[1, 0], [2, 0]]), torch.tensor([[0, 3], [2, 1]])]
     val = [torch.tensor([[1.0, 1.0], [1.0, 0.05]]), torch.ones(2, 2), torch.tensor([[1.0, 1.0], [1.0, 0.0]])]
-    codes = [mx.Codes(v, i, torch.zeros(2, 5)) for v, i in zip(val, idx, strict=True)]
+    codes = [Codes(v, i, torch.zeros(2, 5)) for v, i in zip(val, idx, strict=True)]
     acc.add_batch(torch.zeros(2, 3), codes)
     s = acc.sums()
     np.testing.assert_array_equal(s.cofires_m, [1, 0, 1, 0, 0])  # token 0: concept 0; token 1: concept 2

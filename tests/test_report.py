@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from usae.analysis import metrics as mx
 from usae.analysis.report import AnalyzeConfig, AnalyzeError, run_analyze
 from usae.pipeline.store import holdout_mask
+from usae.trainer.evaluate import reconstruction
 from usae.trainer.model import USAE, load_run
 
 from usae.cli import app
@@ -45,7 +46,7 @@ def test_report_files_and_contents(planted_report):
     # the report's numbers are the streamed metrics on exactly the held-out images
     model, _ = load_run(p.run)
     s = mx.stream_sums(model, p.store, list(model.spec.backbones), held, dtype=torch.float64, top_images=2)
-    np.testing.assert_allclose(m["r2"], mx.reconstruction(s).r2, rtol=1e-12)
+    np.testing.assert_allclose(m["r2"], reconstruction(s).r2, rtol=1e-12)
     df = pd.read_parquet(rep / "concepts.parquet")
     assert len(df) == model.spec.concepts and list(df["concept"]) == list(range(model.spec.concepts))
     for k in model.spec.backbones:
