@@ -69,7 +69,9 @@ class _Accumulator:
     """Folds encoded batches into ``Sums``: the reconstruction sums (``ReconstructionAccumulator``,
     shared with the trainer's evaluation) and the concept statistics, in the same pass."""
 
-    def __init__(self, model: USAE, tau: float, top_images: int, image_score: str, device: torch.device):
+    def __init__(
+        self, model: USAE, tau: float, top_images: int, image_score: str, device: torch.device
+    ):
         spec = model.spec
         self.m, self.n_models, self.tau = spec.concepts, len(spec.widths), tau
         self.image_score = image_score
@@ -104,12 +106,16 @@ class _Accumulator:
         n_models = self.n_models
         first = torch.ones_like(s_bn, dtype=torch.bool)
         first[:, 1:] = s_bn[:, 1:] != s_bn[:, :-1]
-        self.union.index_add_(0, s_bn.reshape(-1), first.reshape(-1).to(torch.int64))  # slot m: sentinel
+        self.union.index_add_(
+            0, s_bn.reshape(-1), first.reshape(-1).to(torch.int64)
+        )  # slot m: sentinel
         run = s_bn[:, : s_bn.shape[1] - n_models + 1]
         all_m = run == s_bn[:, n_models - 1 :]
         self.cofires.index_add_(0, run.reshape(-1), all_m.reshape(-1).to(torch.int64))
 
-    def add_image_scores(self, codes: Sequence[Codes], local_img_b: Tensor, buf_mnm: Tensor) -> None:
+    def add_image_scores(
+        self, codes: Sequence[Codes], local_img_b: Tensor, buf_mnm: Tensor
+    ) -> None:
         """Per backbone, per image of the chunk: max (or sum) over its tokens of each concept."""
         m = self.m
         for i, c in enumerate(codes):
@@ -136,7 +142,9 @@ class _Accumulator:
         key = (bits << 32) | (0xFFFFFFFF - image_index_n.to(torch.int64))[None, :]
         key = torch.where(score_mn > 0, key, torch.full_like(key, -1))
         cand = torch.cat([self.top_key, key], dim=1)
-        self.top_key = torch.topk(cand, self.g, dim=1, sorted=True).values if self.g else self.top_key
+        self.top_key = (
+            torch.topk(cand, self.g, dim=1, sorted=True).values if self.g else self.top_key
+        )
 
     def top_images(self) -> tuple[Tensor, Tensor]:
         """(scores, image indices) of the kept images, (m, g); -inf / -1 in empty slots."""
@@ -188,7 +196,9 @@ def stream_sums(
     model = prepare_model(model, dtype, device)
     acc = _Accumulator(model, tau, top_images, image_score, device)
     ci_images = store.chunk_images
-    buf_mnm = torch.zeros(model.n_models, ci_images, model.spec.concepts, dtype=torch.float32, device=device)
+    buf_mnm = torch.zeros(
+        model.n_models, ci_images, model.spec.concepts, dtype=torch.float32, device=device
+    )
     for ci, acts, local_img_b, last in iter_batches(store, keys, image_mask_n, batch_tokens):
         acts = [a.to(device) for a in acts]
         x_bD, codes = encode_batch(model, acts, dtype)
@@ -260,7 +270,9 @@ class Correlation(NamedTuple):
     n: int
 
 
-def cofire_vs_importance(cofires_m: np.ndarray, importance_m: np.ndarray, min_cofires: int = 0) -> Correlation:
+def cofire_vs_importance(
+    cofires_m: np.ndarray, importance_m: np.ndarray, min_cofires: int = 0
+) -> Correlation:
     """Over concepts with positive co-fires and importance (and >= ``min_cofires`` co-fires)."""
     ok = (cofires_m > 0) & (importance_m > 0) & (cofires_m >= min_cofires)
     n = int(ok.sum())
@@ -299,13 +311,19 @@ def match_dictionaries(usae_md: np.ndarray, indep_md: np.ndarray) -> Matching:
     return Matching(partner, cosine)
 
 
-def matching_summary(cosine_m: np.ndarray, subset: np.ndarray | None = None, threshold: float = 0.5) -> dict:
+def matching_summary(
+    cosine_m: np.ndarray, subset: np.ndarray | None = None, threshold: float = 0.5
+) -> dict:
     """Share of (matched) concepts with cosine > threshold and the mean cosine."""
     c = cosine_m if subset is None else cosine_m[subset]
     c = c[np.isfinite(c)]
     if c.size == 0:
         return {"n": 0, "share_matched": float("nan"), "mean_cosine": float("nan")}
-    return {"n": int(c.size), "share_matched": float((c > threshold).mean()), "mean_cosine": float(c.mean())}
+    return {
+        "n": int(c.size),
+        "share_matched": float((c > threshold).mean()),
+        "mean_cosine": float(c.mean()),
+    }
 
 
 # ---------------------------------------------------------------- concept selection and token maps

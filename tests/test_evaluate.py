@@ -21,7 +21,9 @@ def dense_reconstruction(model: USAE, store: Store, image_mask: np.ndarray) -> d
     xs, zs = [], []
     with torch.no_grad():
         for i, key in enumerate(model.spec.backbones):
-            x = model.standardize(i, torch.from_numpy(store.read_rows(key, 0, store.n_rows)[rows]).double())
+            x = model.standardize(
+                i, torch.from_numpy(store.read_rows(key, 0, store.n_rows)[rows]).double()
+            )
             xs.append(x.numpy())
             zs.append(model.dense_codes(model.encode(i, x)).numpy())
         dec = [model.decoder_weight(j).double().numpy() for j in range(n_models)]
@@ -36,7 +38,15 @@ def dense_reconstruction(model: USAE, store: Store, image_mask: np.ndarray) -> d
         r2c[i, j] = 1 - ((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     z = np.stack(zs)  # (M, N, m)
     alive = (z > 0).any(axis=(0, 1))
-    return dict(r2=r2, r2c=r2c, mse=mse, l0=(z > 0).sum(2).mean(1), alive=alive, dead=1 - alive.mean(), n=int(rows.sum()))
+    return dict(
+        r2=r2,
+        r2c=r2c,
+        mse=mse,
+        l0=(z > 0).sum(2).mean(1),
+        alive=alive,
+        dead=1 - alive.mean(),
+        n=int(rows.sum()),
+    )
 
 
 @pytest.mark.parametrize("independent", [False, True])
@@ -50,7 +60,12 @@ def test_stream_reconstruction_equals_dense_reference(tmp_path, independent, bat
     ref = dense_reconstruction(load_run(run)[0], store, mask)
     rec = got.reconstruction
     assert got.n_tokens == ref["n"]
-    for a, b in [(rec.r2, ref["r2"]), (rec.r2_channel, ref["r2c"]), (rec.mse, ref["mse"]), (rec.l0, ref["l0"])]:
+    for a, b in [
+        (rec.r2, ref["r2"]),
+        (rec.r2_channel, ref["r2c"]),
+        (rec.mse, ref["mse"]),
+        (rec.l0, ref["l0"]),
+    ]:
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True)
     np.testing.assert_array_equal(got.alive_m, ref["alive"])
     assert got.dead_share == pytest.approx(ref["dead"]) and 0 < got.dead_share < 1  # not vacuous
@@ -73,13 +88,21 @@ def test_float32_model_is_used_in_place_and_left_as_it_was(tmp_path):
     ref = dense_reconstruction(load_run(run)[0], store, mask)
     np.testing.assert_allclose(got.reconstruction.r2, ref["r2"], rtol=1e-4, atol=1e-5)
     # another dtype works on a converted copy: the caller's model keeps its dtype
-    stream_reconstruction(model, store, list(model.spec.backbones), mask, batch_tokens=7, dtype=torch.float64)
+    stream_reconstruction(
+        model, store, list(model.spec.backbones), mask, batch_tokens=7, dtype=torch.float64
+    )
     assert next(model.parameters()).dtype == torch.float32 and model.mu.dtype == torch.float32
 
 
 def test_no_image_selected_gives_nan(tmp_path):
     store, run = random_run(tmp_path, seed=1)
     model, _ = load_run(run)
-    got = stream_reconstruction(model, store, list(model.spec.backbones), np.zeros(store.n_images, bool), batch_tokens=8)
-    assert got.n_tokens == 0 and np.isnan(got.reconstruction.r2).all() and np.isnan(got.reconstruction.l0).all()
+    got = stream_reconstruction(
+        model, store, list(model.spec.backbones), np.zeros(store.n_images, bool), batch_tokens=8
+    )
+    assert (
+        got.n_tokens == 0
+        and np.isnan(got.reconstruction.r2).all()
+        and np.isnan(got.reconstruction.l0).all()
+    )
     assert np.isnan(got.dead_share)
