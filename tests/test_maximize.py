@@ -553,3 +553,32 @@ def test_bf16_backbone_gives_a_gradient(run_dir):
     assert np.all(np.isfinite(vals))
     assert mz.images.phase_n3hf.grad is not None and mz.images.phase_n3hf.grad.abs().sum() > 0
     assert not torch.equal(before, mz.images.phase_n3hf.detach())
+
+
+def test_maximize_into_a_report_renders_its_pages(run_dir, store, tmp_path):
+    """analyze once, then maximize into REPORT/maximize: the report's pages show the panel
+    (render only: metrics.json and concepts.parquet are left as analyze wrote them)."""
+    from usae.analysis.report import AnalyzeConfig, run_analyze
+
+    rep = tmp_path / "report"
+    run_analyze(
+        AnalyzeConfig(run=str(run_dir), store=str(store.path), out=str(rep), top_concepts=1),
+        progress=False,
+    )
+    data = {f: (rep / f).read_bytes() for f in ("metrics.json", "concepts.parquet")}
+    res = mx.run_maximize(
+        _cfg(run_dir, rep / "maximize", concepts=(9,), steps=2, canvas=48, crops=1), progress=False
+    )
+    assert res.report == rep / "index.html"
+    page = (rep / "concepts" / "9.html").read_text()
+    assert "../maximize/9/panel.png" in page and "Activation maximisation" in page
+    assert 'href="concepts/9.html"' in (rep / "index.html").read_text()
+    assert {f: (rep / f).read_bytes() for f in data} == data
+    # elsewhere, nothing is rendered
+    assert (
+        mx.run_maximize(
+            _cfg(run_dir, tmp_path / "o", concepts=(9,), steps=1, canvas=48, crops=1),
+            progress=False,
+        ).report
+        is None
+    )
