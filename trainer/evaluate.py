@@ -68,7 +68,9 @@ def prepare_model(model: USAE, dtype: torch.dtype, device: str | torch.device) -
     return model
 
 
-def encode_batch(model: USAE, acts: Sequence[Tensor], dtype: torch.dtype) -> tuple[Tensor, list[Codes]]:
+def encode_batch(
+    model: USAE, acts: Sequence[Tensor], dtype: torch.dtype
+) -> tuple[Tensor, list[Codes]]:
     """Raw activations of each backbone -> standardised inputs side by side (b, D) in float32
     (float64 in float64 mode) and the TopK codes of each backbone (eval mode).
 
@@ -139,7 +141,9 @@ class ReconstructionAccumulator:
         spec = model.spec
         self.n_models, self.widths = len(spec.widths), list(spec.widths)
         compute = next(model.parameters()).dtype
-        self.targets = [[j for j in range(self.n_models) if decodes(spec, i, j)] for i in range(self.n_models)]
+        self.targets = [
+            [j for j in range(self.n_models) if decodes(spec, i, j)] for i in range(self.n_models)
+        ]
         with torch.no_grad():
             dec = [model.decoder_weight(j).detach().to(compute) for j in range(self.n_models)]
         self.dec_cat = [torch.cat([dec[j] for j in t], dim=1).contiguous() for t in self.targets]
@@ -149,7 +153,9 @@ class ReconstructionAccumulator:
         self.sum_x2 = torch.zeros(sum(self.widths), **f64)
         self.sse = [torch.zeros(w.shape[1], **f64) for w in self.dec_cat]
         self.active = torch.zeros(self.n_models, dtype=torch.int64, device=device)
-        self.alive_m = torch.zeros(spec.concepts, dtype=torch.bool, device=device) if track_alive else None
+        self.alive_m = (
+            torch.zeros(spec.concepts, dtype=torch.bool, device=device) if track_alive else None
+        )
         """Concepts with a nonzero code on some token for some backbone (tracked on request)."""
 
     def add(self, x_bD: Tensor, codes: Sequence[Codes]) -> None:
@@ -166,7 +172,11 @@ class ReconstructionAccumulator:
             self.sum_x += colsum64(x_cat)
             self.sum_x2 += colsum64(x_cat * x_cat)
             for i, t in enumerate(self.targets):
-                x_t = x_cat if len(t) == self.n_models else torch.cat([x_list[j][r0:r1] for j in t], 1)
+                x_t = (
+                    x_cat
+                    if len(t) == self.n_models
+                    else torch.cat([x_list[j][r0:r1] for j in t], 1)
+                )
                 err = torch.sub(x_t, xhat[i][r0:r1])  # promotes to the inputs' float32/64
                 self.sse[i] += colsum64(err.mul_(err))
         for i, c in enumerate(codes):
