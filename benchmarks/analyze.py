@@ -29,7 +29,10 @@ import numpy as np
 import torch
 from usae.analysis import metrics as mx
 from usae.pipeline.store import BackboneLayout, Store
+from usae.trainer import evaluate as ev
 from usae.trainer.model import USAE, ModelSpec
+
+from usae.runtime import torch_dtype
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class BenchConfig:
     """TopK."""
     batch_tokens: int = 4096
     """Tokens per batch."""
-    dtype: str = "bfloat16"
+    dtype: str = "bf16"
     """Encoder dtype (the CPU has AMX: bf16 is the fast path)."""
     repeats: int = 3
     """Timed runs of each path (median reported)."""
@@ -61,22 +64,43 @@ class BenchConfig:
 
 def make_store(path: Path, tokens: int, widths, seed: int = 0, tpi: int = 16) -> Store:
     n_img = tokens // tpi
-    st = Store.create(path, [f"i{i}" for i in range(n_img)], [BackboneLayout(f"b{i}", w) for i, w in enumerate(widths)],
-                      grid=(4, 4), chunk_images=256, source="synth", fingerprint_of={"bench": seed, "n": n_img})
+    st = Store.create(
+        path,
+        [f"i{i}" for i in range(n_img)],
+        [BackboneLayout(f"b{i}", w) for i, w in enumerate(widths)],
+        grid=(4, 4),
+        chunk_images=256,
+        source="synth",
+        fingerprint_of={"bench": seed, "n": n_img},
+    )
     rng = np.random.default_rng(seed)
     for ci in range(st.n_chunks):
         r0, r1 = st.chunk_rows(ci)
         a, b = st.chunk_images_range(ci)
-        st.write_chunk(ci, {f"b{i}": rng.standard_normal((r1 - r0, w), dtype=np.float32).astype(np.float16)
-                            for i, w in enumerate(widths)}, np.ones(b - a, bool))
+        st.write_chunk(
+            ci,
+            {
+                f"b{i}": rng.standard_normal((r1 - r0, w), dtype=np.float32).astype(np.float16)
+                for i, w in enumerate(widths)
+            },
+            np.ones(b - a, bool),
+        )
     st.finalize()
     return Store.open(path)
 
 
 def make_model(widths, concepts: int, k: int) -> USAE:
     torch.manual_seed(0)
-    return USAE(ModelSpec(tuple(f"b{i}" for i in range(len(widths))), tuple(widths), (0.0,) * len(widths),
-                          (1.0,) * len(widths), concepts=concepts, k=k)).eval()
+    return USAE(
+        ModelSpec(
+            tuple(f"b{i}" for i in range(len(widths))),
+            tuple(widths),
+            (0.0,) * len(widths),
+            (1.0,) * len(widths),
+            concepts=concepts,
+            k=k,
+        )
+    ).eval()
 
 
 @torch.no_grad()
@@ -84,23 +108,29 @@ def encode_only(model: USAE, store: Store, batch_tokens: int, dtype: torch.dtype
     """The bare pass: same chunk reads and encoder, nothing accumulated."""
     n = 0
     keys = list(model.spec.backbones)
-    for _, acts, _, _ in mx.iter_batches(store, keys, np.ones(store.n_images, bool), batch_tokens):
-        mx.encode_batch(model, acts, dtype)
+    for _, acts, _, _ in ev.iter_batches(store, keys, np.ones(store.n_images, bool), batch_tokens):
+        ev.encode_batch(model, acts, dtype)
         n += acts[0].shape[0]
     return n
 
 
 def metrics_pass(model: USAE, store: Store, batch_tokens: int, dtype: torch.dtype) -> int:
-    s = mx.stream_sums(model, store, list(model.spec.backbones), np.ones(store.n_images, bool),
-                       batch_tokens=batch_tokens, dtype=dtype)
-    mx.concept_table(s), mx.reconstruction(s)
+    s = mx.stream_sums(
+        model,
+        store,
+        list(model.spec.backbones),
+        np.ones(store.n_images, bool),
+        batch_tokens=batch_tokens,
+        dtype=dtype,
+    )
+    mx.concept_table(s), ev.reconstruction(s)
     return s.n_tokens
 
 
 def throughput(cfg: BenchConfig, tmp: Path) -> dict:
     store = make_store(tmp / "tp.zarr", cfg.tokens, cfg.widths)
-    dtype = mx.DTYPES[cfg.dtype]
-    model = mx.prepare_model(make_model(cfg.widths, cfg.concepts, cfg.k), dtype, "cpu")
+    dtype = torch_dtype(cfg.dtype)
+    model = ev.prepare_model(make_model(cfg.widths, cfg.concepts, cfg.k), dtype, "cpu")
     encode_only(model, store, cfg.batch_tokens, dtype)  # warm-up: page cache, kernels
     times: dict[str, list[float]] = {"encode_only": [], "metrics": []}
     for _ in range(cfg.repeats):
@@ -110,9 +140,13 @@ def throughput(cfg: BenchConfig, tmp: Path) -> dict:
             times[name].append(time.perf_counter() - t0)
             assert n == store.n_rows
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"tokens": store.n_rows, "seconds": times, "median_s": med,
-            "tokens_per_s": {k: store.n_rows / v for k, v in med.items()},
-            "ratio_metrics_over_encode": med["encode_only"] / med["metrics"]}
+    return {
+        "tokens": store.n_rows,
+        "seconds": times,
+        "median_s": med,
+        "tokens_per_s": {k: store.n_rows / v for k, v in med.items()},
+        "ratio_metrics_over_encode": med["encode_only"] / med["metrics"],
+    }
 
 
 def rss_child(store_path: str, cfg_json: str) -> None:
@@ -120,7 +154,7 @@ def rss_child(store_path: str, cfg_json: str) -> None:
     cfg = BenchConfig(**{**json.loads(cfg_json), "widths": tuple(json.loads(cfg_json)["widths"])})
     torch.set_num_threads(cfg.threads)
     store = Store.open(store_path)
-    dtype = mx.DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     metrics_pass(make_model(cfg.widths, cfg.concepts, cfg.k), store, cfg.batch_tokens, dtype)
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -130,8 +164,12 @@ def memory(cfg: BenchConfig, tmp: Path) -> dict:
     for name, tokens in (("1x", cfg.rss_tokens), ("8x", 8 * cfg.rss_tokens)):
         path = tmp / f"rss_{name}.zarr"
         make_store(path, tokens, cfg.widths, seed=1)
-        r = subprocess.run([sys.executable, __file__, "--rss-child", str(path), json.dumps(asdict(cfg))],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(path), json.dumps(asdict(cfg))],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[name] = {"tokens": tokens, **json.loads(r.stdout.strip().splitlines()[-1])}
         shutil.rmtree(path)
     out["growth"] = out["8x"]["peak_rss_mib"] / out["1x"]["peak_rss_mib"] - 1.0
@@ -143,7 +181,7 @@ def main() -> None:
     d = BenchConfig()
     for f in ("tokens", "concepts", "k", "batch_tokens", "repeats", "rss_tokens", "threads"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(d, f))
-    ap.add_argument("--dtype", default=d.dtype, choices=sorted(mx.DTYPES))
+    ap.add_argument("--dtype", default=d.dtype, choices=mx.ANALYSIS_DTYPES)
     ap.add_argument("--out", default=d.out)
     ap.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -158,9 +196,13 @@ def main() -> None:
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     Path(cfg.out).write_text(json.dumps(res, indent=1))
     print(f"{'measure':<42}{'value':>12}{'target':>10}")
-    print(f"{'encode-only tokens/s (median)':<42}{tp['tokens_per_s']['encode_only']:>12.0f}{'':>10}")
+    print(
+        f"{'encode-only tokens/s (median)':<42}{tp['tokens_per_s']['encode_only']:>12.0f}{'':>10}"
+    )
     print(f"{'metrics tokens/s (median)':<42}{tp['tokens_per_s']['metrics']:>12.0f}{'':>10}")
-    print(f"{'throughput ratio metrics / encode-only':<42}{tp['ratio_metrics_over_encode']:>12.3f}{'>= 0.7':>10}")
+    print(
+        f"{'throughput ratio metrics / encode-only':<42}{tp['ratio_metrics_over_encode']:>12.3f}{'>= 0.7':>10}"
+    )
     print(f"{'peak RSS 1x MiB':<42}{mem['1x']['peak_rss_mib']:>12.0f}{'':>10}")
     print(f"{'peak RSS 8x MiB':<42}{mem['8x']['peak_rss_mib']:>12.0f}{'':>10}")
     print(f"{'peak RSS growth 1x -> 8x':<42}{mem['growth']:>12.3f}{'< 0.15':>10}")

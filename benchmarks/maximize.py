@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from usae.analysis.maximize import MaximizeConfig, Maximizer, Target
+from usae.analysis.backbones import Target
+from usae.analysis.maximize import MaximizeConfig
+from usae.analysis.objective import Maximizer
 from usae.pipeline.registry import load_backbone, resolve
 from usae.trainer.model import USAE, ModelSpec
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from usae.runtime import torch_dtype
+
 GRID = (14, 14)
 
 
@@ -56,12 +59,14 @@ def timed(fn) -> Timing:
 
 
 def bench(name: str, dtype: str, args) -> dict:
-    bb = load_backbone(resolve(name), random_init=True, seed=0, dtype=DTYPES[dtype])
+    bb = load_backbone(resolve(name), random_init=True, seed=0, dtype=torch_dtype(dtype))
     cfg = MaximizeConfig(run=Path("."), out=Path("."), concepts=(0,), steps=1000, canvas=args.canvas,
                          crops=args.crops, seed=0, dtype=dtype, device="cpu")  # fmt: skip
     mx = Maximizer(make_sae(bb.spec.width), [Target(name, 0, bb)], 0, cfg, GRID)
     size = bb.spec.img_size
-    crops = torch.rand(args.crops, 3, size, size, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    crops = torch.rand(
+        args.crops, 3, size, size, generator=torch.Generator().manual_seed(0)
+    ).requires_grad_(True)
 
     def bare() -> None:
         crops.grad = None
@@ -88,10 +93,14 @@ def bench(name: str, dtype: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", default="dinov2,vit", help="comma-separated registry names")
-    ap.add_argument("--dtypes", default="bf16", help="comma-separated: bf16 (what --dtype auto uses here), fp32")
+    ap.add_argument(
+        "--dtypes", default="bf16", help="comma-separated: bf16 (what --dtype auto uses here), fp32"
+    )
     ap.add_argument("--crops", type=int, default=6, help="crops per step (the maximize default)")
     ap.add_argument("--canvas", type=int, default=512, help="canvas side (the maximize default)")
-    ap.add_argument("--repeats", type=int, default=9, help="alternating single-step timings per side (median)")
+    ap.add_argument(
+        "--repeats", type=int, default=9, help="alternating single-step timings per side (median)"
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/maximize.json"))
     args = ap.parse_args()
     rows = [bench(b, d, args) for b in args.backbones.split(",") for d in args.dtypes.split(",")]
@@ -102,7 +111,12 @@ def main() -> None:
               f"{r['bare_steps_per_s']:15.3f} {r['ratio']:6.3f} {r['ratio_cpu']:10.3f} {r['ratio_pairs']:12.3f}")  # fmt: skip
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "grid": list(GRID)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "env": info, "rows": rows}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "env": info, "rows": rows},
+            indent=1,
+        )
+    )
     print(f"wrote {args.out}")
 
 

@@ -26,8 +26,17 @@ from usae.analysis.report import AnalyzeConfig, run_analyze
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--remote-debugging-pipe", "--window-size=1280,900"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-pipe",
+    "--window-size=1280,900",
+]
 
 
 def chromium_path() -> str:
@@ -52,15 +61,22 @@ class Browser:
             os.dup2(hi[0], 3)
             os.dup2(hi[1], 4)
 
-        self.proc = subprocess.Popen([exe, *FLAGS, f"--user-data-dir={profile}", "about:blank"], pass_fds=(3, 4),
-                                     preexec_fn=child_fds, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [exe, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            pass_fds=(3, 4),
+            preexec_fn=child_fds,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for fd in (to_r, from_w, *hi):
             os.close(fd)
         self.out = os.fdopen(to_w, "wb", buffering=0)
         self.inbox: queue.Queue = queue.Queue()
         self.events: list[dict] = []
         self.next_id = 0
-        threading.Thread(target=self._read, args=(os.fdopen(from_r, "rb", buffering=0),), daemon=True).start()
+        threading.Thread(
+            target=self._read, args=(os.fdopen(from_r, "rb", buffering=0),), daemon=True
+        ).start()
 
     def _read(self, f) -> None:
         buf = b""
@@ -94,7 +110,9 @@ class Browser:
         return got.get("result", {})
 
     def wait_event(self, method: str, session: str, since: int) -> None:
-        if any(e["method"] == method and e.get("sessionId") == session for e in self.events[since:]):
+        if any(
+            e["method"] == method and e.get("sessionId") == session for e in self.events[since:]
+        ):
             return
         self._pump(lambda m: m.get("method") == method and m.get("sessionId") == session)
 
@@ -119,10 +137,18 @@ class Page:
         self.s = b.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             b.send(f"{domain}.enable", session=self.s)
-        b.send("Emulation.setDeviceMetricsOverride", {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}, self.s)
+        b.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+            self.s,
+        )
 
     def js(self, expr: str):
-        r = self.b.send("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True}, self.s)
+        r = self.b.send(
+            "Runtime.evaluate",
+            {"expression": expr, "returnByValue": True, "awaitPromise": True},
+            self.s,
+        )
         if "exceptionDetails" in r:
             raise AssertionError(f"JS error in {expr!r}: {r['exceptionDetails']}")
         return r["result"].get("value")
@@ -171,7 +197,9 @@ def click_header(page: Page, name: str) -> str:
         h.click(); return h.getAttribute('aria-sort'); }})()""")
 
 
-BROKEN_IMAGES = "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
+BROKEN_IMAGES = (
+    "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +218,20 @@ def report(chromium, tmp_path_factory) -> Path:
     (tmp / "imgs").mkdir()
     rows = []
     for n, iid in enumerate(p.store.image_ids):
-        Image.fromarray(photo[n * 10: n * 10 + 200, n * 12: n * 12 + 260]).save(tmp / "imgs" / f"{iid}.png")
+        Image.fromarray(photo[n * 10 : n * 10 + 200, n * 12 : n * 12 + 260]).save(
+            tmp / "imgs" / f"{iid}.png"
+        )
         rows.append({"image_id": iid, "path": f"imgs/{iid}.png"})
     rows[3]["path"] = "imgs/missing.png"  # one unloadable image: a placeholder, listed on the page
     pd.DataFrame(rows).to_csv(tmp / "manifest.csv", index=False)
-    cfg = AnalyzeConfig(run=str(p.run), store=str(p.store.path), out=str(tmp / "report"), manifest=str(tmp / "manifest.csv"),
-                        top_concepts=3, top_images=3)
+    cfg = AnalyzeConfig(
+        run=str(p.run),
+        store=str(p.store.path),
+        out=str(tmp / "report"),
+        manifest=str(tmp / "manifest.csv"),
+        top_concepts=3,
+        top_images=3,
+    )
     run_analyze(cfg, progress=False)
     return tmp / "report"
 
@@ -206,7 +242,9 @@ def test_report_in_headless_chromium(chromium, report, tmp_path):
         page = Page(b)
         page.goto((report / "index.html").resolve().as_uri())
         assert page.js("document.title") == "usae report"
-        assert page.js("document.querySelectorAll('#concepts tbody tr').length") == len(pd.read_parquet(report / "concepts.parquet"))
+        assert page.js("document.querySelectorAll('#concepts tbody tr').length") == len(
+            pd.read_parquet(report / "concepts.parquet")
+        )
         assert page.js(BROKEN_IMAGES) == []
         # click-to-sort: first click descending, second ascending; missing values stay last
         assert click_header(page, "cofires") == "descending"
@@ -218,7 +256,9 @@ def test_report_in_headless_chromium(chromium, report, tmp_path):
         assert click_header(page, "firing_entropy") == "descending"
         fe = column(page, "firing_entropy")
         known = [v for v in fe if v is not None]
-        assert known == sorted(known, reverse=True) and fe[len(known):] == [None] * (len(fe) - len(known))
+        assert known == sorted(known, reverse=True) and fe[len(known) :] == [None] * (
+            len(fe) - len(known)
+        )
         assert None in fe  # the dead concept has no firing entropy
         page.screenshot(tmp_path / "index.png")
         # a concept page opens from the table
@@ -232,7 +272,9 @@ def test_report_in_headless_chromium(chromium, report, tmp_path):
         assert page.errors() == []
         # the check can fail: a page with a script error and a broken image is caught
         bad = tmp_path / "bad.html"
-        bad.write_text('<html><body><img src="nope.png"><script>undefinedFunction()</script></body></html>')
+        bad.write_text(
+            '<html><body><img src="nope.png"><script>undefinedFunction()</script></body></html>'
+        )
         page.goto(bad.as_uri())
         assert len(page.errors()) >= 2
     finally:

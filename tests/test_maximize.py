@@ -22,7 +22,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
+from usae.analysis import canvas as cv
 from usae.analysis import maximize as mx
+from usae.analysis import objective as ob
+from usae.analysis.backbones import Target
+from usae.analysis.cli import register_maximize
 from usae.pipeline.demo_images import build_demo_images
 from usae.pipeline.extract import ExtractConfig, run_extract
 from usae.pipeline.images import load_image
@@ -112,37 +116,54 @@ def _random_bn_model(seed: int, m: int = 16, widths=(8, 12)) -> USAE:
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), k=st.integers(0, 15), i=st.integers(0, 1), b=st.integers(1, 3), t=st.integers(1, 5))
+@given(
+    seed=st.integers(0, 10_000),
+    k=st.integers(0, 15),
+    i=st.integers(0, 1),
+    b=st.integers(1, 3),
+    t=st.integers(1, 5),
+)
 def test_concept_pre_equals_encode_pre(seed, k, i, b, t):
     model = _random_bn_model(seed)
-    acts_btd = torch.randn(b, t, model.spec.widths[i], generator=torch.Generator().manual_seed(seed)) * 3
-    want = model.encode_pre(i, model.standardize(i, acts_btd.reshape(b * t, -1)))[:, k].reshape(b, t)
-    torch.testing.assert_close(mx.concept_pre(model, i, k, acts_btd), want, rtol=1e-5, atol=1e-5)
+    acts_btd = (
+        torch.randn(b, t, model.spec.widths[i], generator=torch.Generator().manual_seed(seed)) * 3
+    )
+    want = model.encode_pre(i, model.standardize(i, acts_btd.reshape(b * t, -1)))[:, k].reshape(
+        b, t
+    )
+    torch.testing.assert_close(ob.concept_pre(model, i, k, acts_btd), want, rtol=1e-5, atol=1e-5)
 
 
 def test_concept_pre_refuses_training_mode():
     model = _random_bn_model(0).train()
-    with pytest.raises(mx.MaximizeError, match="eval mode"):
-        mx.concept_pre(model, 0, 0, torch.zeros(1, 1, 8))
+    with pytest.raises(ValueError, match="eval mode"):  # the model's own check (USAE.encode_pre)
+        ob.concept_pre(model, 0, 0, torch.zeros(1, 1, 8))
 
 
 def test_crop_resize_equals_slicing_when_pixel_aligned():
     img_3hw = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
     # side 0.5 of 64 px = 32 px; centre -0.25 (x) and 0.375 (y) put the box at x 8..40, y 28..60
     boxes = torch.tensor([[0.5, -0.25, 0.375], [0.5, 0.0, 0.0]])
-    crops = mx.crop_resize(img_3hw, boxes, 32)
+    crops = cv.crop_resize(img_3hw, boxes, 32)
     torch.testing.assert_close(crops[0], img_3hw[:, 28:60, 8:40])
     torch.testing.assert_close(crops[1], img_3hw[:, 16:48, 16:48])
     # a resized crop: the same region through the obvious path (slice, then bilinear resize)
-    slow = torch.nn.functional.interpolate(img_3hw[None, :, 16:48, 16:48], size=(16, 16), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(mx.crop_resize(img_3hw, boxes[1:], 16), slow, atol=1e-6, rtol=0)
+    slow = torch.nn.functional.interpolate(
+        img_3hw[None, :, 16:48, 16:48], size=(16, 16), mode="bilinear", align_corners=False
+    )
+    torch.testing.assert_close(cv.crop_resize(img_3hw, boxes[1:], 16), slow, atol=1e-6, rtol=0)
 
 
 @settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), lo=st.floats(0.05, 1.0), span=st.floats(0.0, 1.0), n=st.integers(1, 8))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    lo=st.floats(0.05, 1.0),
+    span=st.floats(0.0, 1.0),
+    n=st.integers(1, 8),
+)
 def test_boxes_inside_canvas_with_requested_area(seed, lo, span, n):
     hi = min(1.0, lo + span)
-    boxes = mx.sample_boxes(n, (lo, hi), torch.Generator().manual_seed(seed))
+    boxes = cv.sample_boxes(n, (lo, hi), torch.Generator().manual_seed(seed))
     half, cx, cy = boxes.T
     area = half**2
     assert torch.all(area >= lo - 1e-6) and torch.all(area <= hi + 1e-6)
@@ -150,9 +171,9 @@ def test_boxes_inside_canvas_with_requested_area(seed, lo, span, n):
 
 
 def test_priors_are_the_photos_statistics():
-    pri = mx.natural_priors(64)
+    pri = cv.natural_priors(64)
     # slow version of the colour matrix: C @ C.T is the photos' RGB covariance (up to the scale)
-    pix = np.concatenate([mx._square(p, 64).reshape(-1, 3) for p in mx._photos()])
+    pix = np.concatenate([cv._square(p, 64).reshape(-1, 3) for p in cv._photos()])
     cov = np.cov(pix, rowvar=False)
     cc = pri.colour_33.astype(np.float64) @ pri.colour_33.T.astype(np.float64)
     np.testing.assert_allclose(cc / cc[0, 0], cov / cov[0, 0], rtol=1e-4)
@@ -163,31 +184,42 @@ def test_priors_are_the_photos_statistics():
 
 
 def test_phase_images_keep_the_magnitude_spectrum():
-    imgs = mx.PhaseImages(2, 64, torch.Generator().manual_seed(3))
-    pri = mx.natural_priors(64)
+    imgs = cv.PhaseImages(2, 64, torch.Generator().manual_seed(3))
+    pri = cv.natural_priors(64)
     with torch.no_grad():
         for j in range(2):
             img = imgs(j).double()
             assert img.shape == (3, 64, 64) and img.min() >= 0 and img.max() <= 1
             # undo sigmoid and colour mixing: the decorrelated channels' spectrum is the prior's
-            z = torch.linalg.solve(torch.from_numpy(pri.colour_33).double(), torch.logit(img).reshape(3, -1) / mx.CONTRAST)
+            z = torch.linalg.solve(
+                torch.from_numpy(pri.colour_33).double(),
+                torch.logit(img).reshape(3, -1) / cv.CONTRAST,
+            )
             mag = torch.fft.rfft2(z.reshape(3, 64, 64), norm="ortho").abs()[:, :, 1:-1]
             ref = torch.from_numpy(pri.magnitude_3hf).double()[:, :, 1:-1]
             for c in range(3):  # each channel is standardised on its own: one scale per channel
                 ratio = (mag[c] / ref[c].clamp_min(1e-12))[ref[c] > 1e-2 * ref[c].max()]
-                torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.median().item()), rtol=1e-2, atol=0)
+                torch.testing.assert_close(
+                    ratio, torch.full_like(ratio, ratio.median().item()), rtol=1e-2, atol=0
+                )
     assert not torch.equal(imgs(0), imgs(1))
 
 
 # ---------------------------------------------------------------- the optimisation on a run
 def _random_phase_objective(model, i, k, bb, cfg, n=4):
     """Objective of random-phase images with the same spectrum, on the evaluation crops."""
-    boxes = mx.sample_boxes(cfg.crops, cfg.crop_scale, torch.Generator().manual_seed(mx._concept_seed(cfg.seed, k, 1)))
+    boxes = cv.sample_boxes(
+        cfg.crops, cfg.crop_scale, torch.Generator().manual_seed(ob._concept_seed(cfg.seed, k, 1))
+    )
     vals = []
     with torch.no_grad():
         for s in range(n):
-            img = mx.PhaseImages(1, cfg.canvas, torch.Generator().manual_seed(1000 + s))(0)
-            vals.append(mx.concept_objective(bb, model, i, k, mx.crop_resize(img, boxes, 224), GRID).mean().item())
+            img = cv.PhaseImages(1, cfg.canvas, torch.Generator().manual_seed(1000 + s))(0)
+            vals.append(
+                ob.concept_objective(bb, model, i, k, cv.crop_resize(img, boxes, 224), GRID)
+                .mean()
+                .item()
+            )
     return np.array(vals)
 
 
@@ -221,15 +253,19 @@ def test_objective_is_what_extraction_gives(result, run_dir, backbones, tmp_path
     for i, key in enumerate(KEYS):
         img = torch.from_numpy(load_image(c.images[key]).copy()).permute(2, 0, 1).float() / 255
         img.requires_grad_(True)
-        obj = mx.concept_objective(backbones[key], model, i, k, img[None], GRID)
+        obj = ob.concept_objective(backbones[key], model, i, k, img[None], GRID)
         obj.sum().backward()
         assert img.grad is not None and img.grad.abs().sum() > 0  # a real gradient path
-        rows = torch.from_numpy(store.read_chunk(key, 0).astype(np.float32)).reshape(len(ids), -1, store.widths[key])
+        rows = torch.from_numpy(store.read_chunk(key, 0).astype(np.float32)).reshape(
+            len(ids), -1, store.widths[key]
+        )
         with torch.no_grad():
             pre = model.encode_pre(i, model.standardize(i, rows[ids.index(key)]))[:, k]
             other = model.encode_pre(i, model.standardize(i, rows[1 - ids.index(key)]))[:, k]
         want = torch.relu(pre).mean()
-        torch.testing.assert_close(obj.detach()[0], want, rtol=1e-2, atol=1e-3)  # the store is float16
+        torch.testing.assert_close(
+            obj.detach()[0], want, rtol=1e-2, atol=1e-3
+        )  # the store is float16
         assert abs(torch.relu(other).mean() - want) > 1e-2  # the comparison can tell images apart
 
 
@@ -238,13 +274,16 @@ def test_gradient_matches_finite_differences(run_dir):
     model, _ = load_run(run_dir)
     model = model.double()
     bb = load_backbone(resolve("siglip"), random_init=True, seed=0, tiny=True, dtype=torch.float64)
-    imgs = mx.PhaseImages(1, 32, torch.Generator().manual_seed(0)).double()
-    direction = torch.randn(imgs.phase_n3hf.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    imgs = cv.PhaseImages(1, 32, torch.Generator().manual_seed(0)).double()
+    direction = torch.randn(
+        imgs.phase_n3hf.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
 
     def f() -> torch.Tensor:
-        return mx.concept_objective(bb, model, 1, 3, imgs(0)[None], GRID).sum() + mx.concept_pre(
-            model, 1, 3, bb(imgs(0)[None], grid=GRID).patch_btd
-        ).mean()
+        return (
+            ob.concept_objective(bb, model, 1, 3, imgs(0)[None], GRID).sum()
+            + ob.concept_pre(model, 1, 3, bb(imgs(0)[None], grid=GRID).patch_btd).mean()
+        )
 
     f().backward()
     analytic = (imgs.phase_n3hf.grad * direction).sum().item()
@@ -306,36 +345,55 @@ def test_cli_runs_and_writes_the_panel(run_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "7" / "panel.png").exists() and "concept 7" in res.output
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
-    assert saved["crop_scale"] == [0.5, 0.6] and saved["schedule"] == "constant" and saved["lr"] == 0.5
+    assert (
+        saved["crop_scale"] == [0.5, 0.6] and saved["schedule"] == "constant" and saved["lr"] == 0.5
+    )
 
 
 def test_cli_options_mirror_config_fields():
     app = typer.Typer()
     app.callback()(lambda: None)
-    mx.register(app)
+    register_maximize(app)
     cmd = typer.main.get_command(app).commands["maximize"]
     opts = {p.name for p in cmd.params}
     fields = {f.name for f in mx.MaximizeConfig.__dataclass_fields__.values()}
-    assert opts == (fields - {"concepts"}) | {"concept"}
+    assert opts == fields
+    by_name = {p.name: p for p in cmd.params}
+    assert (
+        by_name["concepts"].opts == ["--concept"] and by_name["concepts"].multiple
+    )  # `--concept K`, repeatable
 
 
 @pytest.mark.parametrize("k", [M_CONCEPTS, -1, 10_000])
 def test_unknown_concept_is_refused(run_dir, tmp_path, k):
-    _fails(_cli("--run", run_dir, "--concept", k, "--out", tmp_path / "o"), "unknown concept id", f"{M_CONCEPTS} concepts")
+    _fails(
+        _cli("--run", run_dir, "--concept", k, "--out", tmp_path / "o"),
+        "unknown concept id",
+        f"{M_CONCEPTS} concepts",
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_bad_options_are_refused(run_dir, tmp_path):
     _fails(_cli("--run", run_dir, "--out", tmp_path / "o"), "nothing to do")
-    _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--top", 3), "--top needs --report")
+    _fails(
+        _cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--top", 3),
+        "--top needs --report",
+    )
     _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--steps", 0), "--steps")
-    _fails(_cli("--run", tmp_path / "nope", "--concept", 1, "--out", tmp_path / "o"), "not a usae run directory")
+    _fails(
+        _cli("--run", tmp_path / "nope", "--concept", 1, "--out", tmp_path / "o"),
+        "not a usae run directory",
+    )
     junk = _copy_run(run_dir, tmp_path / "junk")
     (junk / "model.safetensors").write_bytes(b"not a safetensors file")
     _fails(_cli("--run", junk, "--concept", 1, "--out", tmp_path / "o"), "model.safetensors")
     (junk / "config.json").write_text("{}")
     _fails(_cli("--run", junk, "--concept", 1, "--out", tmp_path / "o"), "not a usae run config")
-    _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--weights", "vit=x.pt"), "does not exist")
+    _fails(
+        _cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--weights", "vit=x.pt"),
+        "does not exist",
+    )
     (tmp_path / "w.safetensors").write_bytes(b"")
     _fails(_cli("--run", run_dir, "--concept", 1, "--out", tmp_path / "o", "--weights", f"vit={tmp_path / 'w.safetensors'}"),
            "not in the run")  # fmt: skip
@@ -354,7 +412,11 @@ def test_backbone_missing_from_store_is_refused(run_dir, tmp_path):
     cfg = json.loads((run / "config.json").read_text())
     cfg["model"]["backbones"] = ["dinov2", "clip"]
     (run / "config.json").write_text(json.dumps(cfg))
-    _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "['clip']", "missing from the store")
+    _fails(
+        _cli("--run", run, "--concept", 1, "--out", tmp_path / "o"),
+        "['clip']",
+        "missing from the store",
+    )
 
 
 def _save_weights(bb, path: Path) -> Path:
@@ -365,9 +427,18 @@ def _save_weights(bb, path: Path) -> Path:
 def test_unavailable_or_wrong_weights_are_refused(run_dir, store, tmp_path):
     # a store extracted with dinov2 weights from a file: without the file they cannot be had
     f3 = _save_weights(_tiny("dinov2", seed=3), tmp_path / "d3.safetensors")
-    st3 = _extract(_manifest_of(_pngs(tmp_path)), tmp_path / "w.zarr", weights=(("dinov2", str(f3)),))
-    run = _copy_run(run_dir, tmp_path / "run", path=str(st3.path), fingerprint=st3.attrs["fingerprint"])
-    _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "'dinov2'", "cannot be had", "--weights dinov2=FILE")
+    st3 = _extract(
+        _manifest_of(_pngs(tmp_path)), tmp_path / "w.zarr", weights=(("dinov2", str(f3)),)
+    )
+    run = _copy_run(
+        run_dir, tmp_path / "run", path=str(st3.path), fingerprint=st3.attrs["fingerprint"]
+    )
+    _fails(
+        _cli("--run", run, "--concept", 1, "--out", tmp_path / "o"),
+        "'dinov2'",
+        "cannot be had",
+        "--weights dinov2=FILE",
+    )
     # a weights file whose sha256 is not the recorded one
     f1 = _save_weights(_tiny("dinov2", seed=1), tmp_path / "d1.safetensors")
     _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o", "--weights", f"dinov2={f1}"),
@@ -384,7 +455,11 @@ def test_unavailable_or_wrong_weights_are_refused(run_dir, store, tmp_path):
     spec["identity"] = {**spec["identity"], "seed": 5}
     grp.attrs["spec"] = spec
     run = _copy_run(run_dir, tmp_path / "run2", path=str(lying))
-    _fails(_cli("--run", run, "--concept", 1, "--out", tmp_path / "o"), "'siglip'", "not the ones the store was extracted with")
+    _fails(
+        _cli("--run", run, "--concept", 1, "--out", tmp_path / "o"),
+        "'siglip'",
+        "not the ones the store was extracted with",
+    )
 
 
 def _pngs(tmp_path: Path) -> Path:
@@ -411,16 +486,26 @@ def test_top_concepts_from_report(run_dir, tmp_path):
     rep.mkdir()
     imp = np.linspace(0, 1, M_CONCEPTS)[::-1].copy()
     imp[[3, 11]] = [5.0, 7.0]
-    pd.DataFrame({"concept": np.arange(M_CONCEPTS), "importance": imp}).to_parquet(rep / "concepts.parquet")
+    pd.DataFrame({"concept": np.arange(M_CONCEPTS), "importance": imp}).to_parquet(
+        rep / "concepts.parquet"
+    )
     assert mx.top_concepts(rep, 3) == [11, 3, 0]
     cfg = _cfg(run_dir, tmp_path / "o", concepts=(3, 2), top=2, report=rep)
     assert mx.select_concepts(cfg, M_CONCEPTS) == [3, 2, 11]
-    _fails(_cli("--run", run_dir, "--out", tmp_path / "o", "--top", 2, "--report", tmp_path), "no concepts.parquet")
+    _fails(
+        _cli("--run", run_dir, "--out", tmp_path / "o", "--top", 2, "--report", tmp_path),
+        "no concepts.parquet",
+    )
 
 
 @settings(max_examples=15, deadline=None)
 @given(
-    keys=st.lists(st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,8}", fullmatch=True), min_size=1, max_size=3, unique=True),
+    keys=st.lists(
+        st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,8}", fullmatch=True),
+        min_size=1,
+        max_size=3,
+        unique=True,
+    ),
     canvas=st.integers(16, 48),
     steps=st.integers(1, 6),
     seed=st.integers(0, 1000),
@@ -428,12 +513,20 @@ def test_top_concepts_from_report(run_dir, tmp_path):
 )
 def test_written_outputs_round_trip(tmp_path_factory, keys, canvas, steps, seed, k):
     """PNGs hold exactly the rendered canvases; objective.json holds exactly the curve and finals."""
-    cfg = mx.MaximizeConfig(run=Path("r"), out=Path("o"), concepts=(k,), steps=steps, canvas=canvas, seed=seed, device="cpu")
-    targets = [mx.Target(key, i, None) for i, key in enumerate(keys)]  # rendering needs no backbone
-    mz = mx.Maximizer(None, targets, k, cfg, GRID)  # type: ignore[arg-type]
+    cfg = mx.MaximizeConfig(
+        run=Path("r"),
+        out=Path("o"),
+        concepts=(k,),
+        steps=steps,
+        canvas=canvas,
+        seed=seed,
+        device="cpu",
+    )
+    targets = [Target(key, i, None) for i, key in enumerate(keys)]  # rendering needs no backbone
+    mz = ob.Maximizer(None, targets, k, cfg, GRID)  # type: ignore[arg-type]
     rng = np.random.default_rng(seed)
     curve_sb = rng.random((steps, len(keys)))
-    finals = [mx.Final(*map(float, rng.random(4))) for _ in keys]
+    finals = [ob.Final(*map(float, rng.random(4))) for _ in keys]
     out = tmp_path_factory.mktemp("rt")
     res = mx.write_concept(out, k, mz, curve_sb, finals)
     for key, want in zip(keys, mz.canvases(), strict=True):
@@ -444,17 +537,48 @@ def test_written_outputs_round_trip(tmp_path_factory, keys, canvas, steps, seed,
     assert blob["concept"] == k and blob["backbones"] == keys and blob["steps"] == steps
     for j, key in enumerate(keys):
         assert blob["curve"][key] == curve_sb[:, j].tolist()
-        assert mx.Final(**blob["final"][key]) == finals[j]
+        assert ob.Final(**blob["final"][key]) == finals[j]
 
 
 def test_bf16_backbone_gives_a_gradient(run_dir):
     """The bf16 path (what --dtype auto picks for a bf16 store): phases move, objective finite."""
     model, _ = load_run(run_dir)
     bb = load_backbone(resolve("dinov2"), random_init=True, seed=0, tiny=True, dtype=torch.bfloat16)
-    cfg = mx.MaximizeConfig(run=run_dir, out=Path("o"), concepts=(2,), steps=3, canvas=48, crops=2, device="cpu")
-    mz = mx.Maximizer(model, [mx.Target("dinov2", 0, bb)], 2, cfg, GRID)
+    cfg = mx.MaximizeConfig(
+        run=run_dir, out=Path("o"), concepts=(2,), steps=3, canvas=48, crops=2, device="cpu"
+    )
+    mz = ob.Maximizer(model, [Target("dinov2", 0, bb)], 2, cfg, GRID)
     before = mz.images.phase_n3hf.detach().clone()
     vals = [mz.step()[0] for _ in range(3)]
     assert np.all(np.isfinite(vals))
     assert mz.images.phase_n3hf.grad is not None and mz.images.phase_n3hf.grad.abs().sum() > 0
     assert not torch.equal(before, mz.images.phase_n3hf.detach())
+
+
+def test_maximize_into_a_report_renders_its_pages(run_dir, store, tmp_path):
+    """analyze once, then maximize into REPORT/maximize: the report's pages show the panel
+    (render only: metrics.json and concepts.parquet are left as analyze wrote them)."""
+    from usae.analysis.report import AnalyzeConfig, run_analyze
+
+    rep = tmp_path / "report"
+    run_analyze(
+        AnalyzeConfig(run=str(run_dir), store=str(store.path), out=str(rep), top_concepts=1),
+        progress=False,
+    )
+    data = {f: (rep / f).read_bytes() for f in ("metrics.json", "concepts.parquet")}
+    res = mx.run_maximize(
+        _cfg(run_dir, rep / "maximize", concepts=(9,), steps=2, canvas=48, crops=1), progress=False
+    )
+    assert res.report == rep / "index.html"
+    page = (rep / "concepts" / "9.html").read_text()
+    assert "../maximize/9/panel.png" in page and "Activation maximisation" in page
+    assert 'href="concepts/9.html"' in (rep / "index.html").read_text()
+    assert {f: (rep / f).read_bytes() for f in data} == data
+    # elsewhere, nothing is rendered
+    assert (
+        mx.run_maximize(
+            _cfg(run_dir, tmp_path / "o", concepts=(9,), steps=1, canvas=48, crops=1),
+            progress=False,
+        ).report
+        is None
+    )

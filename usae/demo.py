@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, NamedTuple
+from typing import NamedTuple
 
 import typer
 from rich.console import Console
 from rich.panel import Panel
+
+from usae.errors import UsaeError
+from usae.options import config_command
 
 console = Console(stderr=True)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Settings of ``usae demo``."""
+    """Run the whole pipeline on photos bundled with scikit-image/scikit-learn and print the report's path."""
 
     out: Path = Path("demo_out")
     """Folder for everything the demo writes (images, store, run, report)."""
@@ -58,6 +61,21 @@ class DemoConfig:
     seed: int = 0
     """Seed for images, random-init backbones and training."""
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.images >= 8, f"--images must be >= 8, got {self.images}"),
+            (bool(self.backbones), "--backbones must name at least one backbone"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.concepts >= 0, f"--concepts must be >= 0, got {self.concepts}"),
+            (self.k >= 1, f"--k must be >= 1, got {self.k}"),
+            (self.batch_tokens >= 1, f"--batch-tokens must be >= 1, got {self.batch_tokens}"),
+            (self.maximize >= 0, f"--maximize must be >= 0, got {self.maximize}"),
+            (self.maximize_steps >= 1, f"--maximize-steps must be >= 1, got {self.maximize_steps}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsaeError(msg)
+
 
 class DemoResult(NamedTuple):
     """Where the demo put its outputs."""
@@ -70,7 +88,9 @@ class DemoResult(NamedTuple):
     seconds: float
 
 
-def _weights_plan(cfg: DemoConfig) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[str, ...]]:
+def _weights_plan(
+    cfg: DemoConfig,
+) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[str, ...]]:
     """(weights pairs for cached backbones, pretrained keys, random-init keys)."""
     from usae.pipeline.registry import resolve
     from usae.pipeline.weights import hub_cache_file
@@ -91,7 +111,11 @@ def _say_weights(pre: tuple[str, ...], rnd: tuple[str, ...], forced: bool) -> No
     if not rnd:
         console.print(f"[green]pretrained weights from the local cache for: {', '.join(pre)}")
         return
-    why = "as asked" if forced else "no pretrained weights in the local model cache (nothing is downloaded)"
+    why = (
+        "as asked"
+        if forced
+        else "no pretrained weights in the local model cache (nothing is downloaded)"
+    )
     console.print(
         Panel(
             f"RANDOM-INIT backbones for: {', '.join(rnd)} ({why}).\n"
@@ -109,8 +133,14 @@ def _extract(cfg: DemoConfig, manifest: Path, store: Path, weights) -> None:
     console.rule("[bold]1/4 extract")
     s = run_extract(
         ExtractConfig(
-            manifest=manifest, store=store, image_root=manifest.parent, backbones=tuple(cfg.backbones),
-            weights=weights, random_init=True, seed=cfg.seed, tiny=cfg.tiny,
+            manifest=manifest,
+            store=store,
+            image_root=manifest.parent,
+            backbones=tuple(cfg.backbones),
+            weights=weights,
+            random_init=True,
+            seed=cfg.seed,
+            tiny=cfg.tiny,
             chunk_images=32,
         )
     )
@@ -129,9 +159,19 @@ def _train(cfg: DemoConfig, store: Path, run: Path) -> None:
         tc = TrainConfig(resume=str(run))
     else:
         tc = TrainConfig(
-            store=str(store), out=str(run), concepts=cfg.concepts, k=cfg.k, steps=cfg.steps,
-            batch_tokens=cfg.batch_tokens, lr=cfg.lr, seed=cfg.seed, holdout=0.2, log_every=25,
-            ckpt_every=max(cfg.steps // 2, 1), warmup_steps=max(cfg.steps // 10, 1), buffer_chunks=2,
+            store=str(store),
+            out=str(run),
+            concepts=cfg.concepts,
+            k=cfg.k,
+            steps=cfg.steps,
+            batch_tokens=cfg.batch_tokens,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            holdout=0.2,
+            log_every=25,
+            ckpt_every=max(cfg.steps // 2, 1),
+            warmup_steps=max(cfg.steps // 10, 1),
+            buffer_chunks=2,
         )
     res = run_train(tc)
     print_metrics(res.metrics)
@@ -140,13 +180,15 @@ def _train(cfg: DemoConfig, store: Path, run: Path) -> None:
 def _analyze(cfg: DemoConfig, manifest: Path, store: Path, run: Path, report: Path):
     from usae.analysis.report import AnalyzeConfig, run_analyze
 
+    console.rule("[bold]3/4 analyze")
     return run_analyze(
         AnalyzeConfig(run=str(run), store=str(store), out=str(report), manifest=str(manifest),
                       image_root=str(manifest.parent), top_concepts=8, top_images=6)
-    )
+    )  # fmt: skip
 
 
 def _maximize(cfg: DemoConfig, run: Path, report: Path, weights) -> None:
+    """Panels into REPORT/maximize: maximize renders the report's pages again to show them."""
     from usae.analysis.maximize import MaximizeConfig, run_maximize
 
     console.rule("[bold]4/4 activation maximisation")
@@ -156,7 +198,7 @@ def _maximize(cfg: DemoConfig, run: Path, report: Path, weights) -> None:
             weights=tuple(f"{k}={f}" for k, f in weights), steps=cfg.maximize_steps,
             canvas=256, crops=4, seed=cfg.seed,
         )
-    )
+    )  # fmt: skip
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
@@ -175,14 +217,17 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         (data / "demo.json").write_text(json.dumps({"images": cfg.images, "seed": cfg.seed}))
     _extract(cfg, manifest, store, weights)
     _train(cfg, store, run)
-    console.rule("[bold]3/4 analyze")
     _analyze(cfg, manifest, store, run, report)
     if cfg.maximize > 0:
         _maximize(cfg, run, report, weights)
-        _analyze(cfg, manifest, store, run, report)  # re-render so concept pages show the panels
     res = DemoResult(report / "index.html", store, run, pre, time.perf_counter() - t0)
-    console.print(Panel(f"Report: {res.report.resolve()}\nOpen it in a browser (works offline).",
-                        title=f"usae demo done in {res.seconds:.0f}s", border_style="green"))
+    console.print(
+        Panel(
+            f"Report: {res.report.resolve()}\nOpen it in a browser (works offline).",
+            title=f"usae demo done in {res.seconds:.0f}s",
+            border_style="green",
+        )
+    )
     return res
 
 
@@ -194,35 +239,5 @@ def _demo_size(data: Path) -> int:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("demo")
-    def demo(
-        out: Annotated[Path, typer.Option(help="Folder for everything the demo writes.")] = DemoConfig.out,
-        images: Annotated[int, typer.Option(min=8, help="Demo images cut from the bundled photos.")] = DemoConfig.images,
-        backbones: Annotated[str, typer.Option(help="Comma-separated backbone names.")] = ",".join(DemoConfig.backbones),
-        random_init: Annotated[bool, typer.Option(help="Force random-init backbones even if weights are cached.")] = False,
-        tiny: Annotated[bool, typer.Option(help="Tiny random-init backbones: a fast smoke run.")] = False,
-        steps: Annotated[int, typer.Option(min=1, help="Training steps of the Universal SAE.")] = DemoConfig.steps,
-        concepts: Annotated[int, typer.Option(min=0, help="Shared concepts (0 = 8 x widest backbone, the paper's).")] = DemoConfig.concepts,
-        k: Annotated[int, typer.Option(min=1, help="Active concepts per token (TopK).")] = DemoConfig.k,
-        batch_tokens: Annotated[int, typer.Option(min=1, help="Tokens per training step.")] = DemoConfig.batch_tokens,
-        lr: Annotated[float, typer.Option(help="Peak learning rate.")] = DemoConfig.lr,
-        maximize: Annotated[int, typer.Option(min=0, help="Concepts to render by activation maximisation.")] = DemoConfig.maximize,
-        maximize_steps: Annotated[int, typer.Option(min=1, help="Steps per maximised concept.")] = DemoConfig.maximize_steps,
-        seed: Annotated[int, typer.Option(help="Seed for images, random init and training.")] = 0,
-    ) -> None:
-        """Run the whole pipeline on photos bundled with scikit-image/scikit-learn and print the report's path."""
-        cfg = DemoConfig(out=out, images=images, backbones=tuple(b.strip() for b in backbones.split(",") if b.strip()),
-                         random_init=random_init, tiny=tiny, steps=steps, concepts=concepts, k=k,
-                         batch_tokens=batch_tokens, lr=lr, maximize=maximize, maximize_steps=maximize_steps, seed=seed)
-        try:
-            run_demo(cfg)
-        except Exception as e:  # noqa: BLE001 - the stages raise their own clear errors
-            from usae.errors import user_error
-
-            if not user_error(e):
-                raise
-            console.print(f"[red]usae demo failed:[/red] {e}")
-            raise typer.Exit(1) from None
-
-
-CONFIG_FIELDS = tuple(f.name for f in fields(DemoConfig))
+    """Add `usae demo` to the app (options generated from ``DemoConfig``)."""
+    config_command(app, "demo", DemoConfig, run_demo)

@@ -1,0 +1,195 @@
+"""Report data -> PNG figures of a report: the four summary figures (REPORT/figures/) and the
+top-image panels with token maps (REPORT/images/<k>.png).
+
+Drawing only: the numbers come from ``usae.analysis.metrics`` (docs/method.md, metrics). Every
+file is written atomically, so a reader never sees half a PNG.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from usae.analysis import metrics as mx
+from usae.trainer.evaluate import Reconstruction
+
+from usae.runtime import atomic_path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path, dpi: int) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+
+
+# ---------------------------------------------------------------- top-image panels
+def draw_top_images(path: Path, k: int, keys: Sequence[str], rows: list) -> None:
+    """Rows: (TopImage, picture or None, maps (M, h, w)); picture + one overlay per backbone."""
+    plt = _plt()
+    with_pic = any(p is not None or t.failure for t, p, _ in rows)
+    ncol = len(keys) + int(with_pic)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.1 * ncol, 2.2 * len(rows)), squeeze=False)
+    for r, (t, pic, maps) in enumerate(rows):
+        vmax = max(float(maps.max()), 1e-6)  # one scale per image: backbones compare fairly
+        sq = _squash(pic) if pic is not None else None
+        if with_pic:
+            ax = axes[r, 0]
+            if sq is not None:
+                ax.imshow(sq)
+            else:
+                ax.set_facecolor("#ddd")
+                ax.text(
+                    0.5,
+                    0.5,
+                    "image unavailable\n" + _wrap(t.failure or ""),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    transform=ax.transAxes,
+                )
+            ax.set_title(f"{t.image_id}\nscore {t.score:.2f}", fontsize=8)
+        for i, key in enumerate(keys):
+            ax = axes[r, i + int(with_pic)]
+            if sq is not None:
+                ax.imshow(sq, extent=(0, 1, 1, 0))
+            ax.imshow(
+                maps[i],
+                cmap="inferno",
+                vmin=0,
+                vmax=vmax,
+                alpha=0.6 if sq is not None else 1.0,
+                extent=(0, 1, 1, 0),
+                interpolation="bilinear" if sq is not None else "nearest",
+            )
+            ax.set_title(key if with_pic else f"{key}\n{t.image_id}", fontsize=8)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"concept {k}: token codes per backbone", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path, 80)
+    plt.close(fig)
+
+
+def _squash(pic_hw3: np.ndarray, size: int = 224) -> np.ndarray:
+    """Squash-resize like the backbones do, so the token grid lies on the picture."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(pic_hw3).resize((size, size), Image.BICUBIC))
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:4])
+
+
+# ---------------------------------------------------------------- figures
+def write_figures(
+    fig_dir: Path, keys: Sequence[str], rec: Reconstruction, t: mx.ConceptTable, m: dict
+) -> None:
+    plt = _plt()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for name, draw in (
+            ("r2_matrix", _fig_r2),
+            ("firing_entropy", _fig_fe),
+            ("cofire_proportion", _fig_cfp),
+            ("cofire_vs_importance", _fig_scatter),
+        ):
+            fig = draw(plt, keys, rec, t, m)
+            fig.tight_layout()
+            _save(fig, fig_dir / f"{name}.png", 90)
+            plt.close(fig)
+
+
+def _fig_r2(plt, keys, rec, t, m):
+    n = len(keys)
+    fig, ax = plt.subplots(figsize=(1.4 * n + 2.2, 1.2 * n + 1.6))
+    im = ax.imshow(
+        np.nan_to_num(rec.r2, nan=0.0),
+        cmap="viridis",
+        vmin=min(0.0, float(np.nanmin(rec.r2))),
+        vmax=1.0,
+    )
+    for i in range(n):
+        for j in range(n):
+            v = rec.r2[i, j]
+            ax.text(
+                j,
+                i,
+                "n/a" if not np.isfinite(v) else f"{v:.3f}",
+                ha="center",
+                va="center",
+                color="white" if np.isfinite(v) and v < 0.6 else "black",
+                fontsize=10,
+            )
+    ax.set_xticks(range(n), keys)
+    ax.set_yticks(range(n), keys)
+    ax.set_xlabel("reconstructed backbone j")
+    ax.set_ylabel("codes from backbone i")
+    ax.set_title("cross-model R2 (scalar mean)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return fig
+
+
+def _fig_fe(plt, keys, rec, t, m):
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fe = t.firing_entropy_m[np.isfinite(t.firing_entropy_m)]
+    ax.hist(fe, bins=np.linspace(0, 1, 26), color="#4a7bb7")
+    ax.set_xlabel("firing entropy (1 = fires evenly in all backbones)")
+    ax.set_ylabel("concepts")
+    ax.set_title(f"firing entropy of {fe.size} live concepts")
+    return fig
+
+
+def _fig_cfp(plt, keys, rec, t, m):
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    order = np.argsort(-t.importance_m, kind="stable")
+    order = order[~t.dead_m[order]]
+    rank = np.arange(1, len(order) + 1)
+    for i, k in enumerate(keys):
+        cfp = t.cfp_mm[i, order]
+        ax.scatter(rank, cfp, s=6, alpha=0.35, label=k, color=f"C{i}")
+        w = max(1, len(order) // 30)
+        if len(order) >= w:
+            smooth = pd.Series(cfp).rolling(w, min_periods=1, center=True).mean()
+            ax.plot(rank, smooth, lw=1.5, color=f"C{i}")
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("importance rank")
+    ax.set_ylabel("co-fire proportion")
+    ax.set_title("co-fire proportion by importance rank")
+    ax.legend(fontsize=7, markerscale=2)
+    return fig
+
+
+def _fig_scatter(plt, keys, rec, t, m):
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ok = (t.cofires_m > 0) & (t.importance_m > 0)
+    x, y = np.log10(t.importance_m[ok]), np.log10(t.cofires_m[ok].astype(float))
+    ax.scatter(x, y, s=6, alpha=0.5)
+    c = m["cofire_vs_importance"]["all"]
+    if ok.sum() >= 3 and np.isfinite(c["r"]):
+        b = np.polyfit(x, y, 1)
+        xs = np.linspace(x.min(), x.max(), 2)
+        ax.plot(
+            xs, np.polyval(b, xs), color="crimson", label=f"fit: slope {b[0]:.2f}, r = {c['r']:.2f}"
+        )
+        ax.legend(fontsize=8)
+    ax.set_xlabel("log10 importance (energy summed over backbones)")
+    ax.set_ylabel("log10 co-fires")
+    ax.set_title(f"co-fires vs importance ({int(ok.sum())} concepts)")
+    return fig

@@ -1,0 +1,266 @@
+"""A report directory's data -> its HTML pages: REPORT/metrics.json + concepts.parquet (+ the
+PNGs beside them and any activation-maximisation panels) -> index.html and concepts/<k>.html.
+
+The render step of ``usae analyze`` and of ``usae maximize`` writing into a report: it reads
+only files, never recomputes a metric, and imports neither the analysis computation nor
+maximize. Panels are found at REPORT/maximize/<k>/panel.png, or in another folder of
+`usae maximize` outputs (copied into REPORT/maximize so the report stays self-contained).
+The pages embed their CSS and script and link only relative files: they work offline.
+``print_summary`` renders the same metrics for the terminal.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from usae.runtime import atomic_write
+
+FIGURES = ("r2_matrix", "firing_entropy", "cofire_proportion", "cofire_vs_importance")
+"""REPORT/figures/<name>.png shown on the index page."""
+
+
+def render_report(report: str | Path, maximize: str | Path | None = None) -> Path:
+    """Write REPORT/index.html and REPORT/concepts/<k>.html from the report's data; returns index.html.
+
+    Pages: every concept shown in metrics.json's ``top_concepts`` and every concept with a
+    maximisation panel (from ``maximize``, default REPORT/maximize). Old concept pages go.
+    """
+    out = Path(report)
+    m = json.loads((out / "metrics.json").read_text())
+    df = pd.read_parquet(out / "concepts.parquet")
+    keys = list(m["backbones"])
+    top = m["top_concepts"]
+    shown = list(dict.fromkeys(top["importance"] + top["universality"]))
+    maxi = maximize_panels(out, Path(maximize) if maximize else out / "maximize")
+    pages = sorted(set(shown) | set(maxi))
+    (out / "concepts").mkdir(parents=True, exist_ok=True)
+    for old in (out / "concepts").glob("*.html"):
+        if not old.stem.isdigit() or int(old.stem) not in pages:
+            old.unlink()
+    for n, k in enumerate(pages):
+        nav = (pages[n - 1] if n else None, pages[n + 1] if n + 1 < len(pages) else None)
+        tops = m["top_images"].get(str(k), [])
+        body = _concept_body(k, keys, df.iloc[k], tops, maxi.get(k), nav, out)
+        atomic_write(out / "concepts" / f"{k}.html", _page(f"concept {k}", body))
+    index = out / "index.html"
+    atomic_write(index, _page("usae report", _index_body(keys, df, m, set(pages)), script=True))
+    return index
+
+
+def maximize_panels(out: Path, src: Path) -> dict[int, str]:
+    """concept -> path (relative to the report) of its maximisation panel, copied into REPORT/maximize."""
+    found: dict[int, str] = {}
+    if not src.is_dir():
+        return found
+    for d in sorted(src.iterdir()):
+        if d.is_dir() and d.name.isdigit() and (d / "panel.png").is_file():
+            dst = out / "maximize" / d.name / "panel.png"
+            if dst.resolve() != (d / "panel.png").resolve():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(d / "panel.png", dst)
+            found[int(d.name)] = f"maximize/{d.name}/panel.png"
+    return found
+
+
+# ---------------------------------------------------------------- HTML
+def _asset(name: str) -> str:
+    return resources.files("usae.analysis").joinpath(name).read_text(encoding="utf-8")
+
+
+def _page(title: str, body: str, script: bool = False) -> str:
+    js = f"<script>\n{_asset('report.js')}\n</script>" if script else ""
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>\n{_asset('report.css')}\n</style></head>\n"
+        f"<body>\n{body}\n{js}\n</body></html>\n"
+    )
+
+
+def _td(v: Any, fmt: str = "{:.3f}", link: str | None = None) -> str:
+    """A table cell with its sort key in data-v (empty when missing)."""
+    if v is None or (isinstance(v, float | np.floating) and not np.isfinite(v)):
+        return '<td data-v="">n/a</td>'
+    text = fmt.format(v)
+    if link:
+        text = f'<a href="{link}">{text}</a>'
+    return f'<td data-v="{v}">{text}</td>'
+
+
+def _card(value: str, label: str) -> str:
+    return f'<div class="card"><div class="v">{html.escape(value)}</div><div class="l">{html.escape(label)}</div></div>'
+
+
+def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int]) -> str:
+    esc = html.escape
+    fe, corr = m["firing_entropy"], m["cofire_vs_importance"]
+    cards = [_card(_fmt(m["r2_self"][k]), f"R2 {k} (self)") for k in keys]
+    cards += [_card(_fmt(m["l0"][k], 1), f"L0 {k}") for k in keys]
+    cards += [
+        _card(f"{m['dead']} / {m['concepts']}", "dead concepts"),
+        _card(_fmt(fe.get("mean")), "mean firing entropy"),
+        _card(_fmt(corr["all"]["r"], 2), "r(log co-fires, log energy)"),
+        _card(_fmt(corr["cofires_ge_1000"]["r"], 2), "same, >= 1000 co-fires"),
+    ]
+    for k, v in (m["baseline_matching"] or {}).items():
+        cards.append(_card(_fmt(v["all"]["share_matched"]), f"{k}: share matched at cos > 0.5"))
+    warn = "".join(f'<div class="warn">{esc(w)}</div>' for w in m["warnings"])
+    if m["image_failures"]:
+        items = "".join(
+            f"<li>{esc(f['image_id'])}: {esc(f['reason'])}</li>" for f in m["image_failures"]
+        )
+        warn += f'<div class="warn">Top images that could not be loaded (placeholders shown):<ul>{items}</ul></div>'
+    r2 = "".join(
+        f"<tr><th>{esc(k)}</th>" + "".join(_td(v) for v in m["r2"][i]) + "</tr>"
+        for i, k in enumerate(keys)
+    )
+    r2_table = f"<table><thead><tr><th>codes from \\ R2 of</th>{''.join(f'<th>{esc(k)}</th>' for k in keys)}</tr></thead><tbody>{r2}</tbody></table>"
+    figs = "".join(f'<img src="figures/{f}.png" alt="{f}">' for f in FIGURES)
+    return f"""<header><h1>USAE report</h1>
+<div class="meta">run {esc(m["run"])} &middot; store {esc(m["store"])} &middot; {m["n_images"]} images ({esc(m["images"])}),
+{m["n_tokens"]} tokens &middot; {m["concepts"]} concepts, k = {m["k"]} &middot; tau = {m["tau"]}{" &middot; independent SAEs" if m["independent"] else ""}</div></header>
+<div class="cards">{"".join(cards)}</div>{warn}
+<h2>Cross-model reconstruction (R2, scalar mean)</h2>{r2_table}
+<h2>Figures</h2><div class="figs">{figs}</div>
+<h2>Concepts</h2><div class="controls">Click a column to sort. Concepts with a page are linked.
+<label><input type="checkbox" id="hide-dead"> hide dead concepts</label></div>
+<div class="scroll">{_concept_table(keys, df, pages)}</div>"""
+
+
+def _concept_table(keys: Sequence[str], df: pd.DataFrame, pages: set[int]) -> str:
+    cols = [
+        ("importance", "{:.4g}"),
+        ("importance_rank", "{:d}"),
+        ("firing_entropy", "{:.3f}"),
+        ("cofires", "{:d}"),
+        ("cofire_iou", "{:.3f}"),
+    ]
+    cols += [
+        (f"{p}_{k}", f)
+        for p, f in (("fires", "{:d}"), ("cfp", "{:.3f}"), ("energy", "{:.4g}"))
+        for k in keys
+    ]
+    cols += [(c, "{:.3f}") for c in df.columns if c.startswith("match_cosine_")]
+    head = "<th>concept</th>" + "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
+    data = {c: df[c].to_numpy() for c, _ in cols}
+    rows = []
+    for r in range(len(df)):
+        k = int(df["concept"].iat[r])
+        cells = _td(k, "{:d}", f"concepts/{k}.html" if k in pages else None)
+        cells += "".join(_td(_py(data[c][r]), f) for c, f in cols)
+        rows.append(f"<tr{' class=dead' if df['dead'].iat[r] else ''}>{cells}</tr>")
+    return f'<table class="sortable" id="concepts"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _py(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _concept_body(
+    k: int, keys, row: pd.Series, tops: list[dict], maxi: str | None, nav, out: Path
+) -> str:
+    """One concept's page; ``tops``: its top images as metrics.json records them."""
+    esc = html.escape
+    links = '<a href="../index.html">&larr; all concepts</a>'
+    links += f'<a href="{nav[0]}.html">previous ({nav[0]})</a>' if nav[0] is not None else ""
+    links += f'<a href="{nav[1]}.html">next ({nav[1]})</a>' if nav[1] is not None else ""
+    stats = "".join(
+        f"<tr><th>{esc(k_)}</th>{_td(_py(row[f'fires_{k_}']), '{:d}')}{_td(_py(row[f'cfp_{k_}']))}"
+        f"{_td(_py(row[f'energy_{k_}']), '{:.4g}')}"
+        + (_td(_py(row[f"match_cosine_{k_}"])) if f"match_cosine_{k_}" in row else "")
+        + "</tr>"
+        for k_ in keys
+    )
+    mhead = "<th>matched cosine (independent SAE)</th>" if f"match_cosine_{keys[0]}" in row else ""
+    cards = [
+        _card(_fmt(_py(row["firing_entropy"])), "firing entropy"),
+        _card(str(int(row["cofires"])), "co-fires"),
+        _card(_fmt(_py(row["cofire_iou"])), "co-fire IoU"),
+        _card(f"{_py(row['importance']):.4g}", "importance"),
+        _card(f"#{int(row['importance_rank'])}", "importance rank"),
+    ]
+    parts = [
+        f"<nav>{links}</nav><h1>Concept {k}</h1>",
+        f'<div class="cards">{"".join(cards)}</div>',
+        f"<table><thead><tr><th>backbone</th><th>fires</th><th>co-fire proportion</th><th>energy</th>{mhead}</tr></thead>"
+        f"<tbody>{stats}</tbody></table>",
+    ]
+    if tops and (out / "images" / f"{k}.png").exists():
+        fails = [t for t in tops if t["failure"]]
+        note = "".join(
+            f'<div class="warn">image {esc(t["image_id"])} unavailable: {esc(t["failure"])}</div>'
+            for t in fails
+        )
+        ids = ", ".join(f"{esc(t['image_id'])} ({t['score']:.3g})" for t in tops)
+        parts.append(
+            f'<h2>Top images and token maps per backbone</h2><div class="meta">{ids}</div>{note}'
+            f'<div class="panel"><img src="../images/{k}.png" alt="top images of concept {k}"></div>'
+        )
+    elif not tops:
+        parts.append(
+            "<h2>Top images</h2><p>This concept has no activating image in the evaluated set.</p>"
+        )
+    if maxi:
+        parts.append(
+            f'<h2>Activation maximisation</h2><div class="panel"><img src="../{maxi}" alt="activation maximisation of concept {k}"></div>'
+        )
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- terminal
+def print_summary(m: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = m["backbones"]
+    tab = Table(
+        title=f"usae analyze: {m['n_images']} images ({m['images']}), {m['n_tokens']} tokens"
+    )
+    tab.add_column("codes from \\ R2 of")
+    for k in keys:
+        tab.add_column(k, justify="right")
+    tab.add_column("L0", justify="right")
+    for i, k in enumerate(keys):
+        tab.add_row(k, *[_fmt(v) for v in m["r2"][i]], _fmt(m["l0"][k]))
+    con = Console()
+    con.print(tab)
+    c = m["cofire_vs_importance"]
+    fe = m["firing_entropy"]
+    con.print(
+        f"dead {m['dead']}/{m['concepts']}; firing entropy mean {_fmt(fe.get('mean'))}, "
+        f"share > 0.9 {_fmt(fe.get('share_above_0.9'))}; co-fire vs importance r {_fmt(c['all']['r'])} "
+        f"(>= 1000 co-fires: {_fmt(c['cofires_ge_1000']['r'])})",
+        highlight=False,
+    )
+    if m["baseline_matching"]:
+        for k, v in m["baseline_matching"].items():
+            con.print(
+                f"baseline {k}: matched at cos > 0.5 {_fmt(v['all']['share_matched'])}, "
+                f"mean cosine {_fmt(v['all']['mean_cosine'])}",
+                highlight=False,
+            )
+    for w in m["warnings"]:
+        con.print(f"warning: {w}", style="yellow", markup=False, highlight=False)
+    if m["image_failures"]:
+        con.print(
+            f"{len(m['image_failures'])} top images could not be loaded (placeholders shown)",
+            style="yellow",
+        )
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
