@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from usae.pipeline.store import Store
 from usae.trainer import checkpoint as ckpt
@@ -34,8 +31,8 @@ from usae.trainer.distributed import (
     mean_over_ranks,
     reduce_metrics,
 )
+from usae.trainer.evaluate import stream_reconstruction
 from usae.trainer.inputs import check_finite, image_masks, make_loader, model_spec, open_store
-from usae.trainer.model import USAE, Codes
 from usae.trainer.objective import LossParts, batch_norm_local, source_loss
 from usae.trainer.rundir import (
     MetricsLog,
@@ -63,6 +60,7 @@ class StepContext:
     warmup: int
     world: int
     amp: torch.dtype | None
+    device: torch.device = torch.device("cpu")
 
 
 class StepOut(NamedTuple):
@@ -238,7 +236,7 @@ def _run(cfg: TrainConfig, d: Dist, st: Store, keys: list[str], loader, paths: R
             restore_state(paths.checkpoint, s, loader)
         if rank0:
             trim_metrics(paths, s.step)
-    ctx = StepContext(cfg, total, warmup, d.world, autocast_dtype(cfg.dtype, d.device))
+    ctx = StepContext(cfg, total, warmup, d.world, autocast_dtype(cfg.dtype, d.device), d.device)
     if cfg.dtype == "bf16" and ctx.amp is None and rank0:
         warnings.warn(f"{d.device} has no fast bf16 support: training in fp32", stacklevel=2)
     last = train(cfg, s, ctx, loader, st, keys, paths, rank0, train_images)
@@ -254,77 +252,18 @@ def _run(cfg: TrainConfig, d: Dist, st: Store, keys: list[str], loader, paths: R
 
 def final_metrics(s: TrainState, st: Store, keys: list[str], held: np.ndarray, cfg: TrainConfig,
                   ctx: StepContext, last: float) -> dict:
-    ev = evaluate(s.model, st, keys, held, cfg.batch_tokens, ctx.amp)
+    # the one streaming reconstruction of train and analysis; fp32 whatever the training dtype
+    ev = stream_reconstruction(s.model, st, keys, held, batch_tokens=cfg.batch_tokens, device=ctx.device)
+    r2, l0 = ev.reconstruction.r2, ev.reconstruction.l0
 
     def clean(x: float) -> float | None:
         return None if not math.isfinite(x) else float(x)
 
     return {
         "steps": s.step, "tokens": s.tokens, "train_loss_last": clean(last), "backbones": keys,
-        "heldout_images": int(held.sum()), "heldout_tokens": ev.tokens,
-        "r2_matrix": [[clean(v) for v in row] for row in ev.r2_ij],
-        "self_r2": {k: clean(ev.r2_ij[i, i]) for i, k in enumerate(keys)},
-        "l0": {k: clean(ev.l0_i[i]) for i, k in enumerate(keys)},
-        "dead_fraction": clean(ev.dead),
+        "heldout_images": int(held.sum()), "heldout_tokens": ev.n_tokens,
+        "r2_matrix": [[clean(v) for v in row] for row in r2],
+        "self_r2": {k: clean(r2[i, i]) for i, k in enumerate(keys)},
+        "l0": {k: clean(l0[i]) for i, k in enumerate(keys)},
+        "dead_fraction": clean(ev.dead_share),
     }  # fmt: skip
-
-
-# ---------------------------------------------------------------- held-out evaluation
-class EvalResult(NamedTuple):
-    """Held-out metrics (BatchNorm in eval mode), streamed over the held-out images."""
-
-    r2_ij: np.ndarray
-    """(M, M) R2 of backbone j reconstructed from backbone i's codes (NaN where not decoded)."""
-    l0_i: np.ndarray
-    """(M,) mean active concepts per token from each source."""
-    dead: float
-    """Share of concepts never selected (value > 0) on the held-out tokens."""
-    tokens: int
-    """Held-out tokens evaluated."""
-
-
-@torch.no_grad()
-def evaluate(model: USAE, st: Store, keys: Sequence[str], images: np.ndarray, batch_tokens: int,
-             amp: torch.dtype | None = None) -> EvalResult:
-    """Cross-model R2 = 1 - mean((x - xhat)^2) / mean((x - mean(x))^2), scalar mean(x), streamed."""
-    was_training = model.training
-    model.eval()
-    n_m, dev = model.n_models, next(model.parameters()).device
-    sse = np.zeros((n_m, n_m))
-    s1, s2, cnt, l0 = np.zeros(n_m), np.zeros(n_m), 0, np.zeros(n_m)
-    fired = torch.zeros(model.spec.concepts, dtype=torch.bool, device=dev)
-    rows_ok = np.repeat(images, st.tokens_per_image)
-    for c in range(st.n_chunks):
-        r0, r1 = st.chunk_rows(c)
-        sel = rows_ok[r0:r1]
-        if not sel.any():
-            continue
-        chunk = [torch.from_numpy(st.read_chunk(k, c)[sel]) for k in keys]
-        for b0 in range(0, int(sel.sum()), batch_tokens):
-            x = [model.standardize(j, a[b0 : b0 + batch_tokens].to(dev).float()) for j, a in enumerate(chunk)]
-            cnt += x[0].shape[0]
-            for j in range(n_m):
-                s1[j] += float(x[j].double().sum())
-                s2[j] += float(x[j].double().square().sum())
-            for i in range(n_m):
-                with torch.autocast(dev.type, dtype=amp) if amp is not None else nullcontext():
-                    h = model.encoders[i](x[i])
-                pre = model.bns[i](h.float())  # eval mode: running statistics
-                vals, idx = torch.topk(F.relu(pre), model.spec.k, dim=1, sorted=False)
-                codes = Codes(vals, idx, pre)
-                pos = codes.values_bk > 0
-                l0[i] += float(pos.sum())
-                fired[codes.indices_bk[pos]] = True
-                for j in [i] if model.spec.independent else range(n_m):
-                    sse[i, j] += float((x[j] - model.decode(j, codes)).double().square().sum())
-    model.train(was_training)
-    if cnt == 0:
-        nan = np.full((n_m, n_m), np.nan)
-        return EvalResult(nan, np.full(n_m, np.nan), float("nan"), 0)
-    d = np.asarray(model.spec.widths, dtype=np.float64)
-    var = s2 / (cnt * d) - (s1 / (cnt * d)) ** 2
-    r2 = 1 - (sse / (cnt * d[None, :])) / var[None, :]
-    if model.spec.independent:
-        r2[~np.eye(n_m, dtype=bool)] = np.nan
-    return EvalResult(r2, l0 / cnt, float(1 - fired.float().mean()), cnt)
-
