@@ -18,7 +18,3 @@ USER_ERROR_EXIT = 2
 class UsaeError(Exception):
     """An error in what the user asked for or gave: a message meant for them, not a bug."""
 
-
-def user_error(e: BaseException) -> bool:
-    """True when `e` carries a message for the user (it derives from UsaeError)."""
-    return isinstance(e, UsaeError)
