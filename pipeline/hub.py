@@ -256,8 +256,10 @@ def _head(spec: BackboneSpec, src: HubSource, timeout: float):
     from huggingface_hub.errors import (
         EntryNotFoundError,
         FileMetadataError,
+        GatedRepoError,
         HfHubHTTPError,
         OfflineModeIsEnabled,
+        RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
@@ -271,14 +273,6 @@ def _head(spec: BackboneSpec, src: HubSource, timeout: float):
             raise WeightsUnavailable(
                 missing_weights_message(spec, "not in the local cache and offline (HF_HUB_OFFLINE)")
             ) from None
-        except (httpx2.HTTPError, OSError) as e:
-            raise WeightsUnavailable(
-                missing_weights_message(
-                    spec,
-                    f"not in the local cache, and the hub {constants.ENDPOINT} can't be reached "
-                    f"({type(e).__name__}: {str(e)[:120]})",
-                )
-            ) from None
         except RevisionNotFoundError:
             raise WeightsUnavailable(
                 missing_weights_message(
@@ -287,8 +281,25 @@ def _head(spec: BackboneSpec, src: HubSource, timeout: float):
             ) from None
         except (HfHubHTTPError, FileMetadataError) as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            hint = (
+                " (a gated or private repo needs a token: HF_TOKEN or `hf auth login`)"
+                if status in (401, 403) or isinstance(e, (RepositoryNotFoundError, GatedRepoError))
+                else ""
+            )
             raise WeightsUnavailable(
-                missing_weights_message(spec, f"the hub refused {src.repo_id}/{fname}: {first}")
+                missing_weights_message(
+                    spec,
+                    f"the hub refused {src.repo_id}/{fname}: {type(e).__name__}: {first}{hint}",
+                )
+            ) from None
+        except (httpx2.HTTPError, OSError) as e:
+            raise WeightsUnavailable(
+                missing_weights_message(
+                    spec,
+                    f"not in the local cache, and the hub {constants.ENDPOINT} can't be reached "
+                    f"({type(e).__name__}: {str(e)[:120]})",
+                )
             ) from None
         if meta.commit_hash is None or meta.etag is None:
             raise WeightsUnavailable(
@@ -357,7 +368,7 @@ def _download_blob(
     target = url
     if meta.xet_file_data is None and meta.location and meta.location != url:
         target = meta.location  # a CDN redirect: go there directly, without the token
-        if urlsplit(target).hostname != urlsplit(url).hostname:
+        if _origin(target) != _origin(url):
             headers.pop("authorization", None)
     tqdm_class = None
     if not progress:
@@ -390,6 +401,15 @@ def _download_blob(
         )
     os.chmod(part, 0o644)
     os.replace(part, blob)
+
+
+def _origin(url: str) -> tuple:
+    u = urlsplit(url)
+    return (
+        u.scheme,
+        (u.hostname or "").lower(),
+        u.port or {"http": 80, "https": 443}.get(u.scheme),
+    )
 
 
 def _check_file(path: Path, fname: str, expect_sha: str | None, size: int | None) -> str | None:
