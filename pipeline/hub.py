@@ -224,7 +224,10 @@ def fetch_weights(
         )
     if is_offline(offline):
         raise WeightsUnavailable(
-            missing_weights_message(spec, "not in the local cache and offline (HF_HUB_OFFLINE)")
+            missing_weights_message(
+                spec,
+                "not in the local cache, and offline (HF_HUB_OFFLINE is set, or offline asked)",
+            )
         )
     return _download(spec, src, timeout, progress)
 
@@ -271,7 +274,10 @@ def _head(spec: BackboneSpec, src: HubSource, timeout: float):
             continue
         except OfflineModeIsEnabled:
             raise WeightsUnavailable(
-                missing_weights_message(spec, "not in the local cache and offline (HF_HUB_OFFLINE)")
+                missing_weights_message(
+                    spec,
+                    "not in the local cache, and offline (HF_HUB_OFFLINE is set, or offline asked)",
+                )
             ) from None
         except RevisionNotFoundError:
             raise WeightsUnavailable(
@@ -564,13 +570,13 @@ def weights_table(rows: list[WeightsRow], title: str):
     from rich.table import Table
 
     t = Table(title=title)
-    for c in ("backbone", "model", "status", "repo", "commit", "file", "size", "sha256"):
+    for c in ("backbone", "status", "repo", "commit", "file", "size", "sha256"):
         t.add_column(c, justify="right" if c == "size" else "left", overflow="fold")
     style = {"cached": "green", "downloaded": "green", "missing": "yellow"}
     for r in rows:
         f = r.file
         t.add_row(
-            r.key, r.model, f"[{style.get(r.status, 'red')}]{r.status}[/]", r.repo_id or "-",
+            r.key, f"[{style.get(r.status, 'red')}]{r.status}[/]", r.repo_id or "-",
             (f.revision or "-")[:12] if f else "-", f.filename if f else "-",
             f"{f.size / 1e6:.1f} MB" if f else "-", f"{f.sha256[:16]}…" if f else "-",
         )  # fmt: skip
