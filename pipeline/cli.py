@@ -170,3 +170,60 @@ def register(app: typer.Typer) -> None:
         opts={"store": Opt(argument=True)},
         help="Describe an activation store: backbones, shapes, grid, weights, completeness, failures.",
     )
+
+
+# ---------------------------------------------------------------- weights (usae weights fetch/list)
+def weights_fetch(cfg) -> None:
+    """Fetch the weights, then show what the cache holds for them (failures: the table, exit 2)."""
+    from usae.pipeline.hub import WeightsUnavailable, run_weights_fetch, weights_table
+
+    try:
+        rows = run_weights_fetch(cfg)
+    except WeightsUnavailable as e:
+        rows = getattr(e, "rows", None)
+        fail(e, details=weights_table(rows, "usae weights fetch") if rows else None)
+    Console().print(weights_table(rows, "usae weights fetch"))
+
+
+def weights_list(cfg) -> None:
+    """Show what the local cache holds for each backbone (JSON with ``--json``)."""
+    from usae.pipeline.hub import hub_cache_dir, run_weights_list, weights_table
+
+    rows = run_weights_list(cfg)
+    if cfg.json:
+        print(
+            json.dumps(
+                {"cache": str(hub_cache_dir()), "backbones": [r.to_json() for r in rows]}, indent=2
+            )
+        )
+        return
+    Console().print(weights_table(rows, f"usae weights list ({hub_cache_dir()})"))
+
+
+def register_weights(app: typer.Typer) -> None:
+    """Add `usae weights fetch` and `usae weights list` (a `weights` sub-command group)."""
+    from usae.pipeline.hub import WeightsFetchConfig, WeightsListConfig
+
+    sub = typer.Typer(
+        name="weights",
+        help="Pretrained backbone weights in the HF hub cache: fetch them (on a machine with network), list them.",
+        no_args_is_help=True,
+    )
+    names = Opt(argument=True, metavar="BACKBONES", extra_help="Comma-separated.")
+    config_command(
+        sub,
+        "fetch",
+        WeightsFetchConfig,
+        weights_fetch,
+        opts={"backbones": names},
+        help="Download backbones' pretrained weights into the HF cache (resumes; checks sha256).",
+    )
+    config_command(
+        sub,
+        "list",
+        WeightsListConfig,
+        weights_list,
+        opts={"backbones": names},
+        help="Show what the local HF cache holds for each backbone: revision, size, sha256 (no network).",
+    )
+    app.add_typer(sub, name="weights")

@@ -354,21 +354,19 @@ def load_backbone(
     tiny: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    offline: bool | None = None,
 ) -> Backbone:
     """Build a backbone with weights from `weights`, the local cache, or a seeded random init.
 
-    Raises `usae.pipeline.weights.WeightsUnavailable` (fast, no network) when none applies. `tiny` (tests) keeps
-    img_size and patch size but uses 2 blocks of width 64; it needs random init or a file.
+    Without a file or random init the weights come from the local hub cache, else the hub
+    (`usae.pipeline.hub.fetch_weights`; `offline`, None = `HF_HUB_OFFLINE`, never downloads).
+    Raises `usae.pipeline.weights.WeightsUnavailable` (in seconds) when none applies. `tiny` (tests)
+    keeps img_size and patch size but uses 2 blocks of width 64 (hub weights must fit it).
     """
-    cached = None
+    cached = hub = None  # usae-weights: the hub's file (cache, else downloaded; tiny: a test hub's)
     if weights is None and not random_init:
-        if tiny:
-            raise weight_files.WeightsUnavailable(
-                "tiny backbones have no pretrained weights: use random_init or a weights file"
-            )
-        cached = weight_files.hub_cache_file(spec)
-        if cached is None:
-            raise weight_files.WeightsUnavailable(weight_files.missing_weights_message(spec))
+        hub = weight_files.pretrained_weights(spec, offline=offline)
+        cached = hub.path
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # seeded init: identical weights for the same seed, every run
         model = _build_model(spec, tiny)
@@ -384,6 +382,7 @@ def load_backbone(
         file, origin, source = None, "", "random-init"
     if file is not None:
         weight_files.load_state(spec, model, weight_files.read_state_file(file), origin)
+        file_info = hub.record() if hub else weight_files.file_record(file)  # usae-weights
     depth = _depth(model, spec.source)
     if layer is not None and not 0 <= layer < depth:
         raise RegistryError(
@@ -397,6 +396,7 @@ def load_backbone(
         "seed": seed if (weights is None and cached is None) else None,
         "layer": layer,
         "tiny": tiny,
+        "file": file_info if file is not None else None,  # usae-weights: repo, revision, sha256
     }
     if tiny:
         spec = replace(spec, width=64)

@@ -3,8 +3,10 @@ identity of a model's weights (sha256 of its state dict).
 
 Where pretrained weights come from, in this order: an explicit file (safetensors, or a torch
 state dict loaded with ``weights_only``: a stranger's file cannot run code), the LOCAL hub
-cache (HF hub or torch hub; never the network). When neither is there, `WeightsUnavailable`
-names both ways out (``--weights KEY=FILE`` or ``--random-init``).
+cache (HF hub or torch hub), else a download from the hub into that cache
+(`usae.pipeline.hub`; never with ``HF_HUB_OFFLINE=1``). When none works, `WeightsUnavailable`
+names the ways out (``usae weights fetch`` on a machine with network, ``--weights KEY=FILE``,
+``--random-init``).
 """
 
 from __future__ import annotations
@@ -74,31 +76,35 @@ def read_state_file(path: str | os.PathLike) -> dict[str, Tensor]:
 def hub_cache_file(spec: BackboneSpec) -> Path | None:
     """The backbone's pretrained weights in the LOCAL cache (HF hub or torch hub), or None.
 
-    Looks only at files on disk: never touches the network.
+    Looks only at files on disk: never touches the network (`usae.pipeline.hub.cached_weights`).
     """
-    from huggingface_hub import try_to_load_from_cache
+    from usae.pipeline.hub import cached_weights
 
-    if spec.source == "timm":
-        import timm
+    hit = cached_weights(spec, verify=False)
+    return None if hit is None else hit.path
 
-        cfg = timm.models.get_pretrained_cfg(spec.name)
-        if cfg is None:
-            return None
-        repo, files, url = cfg.hf_hub_id, ("model.safetensors", "pytorch_model.bin"), cfg.url
-    else:
-        pcfg = open_clip_pretrained(spec)
-        repo = (pcfg.get("hf_hub") or "").strip("/")
-        files, url = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), pcfg.get("url")
-    if repo:
-        for fname in files:
-            hit = try_to_load_from_cache(repo, fname)
-            if isinstance(hit, str) and os.path.isfile(hit):
-                return Path(hit)
-    if url:
-        f = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
-        if f.is_file() and f.suffix in (".safetensors", ".pth", ".bin", ".pt"):
-            return f
-    return None
+
+def pretrained_weights(spec: BackboneSpec, *, offline: bool | None = None):
+    """The backbone's pretrained weights file: the local cache, else the hub (unless offline).
+
+    Returns a `usae.pipeline.hub.WeightsFile`; raises `WeightsUnavailable` naming the ways out.
+    """
+    from usae.pipeline.hub import fetch_weights
+
+    return fetch_weights(spec, offline=offline)
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    """What the store records about an explicit weights file: its name, size and sha256."""
+    from usae.pipeline.hub import file_sha256
+
+    p = Path(path)
+    return {
+        "origin": "file",
+        "filename": p.name,
+        "size": p.stat().st_size,
+        "sha256": file_sha256(p),
+    }
 
 
 def _adapt_state(
@@ -143,13 +149,11 @@ def state_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def missing_weights_message(spec: BackboneSpec) -> str:
-    return (
-        f"no weights for backbone {spec.key!r} ({spec.source}:{spec.name}): not in the local model cache "
-        f"(HF hub cache / torch hub; nothing is downloaded here). Either pass "
-        f"--weights {spec.key}=FILE (a .safetensors or state-dict .pt/.pth file) or --random-init "
-        f"(random weights, for testing the pipeline only)."
-    )
+def missing_weights_message(spec: BackboneSpec, why: str = "not in the local cache") -> str:
+    """Why a backbone has no weights, and the three ways out."""
+    from usae.pipeline.hub import missing_weights_message as msg
+
+    return msg(spec, why)
 
 
 def parse_weight_files(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
