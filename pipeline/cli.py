@@ -145,7 +145,7 @@ MANIFEST_OPTS = {
 
 
 def register(app: typer.Typer) -> None:
-    """Add `manifest`, `extract` and `info` to the CLI."""
+    """Add `manifest`, `extract`, `info` and `weights fetch|list` to the CLI."""
     config_command(
         app,
         "manifest",
@@ -170,6 +170,7 @@ def register(app: typer.Typer) -> None:
         opts={"store": Opt(argument=True)},
         help="Describe an activation store: backbones, shapes, grid, weights, completeness, failures.",
     )
+    register_weights(app)
 
 
 # ---------------------------------------------------------------- weights (usae weights fetch/list)

@@ -68,7 +68,7 @@ USER_ERRORS = {
     "maximize": (["--run", "{tmp}/no-run", "--out", "{tmp}/mx", "--concept", "1"], "no-run"),
     "demo": (["--out", "{tmp}/d", "--backbones", "no-such-backbone", "--tiny"], "no-such-backbone"),
     "weights fetch": (["no-such-backbone"], "no-such-backbone"),
-    "weights list": (["--backbones", "no-such-backbone"], "no-such-backbone"),
+    "weights list": (["no-such-backbone"], "no-such-backbone"),
 }
 
 
