@@ -28,11 +28,11 @@ from usae.pipeline.extract_task import (
     TaskPlan,
     TaskResult,
     get_backbones,
+    layer_record,
     run_chunks,
-    spec_record,
 )
 from usae.pipeline.manifest import read_manifest, resolve_path
-from usae.pipeline.registry import DEFAULT_BACKBONES, resolve
+from usae.pipeline.registry import DEFAULT_BACKBONES, join_layer_lists, layer_key, parse_backbone
 from usae.pipeline.store import BackboneLayout, Store
 
 from usae.runtime import check_device_name, progress_bar, resolve_device, resolve_dtype
@@ -58,9 +58,10 @@ class ExtractConfig:
     image_root: Path | None = None
     """Folder the manifest paths are relative to (default: the manifest's folder)."""
     backbones: tuple[str, ...] = DEFAULT_BACKBONES
-    """Backbone names: dinov2, siglip, vit, timm:<model.tag>, open_clip:<model>/<pretrained>."""
+    """Backbone names: dinov2, siglip, vit, dinov3, siglip2, pe, timm:<model.tag>, open_clip:<model>/<pretrained>;
+    NAME@N or NAME@N,M,... stores those blocks, each as group NAME@N, from one forward pass."""
     layer: int | None = None
-    """Block whose output is stored (0-based); None = last block after the final norm."""
+    """Block stored for names without @ (0-based); None = last block after the final norm."""
     grid: tuple[int, int] = (14, 14)
     """Common token grid (h, w) every backbone is resampled to."""
     weights: tuple[tuple[str, str], ...] = ()
@@ -145,25 +146,34 @@ def _manifest_items(cfg: ExtractConfig):
 
 def prepare(cfg: ExtractConfig) -> _Prepared:
     """Resolve backbones and weights, load them here (for their identity), create/open the store."""
-    specs = tuple(resolve(n) for n in cfg.backbones)
+    refs = [parse_backbone(n) for n in join_layer_lists(cfg.backbones)]
+    specs = tuple(r.spec for r in refs)
     keys = [s.key for s in specs]
     if len(set(keys)) != len(keys):
-        raise ExtractError(f"backbone keys must be unique, got {keys} (use alias=name to rename)")
+        raise ExtractError(
+            f"backbone keys must be unique, got {keys} (use alias=name to rename, NAME@N,M for several layers)"
+        )
     unknown = sorted({k for k, _ in cfg.weights} - set(keys))
     if unknown:
         raise ExtractError(f"--weights names unknown backbone(s) {unknown}; backbones are {keys}")
+    layers = tuple(r.layers if r.layers is not None else (cfg.layer,) for r in refs)
+    groups = tuple(
+        (r.spec.key,) if r.layers is None else tuple(layer_key(r.spec.key, i) for i in r.layers)
+        for r in refs
+    )
     device = resolve_device(cfg.device)
     mkey = ModelKey(
         specs, tuple(sorted(cfg.weights)), cfg.random_init, cfg.seed, cfg.layer, cfg.tiny,
-        str(device), resolve_dtype(cfg.dtype, device),
+        str(device), resolve_dtype(cfg.dtype, device), layers,
     )  # fmt: skip
     items, split, manifest_hash = _manifest_items(cfg)
     backbones = get_backbones(mkey)
-    records = [spec_record(b, mkey, cfg.grid) for b in backbones]
-    layouts = [
-        BackboneLayout(b.spec.key, b.spec.width, b.spec.prefix_tokens, r)
-        for b, r in zip(backbones, records, strict=True)
-    ]
+    layouts = []
+    for b, layers_b, keys_b in zip(backbones, layers, groups, strict=True):
+        for layer, k in zip(layers_b, keys_b, strict=True):
+            rec = layer_record(b, mkey, cfg.grid, layer, k)
+            layouts.append(BackboneLayout(k, rec["width"], b.spec.prefix_tokens, rec))
+    records = [lay.spec for lay in layouts]
     store = Store.create(
         cfg.store,
         [i for i, _, _ in items],
@@ -185,7 +195,7 @@ def prepare(cfg: ExtractConfig) -> _Prepared:
     )
     plan = TaskPlan(
         mkey, tuple(b.identity for b in backbones), str(cfg.store), tuple(cfg.grid), cfg.batch_size,
-        cfg.decode_threads, sizes=tuple(sorted({b.spec.img_size for b in backbones})),
+        cfg.decode_threads, sizes=tuple(sorted({b.spec.img_size for b in backbones})), keys=groups,
     )  # fmt: skip
     todo = sorted(set(range(store.n_chunks)) - store.committed_chunks())
     return _Prepared(plan, store, items, todo)

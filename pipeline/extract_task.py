@@ -48,6 +48,8 @@ class ModelKey:
     tiny: bool
     device: str
     dtype: str
+    layers: tuple[tuple[int | None, ...], ...] = ()
+    """Per spec, the layers read from its one forward pass (empty: `layer` for every spec)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class TaskPlan:
     decode_threads: int
     torch_threads: int = 0
     sizes: tuple[int, ...] = field(default=())
+    keys: tuple[tuple[str, ...], ...] = field(default=())
+    """Per backbone, the store group of each of its layers (empty: its spec key)."""
 
 
 # ---------------------------------------------------------------- backbones (once per process)
@@ -79,12 +83,12 @@ def get_backbones(key: ModelKey) -> list[Backbone]:
                 weights=files.get(s.key),
                 random_init=key.random_init,
                 seed=key.seed,
-                layer=key.layer,
+                layers=key.layers[i] if key.layers else (key.layer,),
                 tiny=key.tiny,
                 device=key.device,
                 dtype=torch_dtype(key.dtype),
             )
-            for s in key.specs
+            for i, s in enumerate(key.specs)
         ]
     return _CACHE[key]
 
@@ -100,6 +104,27 @@ def spec_record(bb: Backbone, key: ModelKey, grid: tuple[int, int]) -> dict:
         "random_init": bb.identity["random_init"],
         "seed": bb.identity["seed"],
     }
+
+
+def layer_record(
+    bb: Backbone, key: ModelKey, grid: tuple[int, int], layer: int | None, group: str
+) -> dict:
+    """The entry of one layer of a backbone in the store (group `group`): its `spec_record`
+    read at that layer, the same whether the layer came alone or with others from one pass."""
+    return {
+        **spec_record(bb, key, grid),
+        "key": group,
+        "model_key": bb.spec.key,
+        "layer": layer,
+        "width": bb.spec.width_at(layer),
+        "native_grid": list(bb.spec.grid_at(layer)),
+        "identity": bb.layer_identity(layer),
+    }
+
+
+def group_keys(plan: TaskPlan, backbones: Sequence[Backbone]) -> list[tuple[str, ...]]:
+    """Per backbone, the store groups of its layers (the spec key when the plan names none)."""
+    return list(plan.keys) if plan.keys else [(b.spec.key,) for b in backbones]
 
 
 # ---------------------------------------------------------------- decoding
@@ -142,14 +167,17 @@ def _compute_chunk(
     decoded: Sequence[Future],
     on_images: Callable[[int], None] | None,
 ) -> _ChunkOut:
-    """Run every backbone over one chunk's images (failed ones stay zero and invalid)."""
+    """Run every backbone over one chunk's images, once per batch for all of its layers
+    (failed images stay zero and invalid)."""
     n, t = len(images), plan.grid[0] * plan.grid[1]
-    tok_ntd = {b.spec.key: np.zeros((n, t, b.spec.width), np.float16) for b in backbones}
-    pre_npd = {
-        b.spec.key: np.zeros((n, b.spec.prefix_tokens, b.spec.width), np.float16)
-        for b in backbones
-        if b.spec.prefix_tokens
-    }
+    groups = group_keys(plan, backbones)
+    tok_ntd, pre_npd = {}, {}
+    for bb, keys in zip(backbones, groups, strict=True):
+        for layer, k in zip(bb.layers, keys, strict=True):
+            d = bb.spec.width_at(layer)
+            tok_ntd[k] = np.zeros((n, t, d), np.float16)
+            if bb.spec.prefix_tokens:
+                pre_npd[k] = np.zeros((n, bb.spec.prefix_tokens, d), np.float16)
     valid = np.zeros(n, bool)
     failures: list[dict] = []
     device = plan.models.device
@@ -167,14 +195,14 @@ def _compute_chunk(
         if idx:
             valid[idx] = True
             with torch.inference_mode():
-                for bb in backbones:
+                for bb, keys in zip(backbones, groups, strict=True):
                     x_b3hw = torch.stack([im[bb.spec.img_size] for im in batch]).to(
                         device, non_blocking=True
                     )
-                    acts = bb(x_b3hw, plan.grid)
-                    tok_ntd[bb.spec.key][idx] = acts.patch_btd.to(torch.float16).cpu().numpy()
-                    if bb.spec.prefix_tokens:
-                        pre_npd[bb.spec.key][idx] = acts.prefix_bpd.to(torch.float16).cpu().numpy()
+                    for k, acts in zip(keys, bb.forward_layers(x_b3hw, plan.grid), strict=True):
+                        tok_ntd[k][idx] = acts.patch_btd.to(torch.float16).cpu().numpy()
+                        if k in pre_npd:
+                            pre_npd[k][idx] = acts.prefix_bpd.to(torch.float16).cpu().numpy()
         if on_images is not None:
             on_images(min(b0 + plan.batch_size, n) - b0)
     tokens = {k: v.reshape(n * t, -1) for k, v in tok_ntd.items()}

@@ -1,12 +1,21 @@
-"""Backbone name -> vision model that maps images to patch tokens on a common grid.
+"""Backbone name -> vision model that maps images to patch tokens on a common grid, at one or
+several depths from one forward pass.
 
 Everything backbone-specific lives here: the exact timm/open_clip model and pretrained tag,
-input size, patch size, prefix (CLS/register) tokens, mean/std, and how to run a model up
-to a given block. The rest of usae only sees `BackboneSpec`, `Backbone` and `Activations`.
+input size, patch size (a CNN's stride), prefix (CLS/register) tokens, mean/std, and how to
+read a model's blocks. The rest of usae only sees `BackboneSpec`, `Backbone` and `Activations`.
 
-Adding a backbone is one entry in `REGISTRY` (or, without editing anything, the names
-``timm:<model.tag>`` for any timm VisionTransformer and ``open_clip:<model>/<pretrained>``
-for an open_clip ViT vision tower).
+Every model runs through one path: timm's `forward_intermediates` (any timm ViT-like model:
+ViT, DINOv2/v3, SigLIP 1/2, EVA-02, Perception Encoder...; and CNN feature maps such as
+ConvNeXt, whose NCHW maps become (b, h*w, c) tokens with no prefix), or an open_clip ViT tower's
+`transformer.forward_intermediates`. Adding a backbone is one entry in `REGISTRY` (or, without
+editing anything, the names ``timm:<model.tag>`` and ``open_clip:<model>/<pretrained>``).
+
+Layers: a name may end in ``@N`` or ``@N,M,...`` (0-based block indices; a CNN's stage
+indices). Layer None (no ``@``) is the last block after the final norm (`forward_features`);
+layer N is block N's output without the final norm. A `Backbone` loaded with several layers
+gives them all from ONE forward pass (`Backbone.forward_layers`); extraction stores each as its
+own group ``<key>@<N>`` (`layer_key`).
 
 Weights come, in this order, from an explicit file (``weights=``), from the LOCAL hub cache
 (never the network), or from a seeded random init when asked for (``random_init=True``).
@@ -18,7 +27,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +43,7 @@ from usae.errors import UsaeError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+LAYER_SEP = "@"
 
 
 class RegistryError(UsaeError, ValueError):
@@ -52,55 +63,73 @@ class BackboneSpec:
     img_size: int
     """Square input size in pixels; images are squash-resized to it."""
     patch_size: int
-    """Patch size in pixels; the native grid is img_size // patch_size per side."""
+    """Patch size in pixels (a CNN: the stride of its last stage); native grid img_size // it."""
     width: int
-    """Token width d."""
+    """Token width d (of the default layer)."""
     prefix_tokens: int
-    """Tokens before the patch tokens (CLS, registers)."""
+    """Tokens before the patch tokens (CLS, registers); 0 for a CNN."""
     mean: tuple[float, float, float]
     """Per-channel mean used to normalise [0, 1] RGB input."""
     std: tuple[float, float, float]
     """Per-channel std used to normalise [0, 1] RGB input."""
     interpolation: str = "bicubic"
     """Resize filter (antialiased)."""
+    feature_map: bool = False
+    """A CNN: tokens are the positions of an NCHW feature map; layers are its stages."""
+    layer_widths: tuple[int, ...] = field(default=())
+    """CNN only: width of each stage's output (empty: every layer has `width`)."""
+    layer_strides: tuple[int, ...] = field(default=())
+    """CNN only: stride of each stage's output in pixels (empty: every layer has `patch_size`)."""
+
+    def __post_init__(self) -> None:  # JSON gives lists: keep the spec hashable
+        for name in ("mean", "std", "layer_widths", "layer_strides"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def native_grid(self) -> tuple[int, int]:
-        g = self.img_size // self.patch_size
+        return self.grid_at(None)
+
+    def grid_at(self, layer: int | None) -> tuple[int, int]:
+        """Layer -> the native token grid (h, w) the model gives there."""
+        stride = (
+            self.patch_size
+            if layer is None or not self.layer_strides
+            else self.layer_strides[layer]
+        )
+        g = self.img_size // stride
         return (g, g)
+
+    def width_at(self, layer: int | None) -> int:
+        """Layer -> the token width there."""
+        return self.width if layer is None or not self.layer_widths else self.layer_widths[layer]
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
+        for name in ("mean", "std", "layer_widths", "layer_strides"):
+            d[name] = list(getattr(self, name))
         d["native_grid"] = list(self.native_grid)
         return d
 
 
-# The paper's three backbones, pinned to exact tags (docs/method.md).
+# The paper's three backbones, then today's leaders; each pinned to an exact tag.
+# fmt: off
 REGISTRY: dict[str, BackboneSpec] = {
-    "dinov2": BackboneSpec(
-        "dinov2",
-        "timm",
-        "vit_small_patch14_dinov2.lvd142m",
-        224,
-        14,
-        384,
-        1,
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-    ),
-    "siglip": BackboneSpec(
-        "siglip", "timm", "vit_base_patch16_siglip_224.webli", 224, 16, 768, 0, HALF, HALF
-    ),
-    "vit": BackboneSpec(
-        "vit", "timm", "vit_base_patch16_224.augreg2_in21k_ft_in1k", 224, 16, 768, 1, HALF, HALF
-    ),
+    "dinov2": BackboneSpec("dinov2", "timm", "vit_small_patch14_dinov2.lvd142m", 224, 14, 384, 1, IMAGENET_MEAN, IMAGENET_STD),
+    "siglip": BackboneSpec("siglip", "timm", "vit_base_patch16_siglip_224.webli", 224, 16, 768, 0, HALF, HALF),
+    "vit": BackboneSpec("vit", "timm", "vit_base_patch16_224.augreg2_in21k_ft_in1k", 224, 16, 768, 1, HALF, HALF),
+    # DINOv3 ViT-B/16 (an Eva with RoPE): CLS + 4 registers, pretrained at 256 px -> 16x16
+    "dinov3": BackboneSpec("dinov3", "timm", "vit_base_patch16_dinov3.lvd1689m", 256, 16, 768, 5, IMAGENET_MEAN, IMAGENET_STD),
+    # SigLIP 2 B/16 at 224: no CLS (attention-pool head), 14x14
+    "siglip2": BackboneSpec("siglip2", "timm", "vit_base_patch16_siglip_224.v2_webli", 224, 16, 768, 0, HALF, HALF),
+    # Perception Encoder Core B/16 (an Eva with RoPE): CLS, 14x14
+    "pe": BackboneSpec("pe", "timm", "vit_pe_core_base_patch16_224.fb", 224, 16, 768, 1, HALF, HALF),
 }
+# fmt: on
 DEFAULT_BACKBONES = ("dinov2", "siglip", "vit")
 
 
 class Activations(NamedTuple):
-    """Output of `Backbone.forward`."""
+    """Output of `Backbone.forward` (one per layer from `Backbone.forward_layers`)."""
 
     patch_btd: Tensor
     """Patch tokens on the requested grid, (batch, grid_h * grid_w, width), row-major."""
@@ -108,18 +137,76 @@ class Activations(NamedTuple):
     """Prefix tokens (CLS/registers), (batch, prefix_tokens, width); prefix_tokens may be 0."""
 
 
+class BackboneRef(NamedTuple):
+    """A parsed backbone name: the model and the layers asked for."""
+
+    spec: BackboneSpec
+    """The model (its key: the alias, else the registry key or a safe form of the name)."""
+    layers: tuple[int, ...] | None
+    """0-based block indices after "@", in the order given; None: no "@" (the default layer)."""
+
+
 # ---------------------------------------------------------------- names -> specs
 def _safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text).strip("._") or "backbone"
+
+
+def layer_key(key: str, layer: int) -> str:
+    """(backbone key, block index) -> the store group key of that layer, e.g. "dinov2@6"."""
+    return f"{key}{LAYER_SEP}{layer}"
+
+
+def split_layers(key: str) -> tuple[str, int | None]:
+    """Store group key -> (backbone key, layer): "dinov2@6" -> ("dinov2", 6), "vit" -> ("vit", None)."""
+    base, sep, layer = key.rpartition(LAYER_SEP)
+    return (base, int(layer)) if sep and layer.isdigit() else (key, None)
+
+
+def join_layer_lists(names: Sequence[str]) -> list[str]:
+    """Names split at every comma -> names whose "@" layer lists are whole again.
+
+    ("dinov2@3", "6", "siglip") -> ["dinov2@3,6", "siglip"]: the CLI splits --backbones at commas.
+    """
+    out: list[str] = []
+    for n in (n.strip() for n in names):
+        if n.isdigit() and out and LAYER_SEP in out[-1]:
+            out[-1] = f"{out[-1]},{n}"
+        elif n:
+            out.append(n)
+    return out
+
+
+def _parse_layers(text: str, name: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")]
+    if not parts or not all(p.isdigit() for p in parts):
+        raise RegistryError(
+            f"backbone {name!r}: after {LAYER_SEP!r} give 0-based block indices, e.g. dinov2@6 or dinov2@3,6,9"
+        )
+    layers = tuple(int(p) for p in parts)
+    if len(set(layers)) != len(layers):
+        raise RegistryError(f"backbone {name!r} names a layer twice")
+    return layers
+
+
+def parse_backbone(name: str) -> BackboneRef:
+    """Backbone name with optional layers -> (spec, layers): "d=dinov2@3,6" -> (dinov2 keyed d, (3, 6))."""
+    body, sep, layer_text = name.partition(LAYER_SEP)
+    spec = resolve(body)
+    return BackboneRef(spec, _parse_layers(layer_text, name) if sep else None)
 
 
 def resolve(name: str) -> BackboneSpec:
     """Backbone name -> spec: a registry key, "timm:<model.tag>" or "open_clip:<model>/<pretrained>".
 
     An optional "alias=" prefix sets the key, e.g. "big=timm:vit_large_patch14_dinov2.lvd142m".
+    Layers ("@N,...") are `parse_backbone`'s.
     """
     alias, body = name.split("=", 1) if "=" in name else (None, name)
     body = body.strip()
+    if LAYER_SEP in body:
+        raise RegistryError(
+            f"backbone {name!r}: layers ({LAYER_SEP}N) are parsed by parse_backbone"
+        )
     if body in REGISTRY:
         spec = REGISTRY[body]
     elif body.startswith("timm:"):
@@ -140,31 +227,39 @@ def resolve(name: str) -> BackboneSpec:
     return spec
 
 
-def _timm_spec(model_name: str) -> BackboneSpec:
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
+def _is_token_model(m: nn.Module) -> bool:
+    """A ViT-like timm model (patch embedding + prefix tokens), as opposed to a CNN."""
+    return hasattr(m, "patch_embed") and hasattr(m, "num_prefix_tokens")
 
-    if not timm.is_model(model_name):
-        raise RegistryError(f"timm has no model {model_name!r} (timm {timm.__version__})")
-    cfg = timm.models.get_pretrained_cfg(model_name)
+
+def _meta_model(model_name: str, **kw: Any) -> nn.Module:
+    """timm model on the meta device (shapes only: no memory, no init cost)."""
+    import timm
+
     try:
-        with torch.device("meta"):  # shapes only: no memory, no init cost
-            m = timm.create_model(model_name, pretrained=False)
+        with torch.device("meta"):
+            return timm.create_model(model_name, pretrained=False, **kw)
     except Exception:  # noqa: BLE001 - a model whose init needs real tensors: build it small
         try:
-            m = timm.create_model(model_name, pretrained=False, depth=1)
+            return timm.create_model(model_name, pretrained=False, depth=1, **kw)
         except Exception as e:  # noqa: BLE001
             raise RegistryError(
                 f"cannot build timm:{model_name} ({type(e).__name__}: {e})"
             ) from None
-    if not isinstance(m, VisionTransformer):
+
+
+def _timm_spec(model_name: str) -> BackboneSpec:
+    import timm
+
+    if not timm.is_model(model_name):
+        raise RegistryError(f"timm has no model {model_name!r} (timm {timm.__version__})")
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    m = _meta_model(model_name)
+    if not hasattr(m, "forward_intermediates"):
         raise RegistryError(
-            f"timm:{model_name} is a {type(m).__name__}; only timm VisionTransformer models are supported"
+            f"timm:{model_name} ({type(m).__name__}) has no forward_intermediates; it cannot be read block by block"
         )
-    patch = m.patch_embed.patch_size
-    img = m.patch_embed.img_size
-    if patch[0] != patch[1] or img[0] != img[1]:
-        raise RegistryError(f"timm:{model_name} has a non-square patch or input ({patch}, {img})")
+    size = tuple(cfg.input_size[-2:]) if cfg is not None and cfg.input_size else None
     mean = tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN
     std = tuple(cfg.std) if cfg is not None else IMAGENET_STD
     interp = (
@@ -172,9 +267,48 @@ def _timm_spec(model_name: str) -> BackboneSpec:
         if cfg is not None and cfg.interpolation in ("bicubic", "bilinear")
         else "bicubic"
     )
+    key = _safe_key(model_name)
+    if _is_token_model(m):
+        if size is not None and tuple(m.patch_embed.img_size) != size:
+            m = _meta_model(model_name, img_size=size)  # the size it was trained at
+        patch, img = m.patch_embed.patch_size, m.patch_embed.img_size
+        if patch[0] != patch[1] or img[0] != img[1]:
+            raise RegistryError(
+                f"timm:{model_name} has a non-square patch or input ({patch}, {img})"
+            )
+        width = int(getattr(m, "embed_dim", m.num_features))
+        return BackboneSpec(
+            key, "timm", model_name, int(img[0]), int(patch[0]), width, int(m.num_prefix_tokens),
+            mean, std, interp,
+        )  # fmt: skip
+    return _cnn_spec(m, key, model_name, size, mean, std, interp)
+
+
+def _cnn_spec(m: nn.Module, key: str, model_name: str, size, mean, std, interp) -> BackboneSpec:
+    """A timm CNN on meta -> its spec: the shapes of every stage from a meta forward pass."""
+    if size is None or size[0] != size[1]:
+        raise RegistryError(f"timm:{model_name} has no square pretrained input size ({size})")
+    s = int(size[0])
+    try:
+        final, maps = m.forward_intermediates(
+            torch.empty(1, 3, s, s, device="meta"), indices=list(range(len(m.feature_info)))
+        )
+    except Exception as e:  # noqa: BLE001
+        raise RegistryError(
+            f"timm:{model_name}: forward_intermediates failed ({type(e).__name__}: {e})"
+        ) from None
+    if final.ndim != 4 or tuple(final.shape) != tuple(maps[-1].shape):
+        raise RegistryError(
+            f"timm:{model_name} ({type(m).__name__}) does not end in an NCHW feature map "
+            f"(final features {tuple(final.shape)}); not supported"
+        )
+    if any(f.shape[-1] != f.shape[-2] or s % f.shape[-1] for f in maps):
+        raise RegistryError(f"timm:{model_name} gives non-square or uneven feature maps")
+    widths = tuple(int(f.shape[1]) for f in maps)
+    strides = tuple(s // int(f.shape[-1]) for f in maps)
     return BackboneSpec(
-        _safe_key(model_name), "timm", model_name, int(img[0]), int(patch[0]), int(m.embed_dim),
-        int(m.num_prefix_tokens), mean, std, interp,
+        key, "timm", model_name, s, strides[-1], widths[-1], 0, mean, std, interp,
+        feature_map=True, layer_widths=widths, layer_strides=strides,
     )  # fmt: skip
 
 
@@ -210,14 +344,24 @@ def _open_clip_spec(ref: str) -> BackboneSpec:
 
 
 # ---------------------------------------------------------------- building models
+def _tiny_kwargs(spec: BackboneSpec) -> dict[str, Any]:
+    """The same architecture shrunk for tests: 2 blocks of width 64 (a CNN: 1 block per stage)."""
+    if spec.feature_map:
+        n = len(spec.layer_widths)
+        return {"depths": (1,) * n, "dims": tuple(64 >> (n - 1 - i) for i in range(n))}
+    return {"depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
 def _build_model(spec: BackboneSpec, tiny: bool) -> nn.Module:
     """The bare model with fresh (random) parameters; `tiny` shrinks depth and width."""
     if spec.source == "timm":
         import timm
 
-        kw: dict[str, Any] = {"pretrained": False, "img_size": spec.img_size}
+        kw: dict[str, Any] = {"pretrained": False}
+        if not spec.feature_map:
+            kw["img_size"] = spec.img_size
         if tiny:
-            kw.update(depth=2, embed_dim=64, num_heads=2)
+            kw.update(_tiny_kwargs(spec))
         return timm.create_model(spec.name, **kw)
     if spec.source == "open_clip":
         import open_clip
@@ -238,56 +382,113 @@ def _build_model(spec: BackboneSpec, tiny: bool) -> nn.Module:
 
 
 def _depth(model: nn.Module, source: str) -> int:
-    return len(model.blocks) if source == "timm" else len(model.transformer.resblocks)
+    """Number of layers a name can ask for: timm's feature_info entries (blocks, CNN stages)."""
+    return len(model.feature_info) if source == "timm" else len(model.transformer.resblocks)
 
 
-def _timm_tokens(m: nn.Module, x: Tensor, layer: int | None) -> Tensor:
-    """timm ViT up to `layer` (None: all blocks + final norm, i.e. `forward_features`)."""
-    x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-    if layer is None:
-        return m.norm(m.blocks(x))
-    for blk in m.blocks[: layer + 1]:
-        x = blk(x)
-    return x
+def _model_spec(spec: BackboneSpec, model: nn.Module) -> BackboneSpec:
+    """The spec with the widths of the model as built (a tiny model is narrower)."""
+    if spec.source == "open_clip":
+        return replace(spec, width=int(model.transformer.width))
+    if spec.feature_map:
+        widths = tuple(int(f["num_chs"]) for f in model.feature_info)
+        return replace(spec, width=widths[-1], layer_widths=widths)
+    return replace(spec, width=int(getattr(model, "embed_dim", model.num_features)))
 
 
-def _open_clip_tokens(m: nn.Module, x: Tensor, layer: int | None) -> Tensor:
-    """open_clip VisionTransformer up to `layer` (None: all blocks + ln_post), CLS first."""
-    x = m._embeds(x)
-    tr = m.transformer
-    if not getattr(tr, "batch_first", True):
-        x = x.transpose(0, 1)
-    blocks = tr.resblocks if layer is None else tr.resblocks[: layer + 1]
-    for blk in blocks:
-        x = blk(x)
-    if not getattr(tr, "batch_first", True):
-        x = x.transpose(0, 1)
-    return m.ln_post(x) if layer is None else x
+# Layer tensors of one forward pass: {layer: (patch tokens on the native grid, prefix tokens,
+# native grid)}; layer None is the last block after the final norm.
+_Layers = dict[int | None, tuple[Tensor, Tensor, tuple[int, int]]]
 
 
-_TOKEN_FNS = {"timm": _timm_tokens, "open_clip": _open_clip_tokens}
+def _take(layers: Sequence[int | None], depth: int) -> tuple[list[int], bool]:
+    """Layers -> (block indices for forward_intermediates, whether the final output is needed)."""
+    blocks = sorted({i for i in layers if i is not None})
+    final = None in layers
+    return (blocks or [depth - 1]), final
+
+
+def _timm_token_layers(m: nn.Module, x: Tensor, layers, spec: BackboneSpec, depth: int) -> _Layers:
+    """timm ViT-like model (ViT, Eva, ...) -> every asked layer from one forward_intermediates."""
+    blocks, final = _take(layers, depth)
+    p = spec.prefix_tokens
+    out = m.forward_intermediates(
+        x, indices=blocks, return_prefix_tokens=p > 0, norm=False, stop_early=not final,
+        output_fmt="NLC", intermediates_only=not final,
+    )  # fmt: skip
+    last, inter = out if final else (None, out)
+    grid = spec.native_grid
+    res: _Layers = {}
+    for i, y in zip(blocks, inter, strict=True):
+        patch, prefix = y if p > 0 else (y, y[:, :0])
+        res[i] = (patch, prefix, grid)
+    if final:  # all blocks + final norm: what forward_features gives
+        res[None] = (last[:, p:], last[:, :p], grid)
+    return res
+
+
+def _timm_map_layers(m: nn.Module, x: Tensor, layers, spec: BackboneSpec, depth: int) -> _Layers:
+    """timm CNN -> every asked stage's NCHW map as (b, h*w, c) tokens (no prefix), one pass."""
+    blocks, final = _take(layers, depth)
+    out = m.forward_intermediates(
+        x, indices=blocks, norm=False, stop_early=not final, intermediates_only=not final
+    )
+    last, inter = out if final else (None, out)
+    maps = dict(zip(blocks, inter, strict=True))
+    if final:
+        maps[None] = last  # forward_features (the last stage + the model's norm_pre)
+    res: _Layers = {}
+    for i, y_bchw in maps.items():
+        tokens_btc = y_bchw.flatten(2).transpose(1, 2)
+        res[i] = (tokens_btc, tokens_btc[:, :0], (int(y_bchw.shape[-2]), int(y_bchw.shape[-1])))
+    return res
+
+
+def _open_clip_layers(m: nn.Module, x: Tensor, layers, spec: BackboneSpec, depth: int) -> _Layers:
+    """open_clip ViT tower -> every asked layer (None: all blocks + ln_post), CLS first."""
+    blocks, final = _take(layers, depth)
+    last, inter = m.transformer.forward_intermediates(
+        m._embeds(x), indices=blocks, stop_early=not final
+    )
+    res: _Layers = {
+        i: (y[:, 1:], y[:, :1], spec.native_grid) for i, y in zip(blocks, inter, strict=True)
+    }
+    if final:
+        y = m.ln_post(last)
+        res[None] = (y[:, 1:], y[:, :1], spec.native_grid)
+    return res
+
+
+def _layer_fn(spec: BackboneSpec):
+    if spec.source == "open_clip":
+        return _open_clip_layers
+    return _timm_map_layers if spec.feature_map else _timm_token_layers
 
 
 # ---------------------------------------------------------------- the module
 class Backbone(nn.Module):
-    """A frozen vision model: [0, 1] RGB images -> patch tokens on a common grid (+ prefix)."""
+    """A frozen vision model: [0, 1] RGB images -> patch tokens on a common grid (+ prefix),
+    at each of its `layers` from one forward pass."""
 
     def __init__(
         self,
         spec: BackboneSpec,
         model: nn.Module,
         *,
-        layer: int | None,
+        layers: Sequence[int | None],
         identity: dict,
         dtype: torch.dtype,
     ):
         super().__init__()
         self.spec = spec
         self.model = model
-        self.layer = layer
+        self.layers = tuple(layers)
+        self.layer = self.layers[0] if len(self.layers) == 1 else None
+        self.depth = _depth(model, spec.source)
         self.identity = identity
         self.dtype = dtype
-        self.width = int(model.embed_dim if spec.source == "timm" else model.transformer.width)
+        self.width = spec.width_at(self.layers[0])
+        self._layers_of = _layer_fn(spec)
         self.register_buffer(
             "mean_c",
             torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1),
@@ -300,6 +501,11 @@ class Backbone(nn.Module):
     def train(self, mode: bool = True) -> Backbone:  # always inference behaviour (no dropout)
         return super().train(False)
 
+    def layer_identity(self, layer: int | None) -> dict:
+        """The identity of this backbone read at one of its layers (what a store group records)."""
+        ident = {k: v for k, v in self.identity.items() if k != "layers"}
+        return {**ident, "layer": layer}
+
     def preprocess(self, images_b3hw: Float[Tensor, "b 3 h w"]) -> Tensor:
         """Squash-resize to img_size (skipped when already that size), normalise, cast."""
         x = images_b3hw
@@ -311,15 +517,26 @@ class Backbone(nn.Module):
         x = (x.float() - self.mean_c) / self.std_c
         return x.to(self.dtype)
 
+    def forward_layers(
+        self, images_b3hw: Float[Tensor, "b 3 h w"], grid: tuple[int, int] = (14, 14)
+    ) -> list[Activations]:
+        """Images -> the activations of every layer in `layers` (that order), one forward pass."""
+        got = self._layers_of(
+            self.model, self.preprocess(images_b3hw), self.layers, self.spec, self.depth
+        )
+        out = []
+        for layer in self.layers:
+            patch_btd, prefix_bpd, native = got[layer]
+            out.append(Activations(resample_grid(patch_btd, native, grid), prefix_bpd))
+        return out
+
     def forward(
         self, images_b3hw: Float[Tensor, "b 3 h w"], grid: tuple[int, int] = (14, 14)
     ) -> Activations:
-        tokens_btd = _TOKEN_FNS[self.spec.source](
-            self.model, self.preprocess(images_b3hw), self.layer
-        )
-        p = self.spec.prefix_tokens
-        prefix_bpd, patch_btd = tokens_btd[:, :p], tokens_btd[:, p:]
-        return Activations(resample_grid(patch_btd, self.spec.native_grid, grid), prefix_bpd)
+        """Images -> the activations of the backbone's one layer (several: `forward_layers`)."""
+        if len(self.layers) != 1:
+            raise ValueError(f"{self.spec.key} has layers {self.layers}: use forward_layers")
+        return self.forward_layers(images_b3hw, grid)[0]
 
 
 def resize_square(x_b3hw: Tensor, size: int, mode: str = "bicubic") -> Tensor:
@@ -351,6 +568,7 @@ def load_backbone(
     random_init: bool = False,
     seed: int = 0,
     layer: int | None = None,
+    layers: Sequence[int | None] | None = None,
     tiny: bool = False,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -362,7 +580,16 @@ def load_backbone(
     (`usae.pipeline.hub.fetch_weights`; `offline`, None = `HF_HUB_OFFLINE`, never downloads).
     Raises `usae.pipeline.weights.WeightsUnavailable` (in seconds) when none applies. `tiny` (tests)
     keeps img_size and patch size but uses 2 blocks of width 64 (hub weights must fit it).
+    `layer` is the one layer to give (None: last block + final norm); `layers` (instead of it)
+    several, all from one forward pass (`Backbone.forward_layers`).
     """
+    if layers is None:
+        layers = (layer,)
+    elif layer is not None:
+        raise ValueError("give layer or layers, not both")
+    layers = tuple(layers)
+    if not layers or len(set(layers)) != len(layers):
+        raise RegistryError(f"{spec.key}: give distinct layers, got {layers}")
     cached = hub = None  # usae-weights: the hub's file (cache, else downloaded; tiny: a test hub's)
     if weights is None and not random_init:
         hub = weight_files.pretrained_weights(spec, offline=offline)
@@ -384,21 +611,24 @@ def load_backbone(
         weight_files.load_state(spec, model, weight_files.read_state_file(file), origin)
         file_info = hub.record() if hub else weight_files.file_record(file)  # usae-weights
     depth = _depth(model, spec.source)
-    if layer is not None and not 0 <= layer < depth:
-        raise RegistryError(
-            f"layer {layer} is out of range for {spec.key} ({depth} blocks, 0-based: 0..{depth - 1})"
-        )
+    for i in layers:
+        if i is not None and not 0 <= i < depth:
+            raise RegistryError(
+                f"layer {i} is out of range for {spec.key} ({depth} blocks, 0-based: 0..{depth - 1})"
+            )
     model.eval().requires_grad_(False)
     identity = {
         "weights": source,
         "sha256": weight_files.state_sha256(model),
         "random_init": weights is None and cached is None,
         "seed": seed if (weights is None and cached is None) else None,
-        "layer": layer,
+        "layer": layers[0] if len(layers) == 1 else None,
         "tiny": tiny,
         "file": file_info if file is not None else None,  # usae-weights: repo, revision, sha256
     }
-    if tiny:
-        spec = replace(spec, width=64)
-    bb = Backbone(spec, model.to(dtype), layer=layer, identity=identity, dtype=dtype)
+    if len(layers) > 1:
+        identity["layers"] = list(layers)
+    bb = Backbone(
+        _model_spec(spec, model), model.to(dtype), layers=layers, identity=identity, dtype=dtype
+    )
     return bb.to(device)

@@ -23,28 +23,53 @@ from usae.pipeline.weights import WeightsUnavailable
 
 torch.set_num_threads(1)
 
-# every registry entry + one example of each open-ended family
-NAMES = [*REGISTRY, "timm:vit_tiny_patch16_224.augreg_in21k", "open_clip:ViT-B-16/openai"]
+# every registry entry (dinov3, siglip2, pe among them) + one example of each open-ended family
+NAMES = [
+    *REGISTRY,
+    "timm:vit_tiny_patch16_224.augreg_in21k",
+    "timm:eva02_base_patch14_224.mim_in22k",
+    "timm:convnext_tiny.fb_in22k",
+    "open_clip:ViT-B-16/openai",
+]
 
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_every_entry_gives_aligned_tokens(name: str, dtype: torch.dtype) -> None:
+    """Tiny random-init model: tokens on any grid at the default layer and at blocks 0 and 1,
+    the three from one forward pass exactly as each alone; the default is forward_features."""
     spec = resolve(name)
-    bb = load_backbone(spec, random_init=True, tiny=True, dtype=dtype)
+    bb = load_backbone(spec, random_init=True, tiny=True, dtype=dtype, layers=(None, 0, 1))
     assert bb.spec.img_size == spec.img_size and bb.spec.patch_size == spec.patch_size
+    assert bb.spec.prefix_tokens == spec.prefix_tokens
     images_b3hw = torch.rand(3, 3, 97, 131)  # odd size: squash-resized inside
     for grid in [(14, 14), (7, 9)]:
-        acts = bb(images_b3hw, grid)
-        assert acts.patch_btd.shape == (3, grid[0] * grid[1], 64)
-        assert acts.prefix_bpd.shape == (3, spec.prefix_tokens, 64)
-        assert acts.patch_btd.dtype == dtype and acts.prefix_bpd.dtype == dtype
-        assert (
-            torch.isfinite(acts.patch_btd.float()).all()
-            and torch.isfinite(acts.prefix_bpd.float()).all()
-        )
+        for layer, acts in zip(bb.layers, bb.forward_layers(images_b3hw, grid), strict=True):
+            width = bb.spec.width_at(layer)
+            assert acts.patch_btd.shape == (3, grid[0] * grid[1], width)
+            assert acts.prefix_bpd.shape == (3, spec.prefix_tokens, width)
+            assert acts.patch_btd.dtype == dtype and acts.prefix_bpd.dtype == dtype
+            assert (
+                torch.isfinite(acts.patch_btd.float()).all()
+                and torch.isfinite(acts.prefix_bpd.float()).all()
+            )
+    with torch.no_grad():
+        together = bb.forward_layers(images_b3hw, (14, 14))
+        for layer, acts in zip(bb.layers, together, strict=True):
+            alone = load_backbone(spec, random_init=True, tiny=True, dtype=dtype, layer=layer)
+            got = alone(images_b3hw, (14, 14))
+            torch.testing.assert_close(acts.patch_btd, got.patch_btd, rtol=0, atol=0)
+            torch.testing.assert_close(acts.prefix_bpd, got.prefix_bpd, rtol=0, atol=0)
+        if spec.source == "timm":  # the default layer is what forward_features gives
+            feats = alone.model.forward_features(alone.preprocess(images_b3hw))
+            if spec.feature_map:
+                feats = feats.flatten(2).transpose(1, 2)
+            p = spec.prefix_tokens
+            native = bb.forward_layers(images_b3hw, spec.native_grid)[0]
+            torch.testing.assert_close(native.patch_btd, feats[:, p:], rtol=0, atol=0)
+            torch.testing.assert_close(native.prefix_bpd, feats[:, :p], rtol=0, atol=0)
     # the native grid is what the model really produces
-    native = bb(images_b3hw, spec.native_grid).patch_btd
+    native = bb.forward_layers(images_b3hw, spec.native_grid)[0].patch_btd
     assert native.shape[1] == spec.native_grid[0] * spec.native_grid[1]
 
 
@@ -54,7 +79,11 @@ def test_pinned_spec_matches_full_model(name: str) -> None:
     spec = resolve(name)
     with torch.device("meta"):
         m = _build_model(spec, tiny=False)
-    if spec.source == "timm":
+    if spec.feature_map:
+        assert tuple(f["num_chs"] for f in m.feature_info) == spec.layer_widths
+        assert tuple(f["reduction"] for f in m.feature_info) == spec.layer_strides
+        assert spec.width == spec.layer_widths[-1] and spec.prefix_tokens == 0
+    elif spec.source == "timm":
         assert m.embed_dim == spec.width
         assert m.num_prefix_tokens == spec.prefix_tokens
         assert tuple(m.patch_embed.patch_size) == (spec.patch_size,) * 2
@@ -86,8 +115,30 @@ def test_paper_defaults_are_pinned() -> None:
     assert resolve("mine=vit").key == "mine"
     with pytest.raises(RegistryError, match="unknown backbone"):
         resolve("resnet50")
-    with pytest.raises(RegistryError, match="only timm VisionTransformer"):
-        resolve("timm:resnet18.a1_in1k")
+    with pytest.raises(RegistryError, match="NCHW feature map"):
+        resolve("timm:swin_tiny_patch4_window7_224.ms_in1k")  # its final features are NHWC
+
+
+def test_new_leaders_are_pinned() -> None:
+    """Tags, native grid and prefix (CLS + registers) of the entries added after the paper."""
+    pinned = {
+        "dinov3": ("vit_base_patch16_dinov3.lvd1689m", 256, (16, 16), 5),
+        "siglip2": ("vit_base_patch16_siglip_224.v2_webli", 224, (14, 14), 0),
+        "pe": ("vit_pe_core_base_patch16_224.fb", 224, (14, 14), 1),
+    }
+    for key, (name, size, grid, prefix) in pinned.items():
+        spec = resolve(key)
+        assert (spec.name, spec.img_size, spec.native_grid, spec.prefix_tokens) == (
+            name,
+            size,
+            grid,
+            prefix,
+        )
+        assert spec.width == 768
+    assert resolve("dinov3").mean == (0.485, 0.456, 0.406) and resolve("pe").std == (0.5,) * 3
+    cnx = resolve("timm:convnext_tiny.fb_in22k")
+    assert cnx.feature_map and cnx.layer_widths == (96, 192, 384, 768)
+    assert cnx.native_grid == (7, 7) and cnx.grid_at(0) == (56, 56) and cnx.width_at(1) == 192
 
 
 def test_default_layer_is_forward_features_and_layer_n_is_block_n() -> None:
