@@ -342,3 +342,22 @@ def test_torch_state_dict_is_served_too(hub, tmp_path) -> None:
     bb = load_backbone(resolve("dinov2"), tiny=True)
     assert bb.identity["file"]["filename"] == "pytorch_model.bin"
     assert bb.identity["sha256"] == ref.identity["sha256"]
+
+
+# ---------------------------------------------------------------- the demo's weights
+def test_demo_downloads_what_is_missing_and_falls_back_loudly(hub, monkeypatch):
+    """Online, the demo fetches the defaults it does not have; one the hub lacks (siglip here)
+    runs random-init with the reason; offline, everything not cached is random-init."""
+    from usae.demo import DemoConfig, _weights_plan
+
+    plan = _weights_plan(DemoConfig(backbones=("dinov2", "vit", "siglip")))
+    assert plan.pretrained == ("dinov2", "vit") and plan.random == ("siglip",)
+    assert "could not download" in plan.why and "siglip" in plan.why
+    assert all(Path(f).is_file() for _, f in plan.pairs)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    gets = len(hub.requests("GET"))
+    plan = _weights_plan(DemoConfig(backbones=("dinov2", "siglip")))
+    assert plan.pretrained == ("dinov2",) and plan.random == ("siglip",) and "offline" in plan.why
+    assert len(hub.requests("GET")) == gets  # offline: no request
+    assert _weights_plan(DemoConfig(tiny=True)).random == ("dinov2", "siglip", "vit")

@@ -5,9 +5,10 @@ scikit-learn (random crops and flips), then runs the real stages on them: extrac
 default backbones), train (the Universal SAE), analyze (metrics, figures, HTML report) and
 coordinated activation maximisation for the top concepts, and prints the report's path.
 
-Backbones use pretrained weights when they are in the local model cache; otherwise the demo
-says so loudly and uses seeded random-init backbones (recorded in the store's attributes), so
-it runs anywhere without a network. Re-running the same command reuses what is finished.
+Backbones use pretrained weights: from the local HF cache, else downloaded from the hub (the
+download is announced first). Offline, or when the hub cannot be reached, the demo says so
+loudly and uses seeded random-init backbones (recorded in the store's attributes), so it runs
+anywhere. Re-running the same command reuses what is finished.
 """
 
 from __future__ import annotations
@@ -88,39 +89,58 @@ class DemoResult(NamedTuple):
     seconds: float
 
 
-def _weights_plan(
-    cfg: DemoConfig,
-) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[str, ...]]:
-    """(weights pairs for cached backbones, pretrained keys, random-init keys)."""
+class WeightsPlan(NamedTuple):
+    pairs: tuple[tuple[str, str], ...]
+    """(backbone key, weights file) of the backbones with pretrained weights."""
+    pretrained: tuple[str, ...]
+    random: tuple[str, ...]
+    """Backbones that run with seeded random weights."""
+    why: str
+    """Why some backbones are random-init ("" when none is)."""
+
+
+def _weights_plan(cfg: DemoConfig) -> WeightsPlan:
+    """Pretrained weights from the local HF cache; those missing are downloaded from the hub
+    (announced first) unless offline; whatever cannot be had runs random-init, loudly."""
+    from usae.pipeline.hub import cached_weights, fetch_weights, hub_cache_dir, is_offline
     from usae.pipeline.registry import resolve
-    from usae.pipeline.weights import hub_cache_file
+    from usae.pipeline.weights import WeightsUnavailable
 
-    pairs, pre, rnd = [], [], []
-    for name in cfg.backbones:
-        spec = resolve(name)
-        f = None if (cfg.random_init or cfg.tiny) else hub_cache_file(spec)
-        if f is None:
-            rnd.append(spec.key)
-        else:
-            pairs.append((spec.key, str(f)))
-            pre.append(spec.key)
-    return tuple(pairs), tuple(pre), tuple(rnd)
+    specs = [resolve(n) for n in cfg.backbones]
+    if cfg.random_init or cfg.tiny:
+        return WeightsPlan((), (), tuple(s.key for s in specs), "as asked")
+    files = {s.key: cached_weights(s, verify=False) for s in specs}
+    missing = [s for s in specs if files[s.key] is None]
+    why = ""
+    if missing and is_offline():
+        why = "offline (HF_HUB_OFFLINE is set) and not in the local model cache"
+    elif missing:
+        console.print(
+            f"downloading pretrained weights for {', '.join(s.key for s in missing)} from the Hugging Face hub "
+            f"into {hub_cache_dir()} (about 1.2 GB for dinov2, siglip and vit; HF_HUB_OFFLINE=1 skips this)"
+        )
+        reasons = []
+        for s in missing:
+            try:
+                files[s.key] = fetch_weights(s)
+            except WeightsUnavailable as e:
+                reasons.append(str(e))
+        why = "could not download them: " + " | ".join(reasons) if reasons else ""
+    pairs = tuple((k, str(f.path)) for k, f in files.items() if f is not None)
+    rnd = tuple(k for k, f in files.items() if f is None)
+    return WeightsPlan(pairs, tuple(k for k, _ in pairs), rnd, why)
 
 
-def _say_weights(pre: tuple[str, ...], rnd: tuple[str, ...], forced: bool) -> None:
-    if not rnd:
-        console.print(f"[green]pretrained weights from the local cache for: {', '.join(pre)}")
+def _say_weights(plan: WeightsPlan) -> None:
+    if not plan.random:
+        console.print(f"[green]pretrained weights for: {', '.join(plan.pretrained)}")
         return
-    why = (
-        "as asked"
-        if forced
-        else "no pretrained weights in the local model cache (nothing is downloaded)"
-    )
     console.print(
         Panel(
-            f"RANDOM-INIT backbones for: {', '.join(rnd)} ({why}).\n"
+            f"RANDOM-INIT backbones for: {', '.join(plan.random)} ({plan.why}).\n"
             "The concepts found are those of untrained networks; the store records random_init=True.\n"
-            "For real findings run `usae extract` with cached weights or --weights KEY=FILE.",
+            "For real findings fetch the weights (`usae weights fetch dinov2,siglip,vit` on a machine\n"
+            "with network) or pass --weights KEY=FILE to `usae extract`.",
             title="usae demo: random-init backbones",
             border_style="yellow",
         )
@@ -209,8 +229,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     data, store, run, report = out / "data", out / "store.zarr", out / "run", out / "report"
-    weights, pre, rnd = _weights_plan(cfg)
-    _say_weights(pre, rnd, cfg.random_init or cfg.tiny)
+    plan = _weights_plan(cfg)
+    _say_weights(plan)
+    weights = plan.pairs
     manifest = data / "manifest.csv"
     if not manifest.exists() or _demo_size(data) != cfg.images:
         manifest = build_demo_images(data, n=cfg.images, seed=cfg.seed)
@@ -220,7 +241,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     _analyze(cfg, manifest, store, run, report)
     if cfg.maximize > 0:
         _maximize(cfg, run, report, weights)
-    res = DemoResult(report / "index.html", store, run, pre, time.perf_counter() - t0)
+    res = DemoResult(report / "index.html", store, run, plan.pretrained, time.perf_counter() - t0)
     console.print(
         Panel(
             f"Report: {res.report.resolve()}\nOpen it in a browser (works offline).",
