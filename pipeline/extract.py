@@ -68,6 +68,8 @@ class ExtractConfig:
     """(backbone key, weights file) pairs; a .safetensors or state-dict .pt/.pth file."""
     random_init: bool = False
     """Use seeded random weights for backbones without a weights file (pipeline tests only)."""
+    offline: bool = False
+    """Never touch the network: pretrained weights only from the local HF cache (as with HF_HUB_OFFLINE=1)."""
     seed: int = 0
     """Seed of the random init."""
     tiny: bool = False
@@ -164,7 +166,7 @@ def prepare(cfg: ExtractConfig) -> _Prepared:
     device = resolve_device(cfg.device)
     mkey = ModelKey(
         specs, tuple(sorted(cfg.weights)), cfg.random_init, cfg.seed, cfg.layer, cfg.tiny,
-        str(device), resolve_dtype(cfg.dtype, device), layers,
+        str(device), resolve_dtype(cfg.dtype, device), layers, True if cfg.offline else None,
     )  # fmt: skip
     items, split, manifest_hash = _manifest_items(cfg)
     backbones = get_backbones(mkey)

@@ -50,6 +50,8 @@ class ModelKey:
     dtype: str
     layers: tuple[tuple[int | None, ...], ...] = ()
     """Per spec, the layers read from its one forward pass (empty: `layer` for every spec)."""
+    offline: bool | None = None
+    """True: weights from the local cache only; None: as HF_HUB_OFFLINE says."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ def get_backbones(key: ModelKey) -> list[Backbone]:
                 tiny=key.tiny,
                 device=key.device,
                 dtype=torch_dtype(key.dtype),
+                offline=key.offline,
             )
             for i, s in enumerate(key.specs)
         ]

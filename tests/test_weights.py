@@ -361,3 +361,13 @@ def test_demo_downloads_what_is_missing_and_falls_back_loudly(hub, monkeypatch):
     assert plan.pretrained == ("dinov2",) and plan.random == ("siglip",) and "offline" in plan.why
     assert len(hub.requests("GET")) == gets  # offline: no request
     assert _weights_plan(DemoConfig(tiny=True)).random == ("dinov2", "siglip", "vit")
+
+
+def test_extract_offline_option_never_touches_the_network(hub, tmp_path, shared_image_set):
+    """usae extract --offline: a backbone not in the cache fails in seconds with the ways out,
+    and no request reaches the hub."""
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsUnavailable, match="usae weights fetch dinov2"):
+        run_extract(ExtractConfig(manifest=shared_image_set.manifest, store=tmp_path / "s.zarr", backbones=("dinov2",),
+                                  tiny=True, offline=True, progress=False))
+    assert time.perf_counter() - t0 < 5 and not hub.requests()
