@@ -87,7 +87,8 @@ def load_target(
     model: USAE, store, key: str, weights: Path | None, device: str, dtype: str
 ) -> Target:
     """Backbone `key` with the weights the store recorded (same seed / tiny flag, or a file)."""
-    from usae.pipeline.registry import RegistryError, load_backbone
+    from usae.pipeline.backbone import load_backbone
+    from usae.pipeline.registry import RegistryError
     from usae.pipeline.weights import WeightsUnavailable
 
     rec, ident = _recorded(store, key)

@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 import torch
+from usae.pipeline.backbone import resize_square
 from usae.pipeline.extract import ExtractConfig, prepare, run_extract
 from usae.pipeline.extract_task import get_backbones
 from usae.pipeline.images import load_image
-from usae.pipeline.registry import resize_square
 
 
 def make_images(folder: Path, n: int) -> Path:

@@ -31,7 +31,8 @@ import torch
 from usae.analysis.backbones import Target
 from usae.analysis.maximize import MaximizeConfig
 from usae.analysis.objective import Maximizer
-from usae.pipeline.registry import load_backbone, resolve
+from usae.pipeline.backbone import load_backbone
+from usae.pipeline.registry import resolve
 from usae.trainer.model import USAE, ModelSpec
 
 from usae.runtime import torch_dtype

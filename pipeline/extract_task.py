@@ -20,8 +20,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from usae.pipeline.backbone import Backbone, load_backbone, resize_square
 from usae.pipeline.images import ImageError, load_image
-from usae.pipeline.registry import Backbone, BackboneSpec, load_backbone, resize_square
+from usae.pipeline.registry import BackboneSpec
 from usae.pipeline.store import Store
 
 from usae.errors import UsaeError

@@ -21,9 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 from typer.testing import CliRunner
+from usae.pipeline.backbone import load_backbone
 from usae.pipeline.extract import ExtractConfig, ExtractError, TooManyFailures, run_extract
 from usae.pipeline.images import load_image
-from usae.pipeline.registry import load_backbone, resolve
+from usae.pipeline.registry import resolve
 from usae.pipeline.store import Store, StoreError
 
 from usae.cli import app

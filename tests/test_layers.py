@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from usae.pipeline.backbone import load_backbone
 from usae.pipeline.extract import ExtractConfig, ExtractError, run_extract
 from usae.pipeline.registry import (
     RegistryError,
     join_layer_lists,
     layer_key,
-    load_backbone,
     parse_backbone,
     resolve,
     split_layers,

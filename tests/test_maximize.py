@@ -27,11 +27,12 @@ from usae.analysis import maximize as mx
 from usae.analysis import objective as ob
 from usae.analysis.backbones import Target
 from usae.analysis.cli import register_maximize
+from usae.pipeline.backbone import load_backbone
 from usae.pipeline.demo_images import build_demo_images
 from usae.pipeline.extract import ExtractConfig, run_extract
 from usae.pipeline.images import load_image
 from usae.pipeline.manifest import build_manifest, write_manifest
-from usae.pipeline.registry import load_backbone, resolve
+from usae.pipeline.registry import resolve
 from usae.pipeline.store import Store
 from usae.trainer.model import USAE, ModelSpec, load_run
 from usae.trainer.train import TrainConfig, run_train

@@ -9,16 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import save_file
-from usae.pipeline.registry import (
-    REGISTRY,
+from usae.pipeline.backbone import (
     Backbone,
-    RegistryError,
     _build_model,
     load_backbone,
     resample_grid,
     resize_square,
-    resolve,
 )
+from usae.pipeline.registry import REGISTRY, RegistryError, resolve
 from usae.pipeline.weights import WeightsUnavailable
 
 torch.set_num_threads(1)

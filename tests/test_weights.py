@@ -21,6 +21,7 @@ import typer
 from hubserver import FakeHub, blackhole, closed_port_url, point_hub_at
 from safetensors.torch import save
 from typer.testing import CliRunner
+from usae.pipeline.backbone import load_backbone
 from usae.pipeline.cli import register_weights
 from usae.pipeline.extract import ExtractConfig, run_extract
 from usae.pipeline.hub import (
@@ -30,7 +31,7 @@ from usae.pipeline.hub import (
     hub_source,
     run_weights_list,
 )
-from usae.pipeline.registry import load_backbone, resolve
+from usae.pipeline.registry import resolve
 from usae.pipeline.store import Store
 from usae.pipeline.weights import WeightsUnavailable
 
