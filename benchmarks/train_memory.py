@@ -35,19 +35,42 @@ def make_store(path: Path, tokens: int, dims: str, chunk_images: int) -> None:
     from usae.trainer.synth import SynthConfig, run_synth
 
     widths = tuple(int(d) for d in dims.split(","))
-    run_synth(SynthConfig(store=path, models=len(widths), dims=widths, tokens=tokens,
-                          tokens_per_image=16, chunk_images=chunk_images, save_codes=False), progress=False)
+    run_synth(
+        SynthConfig(
+            store=path,
+            models=len(widths),
+            dims=widths,
+            tokens=tokens,
+            tokens_per_image=16,
+            chunk_images=chunk_images,
+            save_codes=False,
+        ),
+        progress=False,
+    )
 
 
 def train_child(store: Path, out: Path, a) -> dict:
-    kw = dict(store=str(store), out=str(out), concepts=a.concepts, k=a.k, batch_tokens=a.batch_tokens,
-              steps=a.steps, warmup_steps=10, holdout=0.1, dtype="bf16", device="cpu",
-              log_every=max(1, a.steps), ckpt_every=0)
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(kw)], capture_output=True, text=True)
+    kw = dict(
+        store=str(store),
+        out=str(out),
+        concepts=a.concepts,
+        k=a.k,
+        batch_tokens=a.batch_tokens,
+        steps=a.steps,
+        warmup_steps=10,
+        holdout=0.1,
+        dtype="bf16",
+        device="cpu",
+        log_every=max(1, a.steps),
+        ckpt_every=0,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(kw)], capture_output=True, text=True
+    )
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not line:
         raise RuntimeError(f"training subprocess failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[0][len("RESULT "):])
+    return json.loads(line[0][len("RESULT ") :])
 
 
 def main() -> None:
@@ -55,8 +78,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=50_000, help="tokens of the small store")
     ap.add_argument("--factor", type=int, default=8, help="the large store has factor x tokens")
     ap.add_argument("--dims", default="384,768,768")
-    ap.add_argument("--chunk-images", type=int, default=128,
-                    help="images (16 tokens) per chunk: the small store must be larger than the loader's pool")
+    ap.add_argument(
+        "--chunk-images",
+        type=int,
+        default=128,
+        help="images (16 tokens) per chunk: the small store must be larger than the loader's pool",
+    )
     ap.add_argument("--concepts", type=int, default=1024)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--batch-tokens", type=int, default=2048)
@@ -77,16 +104,28 @@ def main() -> None:
     med = {s: statistics.median(v) for s, v in rss.items()}
     growth = med["large"] / med["small"] - 1
     gib = {s: n * sum(int(d) for d in a.dims.split(",")) * 2 / 2**30 for s, n in sizes.items()}
-    print(f"\ntraining peak RSS vs store size ({a.chunk_images * 16} rows per chunk, m={a.concepts}, k={a.k}, batch {a.batch_tokens}, "
-          f"{a.steps} steps, median of {a.repeats} subprocesses)")
+    print(
+        f"\ntraining peak RSS vs store size ({a.chunk_images * 16} rows per chunk, m={a.concepts}, k={a.k}, batch {a.batch_tokens}, "
+        f"{a.steps} steps, median of {a.repeats} subprocesses)"
+    )
     print(f"{'store':6} {'tokens':>10} {'store GiB':>9} {'peak RSS MiB':>12}")
     for s, n in sizes.items():
         print(f"{s:6} {n:10d} {gib[s]:9.2f} {med[s]:12.0f}")
     print(f"growth {growth * 100:+.1f}% for a {a.factor}x larger store (target < 15%)")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "rss_mib": rss, "median_mib": med, "growth": growth,
-                               "store_gib": gib}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(a),
+                "rss_mib": rss,
+                "median_mib": med,
+                "growth": growth,
+                "store_gib": gib,
+            },
+            indent=1,
+        )
+    )
     print(f"written {out}")
 
 

@@ -33,8 +33,14 @@ from usae.trainer.train import StepContext, train_step
 from usae.runtime import fast_bf16
 
 
-def dense_step(model: USAE, opt: torch.optim.AdamW, i: int, x_list: list[torch.Tensor], cfg: TrainConfig,
-               lr: float) -> float:
+def dense_step(
+    model: USAE,
+    opt: torch.optim.AdamW,
+    i: int,
+    x_list: list[torch.Tensor],
+    cfg: TrainConfig,
+    lr: float,
+) -> float:
     """The obvious implementation: dense (tokens x m) codes, topk for the aux codes, fp32 matmuls."""
     opt.zero_grad(set_to_none=True)
     pre = model.bns[i](model.encoders[i](x_list[i]))
@@ -49,7 +55,9 @@ def dense_step(model: USAE, opt: torch.optim.AdamW, i: int, x_list: list[torch.T
         r = x_list[j] - z @ d
         loss = loss + r.abs().mean() + cfg.aux_weight * (r - a @ d).abs().mean()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.grad is not None], cfg.grad_clip
+    )
     for g in opt.param_groups:
         g["lr"] = lr
     opt.step()
@@ -60,7 +68,9 @@ def make_batches(widths, tokens, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     lat = [torch.relu(torch.randn(tokens, 64, generator=g)) for _ in range(n)]
     mix = [torch.randn(64, d, generator=g) / 8 for d in widths]
-    return [[(la @ m + 0.1 * torch.randn(tokens, m.shape[1], generator=g)) for m in mix] for la in lat]
+    return [
+        [(la @ m + 0.1 * torch.randn(tokens, m.shape[1], generator=g)) for m in mix] for la in lat
+    ]
 
 
 def _fast_state(model: USAE, cfg: TrainConfig, seed: int, dead_share: float = 0.0) -> TrainState:
@@ -70,11 +80,21 @@ def _fast_state(model: USAE, cfg: TrainConfig, seed: int, dead_share: float = 0.
     last = torch.zeros(n, m, dtype=torch.long)
     dead = torch.randperm(m, generator=torch.Generator().manual_seed(seed))[: int(dead_share * m)]
     last[:, dead] = -(10**15)
-    return TrainState(model, make_optimizer(model, cfg), torch.Generator().manual_seed(seed), 0, [0] * n, 0,
-                      last, [None] * n)
+    return TrainState(
+        model,
+        make_optimizer(model, cfg),
+        torch.Generator().manual_seed(seed),
+        0,
+        [0] * n,
+        0,
+        last,
+        [None] * n,
+    )
 
 
-def run_fast(init: USAE, cfg: TrainConfig, batches, amp, sources, dead_share: float = 0.0) -> tuple[float, list[float]]:
+def run_fast(
+    init: USAE, cfg: TrainConfig, batches, amp, sources, dead_share: float = 0.0
+) -> tuple[float, list[float]]:
     """usae's train_step; step 1 warms up, steps 2..N are timed."""
     st = _fast_state(copy.deepcopy(init), cfg, SEED, dead_share)
     ctx = StepContext(cfg, 10**6, 0, 1, amp)
@@ -82,7 +102,9 @@ def run_fast(init: USAE, cfg: TrainConfig, batches, amp, sources, dead_share: fl
     t0 = time.perf_counter()
     outs += [train_step(st, ctx, x) for x in batches[1:]]
     dt = time.perf_counter() - t0
-    assert [o.sources[0] for o in outs] == sources, "source draws differ between the implementations"
+    assert [o.sources[0] for o in outs] == sources, (
+        "source draws differ between the implementations"
+    )
     return dt, [o.loss for o in outs[1:]]
 
 
@@ -92,7 +114,10 @@ def run_dense(init: USAE, cfg: TrainConfig, batches, sources) -> tuple[float, li
     opt = make_optimizer(model, cfg)
     dense_step(model, opt, sources[0], batches[0], cfg, cfg.lr)
     t0 = time.perf_counter()
-    losses = [dense_step(model, opt, i, x, cfg, cfg.lr) for x, i in zip(batches[1:], sources[1:], strict=True)]
+    losses = [
+        dense_step(model, opt, i, x, cfg, cfg.lr)
+        for x, i in zip(batches[1:], sources[1:], strict=True)
+    ]
     return time.perf_counter() - t0, losses
 
 
@@ -108,14 +133,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--dead-share", type=float, default=0.1, help="concepts held dead in the --aux dead row")
+    ap.add_argument(
+        "--dead-share", type=float, default=0.1, help="concepts held dead in the --aux dead row"
+    )
     ap.add_argument("--out", default="benchmarks/train_step.json")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     widths = tuple(int(w) for w in a.widths.split(","))
-    spec = ModelSpec(tuple(f"m{j}" for j in range(len(widths))), widths, (0.0,) * len(widths),
-                     (1.0,) * len(widths), a.concepts, a.k)
+    spec = ModelSpec(
+        tuple(f"m{j}" for j in range(len(widths))),
+        widths,
+        (0.0,) * len(widths),
+        (1.0,) * len(widths),
+        a.concepts,
+        a.k,
+    )
     cfg = TrainConfig(lr=3e-4)  # constant lr (no schedule) in both implementations
     torch.manual_seed(0)
     init = USAE(spec).train()
@@ -123,7 +156,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(SEED)  # the same draws train_step makes
     sources = [int(torch.randint(len(widths), (1,), generator=g)) for _ in batches]
     dead_cfg = replace(cfg, aux="dead", dead_window_tokens=10**12)
-    variants = {"dense fp32 (baseline)": "dense", "usae fp32": None, f"usae fp32 --aux dead ({a.dead_share:.0%} dead)": "dead"}
+    variants = {
+        "dense fp32 (baseline)": "dense",
+        "usae fp32": None,
+        f"usae fp32 --aux dead ({a.dead_share:.0%} dead)": "dead",
+    }
     if fast_bf16("cpu"):
         variants["usae bf16"] = torch.bfloat16
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -145,8 +182,10 @@ def report(a, variants, times, losses) -> None:
     base = statistics.median(times["dense fp32 (baseline)"])
     ref = losses["dense fp32 (baseline)"]
     rows = []
-    print(f"\ntraining step, {a.tokens} tokens/batch, widths {a.widths}, m={a.concepts}, k={a.k}, "
-          f"median of {a.repeats} x {a.steps} steps, {torch.get_num_threads()} threads")
+    print(
+        f"\ntraining step, {a.tokens} tokens/batch, widths {a.widths}, m={a.concepts}, k={a.k}, "
+        f"median of {a.repeats} x {a.steps} steps, {torch.get_num_threads()} threads"
+    )
     print(f"{'variant':24} {'tokens/s':>10} {'speed-up':>9} {'max |dloss|/loss':>17}")
     for name in variants:
         med = statistics.median(times[name])
@@ -154,8 +193,16 @@ def report(a, variants, times, losses) -> None:
         gap = max(abs(x - y) / abs(y) for x, y in zip(losses[name], ref, strict=True))
         if "aux dead" in name:  # another objective: its loss is not the baseline's
             gap = float("nan")
-        rows.append({"variant": name, "tokens_per_s": tps, "speedup": base / med, "max_rel_loss_gap": gap,
-                     "times_s": times[name], "losses": losses[name]})
+        rows.append(
+            {
+                "variant": name,
+                "tokens_per_s": tps,
+                "speedup": base / med,
+                "max_rel_loss_gap": gap,
+                "times_s": times[name],
+                "losses": losses[name],
+            }
+        )
         print(f"{name:24} {tps:10.0f} {base / med:8.2f}x {gap:17.2e}")
     print("loss per timed step:")
     for name in variants:

@@ -34,7 +34,6 @@ class Activations(NamedTuple):
     """Prefix tokens (CLS/registers), (batch, prefix_tokens, width); prefix_tokens may be 0."""
 
 
-
 # ---------------------------------------------------------------- building models
 def _tiny_kwargs(spec: BackboneSpec) -> dict[str, Any]:
     """The same architecture shrunk for tests: 2 blocks of width 64 (a CNN: 1 block per stage)."""

@@ -31,7 +31,9 @@ COMMANDS = _leaves(typer.main.get_command(app))
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "usae.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "usae.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for name in ["extract", "manifest", "info", "synth", "train", "analyze", "maximize", "demo"]:
         assert f" {name} " in out, f"`usae --help` does not list {name}"
 
@@ -42,10 +44,14 @@ def test_every_command_is_generated_from_its_config(name):
     fields offered as their choices, and nothing else."""
     cb = COMMANDS[name].callback
     cls = getattr(cb, "config_class", None)
-    assert cls is not None, f"`usae {name}` is not generated from a config dataclass (usae.options.config_command)"
+    assert cls is not None, (
+        f"`usae {name}` is not generated from a config dataclass (usae.options.config_command)"
+    )
     params = {p.name: p for p in COMMANDS[name].params}
     fields = {f.name for f in dataclasses.fields(cls)} - set(cb.config_exclude)
-    assert set(params) == fields, f"{name}: only in config {sorted(fields - set(params))}, only in CLI {sorted(set(params) - fields)}"
+    assert set(params) == fields, (
+        f"{name}: only in config {sorted(fields - set(params))}, only in CLI {sorted(set(params) - fields)}"
+    )
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for f in fields:
         p = params[f]
@@ -54,7 +60,9 @@ def test_every_command_is_generated_from_its_config(name):
             assert p.help.startswith(docs[f]), f"{name} --{f}: help is not the field's docstring"
         choices = literal_choices(hints[f])
         if choices is not None:
-            assert tuple(getattr(p.type_descriptor, "choices", ())) == choices, f"{name} --{f} does not offer {choices}"
+            assert tuple(getattr(p.type_descriptor, "choices", ())) == choices, (
+                f"{name} --{f} does not offer {choices}"
+            )
 
 
 # a user's error for every command: (arguments, text the message must hold)
@@ -64,7 +72,10 @@ USER_ERRORS = {
     "info": (["{tmp}/no-store.zarr"], "not a usae store"),
     "synth": (["--store", "{tmp}/s.zarr", "--models", "0"], "models"),
     "train": (["--store", "{tmp}/nope.zarr", "--out", "{tmp}/r"], "does not exist"),
-    "analyze": (["--run", "{tmp}/no-run", "--store", "{tmp}/nope.zarr", "--out", "{tmp}/rep"], "no-run"),
+    "analyze": (
+        ["--run", "{tmp}/no-run", "--store", "{tmp}/nope.zarr", "--out", "{tmp}/rep"],
+        "no-run",
+    ),
     "maximize": (["--run", "{tmp}/no-run", "--out", "{tmp}/mx", "--concept", "1"], "no-run"),
     "demo": (["--out", "{tmp}/d", "--backbones", "no-such-backbone", "--tiny"], "no-such-backbone"),
     "weights fetch": (["no-such-backbone"], "no-such-backbone"),
@@ -86,17 +97,41 @@ def test_every_user_error_exits_with_one_code_and_no_traceback(name, tmp_path):
 @pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path):
     """The README's main command, shrunk: photos -> store -> run -> report, then a re-run reuses it."""
-    args = [sys.executable, "-m", "usae.cli", "demo", "--out", str(tmp_path / "d"), "--tiny", "--images", "24",
-            "--steps", "8", "--batch-tokens", "512", "--concepts", "128", "--k", "4", "--maximize", "1",
-            "--maximize-steps", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "usae.cli",
+        "demo",
+        "--out",
+        str(tmp_path / "d"),
+        "--tiny",
+        "--images",
+        "24",
+        "--steps",
+        "8",
+        "--batch-tokens",
+        "512",
+        "--concepts",
+        "128",
+        "--k",
+        "4",
+        "--maximize",
+        "1",
+        "--maximize-steps",
+        "2",
+    ]
     r = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "RANDOM-INIT" in r.stderr and "Report:" in r.stderr
     d = tmp_path / "d"
     index = d / "report" / "index.html"
     assert index.exists() and "<table" in index.read_text()
-    store_attrs = json.loads((d / "store.zarr" / "backbones" / "dinov2" / "zarr.json").read_text())["attributes"]
-    assert json.dumps(store_attrs).count("random_init") and '"random_init": true' in json.dumps(store_attrs)
+    store_attrs = json.loads((d / "store.zarr" / "backbones" / "dinov2" / "zarr.json").read_text())[
+        "attributes"
+    ]
+    assert json.dumps(store_attrs).count("random_init") and '"random_init": true' in json.dumps(
+        store_attrs
+    )
     metrics = json.loads((d / "report" / "metrics.json").read_text())
     assert metrics  # the report's scalar findings exist
     assert any((d / "report" / "maximize").rglob("panel.png"))

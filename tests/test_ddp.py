@@ -30,11 +30,45 @@ def test_two_process_gloo_matches_single_process(tmp_path, mode):
     cfg = small_cfg(store, tmp_path / "one", steps=6, ckpt_every=3, log_every=3, mode=mode)
     run_train(cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "usae.cli", "train", "--store", str(store), "--out", str(tmp_path / "two"),
-           "--steps", "6", "--ckpt-every", "3", "--log-every", "3", "--batch-tokens", "32", "--concepts", "16",
-           "--k", "3", "--lr", "3e-3", "--holdout", "0.2", "--dtype", "fp32", "--device", "cpu",
-           "--warmup-steps", "2", "--mode", mode]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "usae.cli",
+        "train",
+        "--store",
+        str(store),
+        "--out",
+        str(tmp_path / "two"),
+        "--steps",
+        "6",
+        "--ckpt-every",
+        "3",
+        "--log-every",
+        "3",
+        "--batch-tokens",
+        "32",
+        "--concepts",
+        "16",
+        "--k",
+        "3",
+        "--lr",
+        "3e-3",
+        "--holdout",
+        "0.2",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--warmup-steps",
+        "2",
+        "--mode",
+        mode,
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")

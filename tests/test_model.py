@@ -20,11 +20,19 @@ def spec(independent=False, m=20, k=4):
 
 
 @settings(max_examples=30, deadline=None)
-@given(widths=hst.lists(hst.integers(1, 9), min_size=1, max_size=4), m=hst.integers(1, 50), k=hst.integers(1, 50),
-       ind=hst.booleans(), mu=hst.floats(-5, 5), sigma=hst.floats(0.01, 5))
+@given(
+    widths=hst.lists(hst.integers(1, 9), min_size=1, max_size=4),
+    m=hst.integers(1, 50),
+    k=hst.integers(1, 50),
+    ind=hst.booleans(),
+    mu=hst.floats(-5, 5),
+    sigma=hst.floats(0.01, 5),
+)
 def test_spec_json_round_trip(widths, m, k, ind, mu, sigma):
     n = len(widths)
-    s = ModelSpec(tuple(f"k{i}" for i in range(n)), tuple(widths), (mu,) * n, (sigma,) * n, m, k, ind)
+    s = ModelSpec(
+        tuple(f"k{i}" for i in range(n)), tuple(widths), (mu,) * n, (sigma,) * n, m, k, ind
+    )
     assert ModelSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
 
 
@@ -59,7 +67,9 @@ def test_decoder_gradient_flows_through_normalisation():
     g = model.decoders[0].grad
     assert g is not None and g[0].abs().sum() > 0
     # scaling a raw row does not change the normalised row: gradient orthogonal to it
-    assert torch.allclose((g[0] * model.decoders[0][0].detach()).sum(), torch.tensor(0.0), atol=1e-5)
+    assert torch.allclose(
+        (g[0] * model.decoders[0][0].detach()).sum(), torch.tensor(0.0), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("independent", [False, True])
@@ -73,7 +83,9 @@ def test_forward_targets(independent):
 def test_load_run_round_trip_and_errors(tmp_path):
     torch.manual_seed(1)
     model = USAE(spec()).eval()
-    (tmp_path / "config.json").write_text(json.dumps({"schema_version": 1, "model": model.spec.to_dict()}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"schema_version": 1, "model": model.spec.to_dict()})
+    )
     save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
     again, cfg = load_run(tmp_path)
     x = torch.randn(8, 5)

@@ -41,8 +41,15 @@ def slow_loss(model: USAE, i: int, x_list, targets, loss="l1", aux_weight=0.1):
 
 def tiny(widths=(6, 10, 8), m=24, k=3, independent=False, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
-    spec = ModelSpec(tuple(f"b{j}" for j in range(len(widths))), widths, (0.0,) * len(widths),
-                     (1.0,) * len(widths), m, k, independent)
+    spec = ModelSpec(
+        tuple(f"b{j}" for j in range(len(widths))),
+        widths,
+        (0.0,) * len(widths),
+        (1.0,) * len(widths),
+        m,
+        k,
+        independent,
+    )
     return USAE(spec).to(dtype).train()
 
 
@@ -57,8 +64,13 @@ def grads(model):
 
 # ---------------------------------------------------------------- keep_top
 @settings(max_examples=40, deadline=None)
-@given(rows=hst.integers(1, 6), m=hst.integers(2, 40), k=hst.integers(1, 5), shift=hst.floats(-1, 1),
-       seed=hst.integers(0, 10_000))
+@given(
+    rows=hst.integers(1, 6),
+    m=hst.integers(2, 40),
+    k=hst.integers(1, 5),
+    shift=hst.floats(-1, 1),
+    seed=hst.integers(0, 10_000),
+)
 def test_aux_mask_matches_topk_of_non_selected(rows, m, k, shift, seed):
     g = torch.Generator().manual_seed(seed)
     act = F.relu(torch.randn(rows, m, generator=g, dtype=torch.float64) + 2 * shift)
@@ -129,7 +141,11 @@ def test_dead_aux_loss_and_grads_match_slow(n_dead):
     slow = copy.deepcopy(model)
     x = batch(model.spec.widths)
     dead = torch.zeros(model.spec.concepts, dtype=torch.bool)
-    dead[torch.randperm(model.spec.concepts, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+    dead[
+        torch.randperm(model.spec.concepts, generator=torch.Generator().manual_seed(n_dead))[
+            :n_dead
+        ]
+    ] = True
     fast = source_loss(model, 1, x, [0, 1, 2], loss="l1", aux_weight=0.1, aux="dead", dead_m=dead)
     ref = slow_dead_loss(slow, 1, x, [0, 1, 2], dead)
     fast.loss.backward()
@@ -166,7 +182,9 @@ def test_r2_and_codes_reported():
     x = batch(model.spec.widths)
     from usae.trainer.distributed import reduce_metrics
 
-    out = reduce_metrics([source_loss(model, 0, x, [0, 1, 2], loss="l1", aux_weight=0.1, with_r2=True)], 1)[0]
+    out = reduce_metrics(
+        [source_loss(model, 0, x, [0, 1, 2], loss="l1", aux_weight=0.1, with_r2=True)], 1
+    )[0]
     z = model.dense_codes(out.codes)
     for j in range(3):
         d = model.decoder_weight(j).detach()
@@ -183,15 +201,29 @@ def _ctx(cfg, total=10, warmup=3):
 
 def _state(model, cfg, seed=5):
     n = model.n_models
-    return TrainState(model, make_optimizer(model, cfg), torch.Generator().manual_seed(seed), 0, [0] * n, 0,
-                      torch.zeros(n, model.spec.concepts, dtype=torch.long), [None] * n)
+    return TrainState(
+        model,
+        make_optimizer(model, cfg),
+        torch.Generator().manual_seed(seed),
+        0,
+        [0] * n,
+        0,
+        torch.zeros(n, model.spec.concepts, dtype=torch.long),
+        [None] * n,
+    )
 
 
 def _slow_steps(model, cfg, xs, sources, total, warmup):
     """Slow update: one AdamW per backbone written out with explicit schedules."""
     n = model.n_models
-    opts = [torch.optim.AdamW([*model.encoders[j].parameters(), *model.bns[j].parameters(), model.decoders[j]],
-                              lr=cfg.lr, weight_decay=cfg.weight_decay) for j in range(n)]
+    opts = [
+        torch.optim.AdamW(
+            [*model.encoders[j].parameters(), *model.bns[j].parameters(), model.decoders[j]],
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+        )
+        for j in range(n)
+    ]
     picks = [0] * n
     for t, (x, i) in enumerate(zip(xs, sources, strict=True)):
         for o in opts:
@@ -213,10 +245,13 @@ def _slow_steps(model, cfg, xs, sources, total, warmup):
             continue
         if cfg.mode == "independent":
             for o in opts:
-                torch.nn.utils.clip_grad_norm_([p for p in o.param_groups[0]["params"] if p.grad is not None],
-                                               cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in o.param_groups[0]["params"] if p.grad is not None], cfg.grad_clip
+                )
         else:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.grad is not None], cfg.grad_clip
+            )
         for o in opts:
             o.param_groups[0]["lr"] = lr_at(t, total, warmup, cfg.lr, cfg.lr_min)
             o.step()
@@ -285,7 +320,9 @@ def test_bf16_step_close_to_fp32():
     model = tiny(widths=(32, 48), m=64, k=4, dtype=torch.float32)
     x = batch((32, 48), b=256, dtype=torch.float32)
     f32 = source_loss(model, 0, x, [0, 1], loss="l1", aux_weight=0.1).loss.detach()
-    bf = source_loss(model, 0, x, [0, 1], loss="l1", aux_weight=0.1, amp=torch.bfloat16).loss.detach()
+    bf = source_loss(
+        model, 0, x, [0, 1], loss="l1", aux_weight=0.1, amp=torch.bfloat16
+    ).loss.detach()
     assert abs(float(f32) - float(bf)) < 0.02 * float(f32)
     assert np.isfinite(float(bf))
 
@@ -298,17 +335,29 @@ from usae.trainer import checkpoint as ckpt  # noqa: E402
 from usae.trainer.train import SimulatedKill, TrainError, run_train  # noqa: E402
 
 
-def make_store(path, n=24, t=8, widths=(6, 10), chunk=4, seed=0, finalize=True, nan_at=None, split=None):
+def make_store(
+    path, n=24, t=8, widths=(6, 10), chunk=4, seed=0, finalize=True, nan_at=None, split=None
+):
     """A small complete store with correlated backbones (shared latent), the standard layout."""
-    st = Store.create(path, [f"img{i}" for i in range(n)], [BackboneLayout(f"b{j}", w) for j, w in enumerate(widths)],
-                      grid=(2, t // 2), chunk_images=chunk, source="synth", fingerprint_of={"seed": seed, "n": n},
-                      split=split)
+    st = Store.create(
+        path,
+        [f"img{i}" for i in range(n)],
+        [BackboneLayout(f"b{j}", w) for j, w in enumerate(widths)],
+        grid=(2, t // 2),
+        chunk_images=chunk,
+        source="synth",
+        fingerprint_of={"seed": seed, "n": n},
+        split=split,
+    )
     rng = np.random.default_rng(seed)
     mix = [rng.normal(size=(4, w)) for w in widths]
     for c in range(st.n_chunks):
         a, b = st.chunk_images_range(c)
         lat = np.maximum(rng.normal(size=((b - a) * t, 4)), 0)
-        toks = {f"b{j}": 1.5 + lat @ mix[j] + 0.1 * rng.normal(size=(len(lat), w)) for j, w in enumerate(widths)}
+        toks = {
+            f"b{j}": 1.5 + lat @ mix[j] + 0.1 * rng.normal(size=(len(lat), w))
+            for j, w in enumerate(widths)
+        }
         if nan_at is not None and c == nan_at[1]:
             toks[nan_at[0]][3, 1] = np.nan
         st.write_chunk(c, toks, np.ones(b - a, bool))
@@ -318,8 +367,21 @@ def make_store(path, n=24, t=8, widths=(6, 10), chunk=4, seed=0, finalize=True, 
 
 
 def small_cfg(store, out, **kw):
-    base = dict(store=str(store), out=str(out), batch_tokens=32, steps=12, concepts=16, k=3, lr=3e-3,
-                log_every=3, ckpt_every=4, holdout=0.2, dtype="fp32", device="cpu", warmup_steps=2)
+    base = dict(
+        store=str(store),
+        out=str(out),
+        batch_tokens=32,
+        steps=12,
+        concepts=16,
+        k=3,
+        lr=3e-3,
+        log_every=3,
+        ckpt_every=4,
+        holdout=0.2,
+        dtype="fp32",
+        device="cpu",
+        warmup_steps=2,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -329,7 +391,9 @@ def weights(run):
 
 
 def _metric_lines(run):
-    lines = [__import__("json").loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    lines = [
+        __import__("json").loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()
+    ]
     for ln in lines:
         ln.pop("tokens_per_s")
     return lines
@@ -340,8 +404,15 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("s") / "s.zarr")
 
 
-@pytest.mark.parametrize("mode", [dict(mode="paper"), dict(mode="reference"), dict(mode="independent"),
-                                  dict(mode="paper", aux="dead", dead_window_tokens=64)])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(mode="paper"),
+        dict(mode="reference"),
+        dict(mode="independent"),
+        dict(mode="paper", aux="dead", dead_window_tokens=64),
+    ],
+)
 def test_resume_is_bitwise_identical(store, tmp_path, mode):
     full = run_train(small_cfg(store, tmp_path / "a", **mode))
     with pytest.raises(SimulatedKill):
@@ -364,7 +435,11 @@ def test_run_directory_contents(store, tmp_path):
 
     res = run_train(small_cfg(store, tmp_path / "r"))
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert cfg["schema_version"] == 1 and cfg["train"]["steps"] == 12 and cfg["train"]["concepts"] == 16
+    assert (
+        cfg["schema_version"] == 1
+        and cfg["train"]["steps"] == 12
+        and cfg["train"]["concepts"] == 16
+    )
     assert cfg["store"]["fingerprint"] == Store.open(store).attrs["fingerprint"]
     model, _ = load_run(tmp_path / "r")
     assert model.spec.backbones == ("b0", "b1") and model.spec.concepts == 16
@@ -389,9 +464,10 @@ def test_run_directory_contents(store, tmp_path):
 
 
 def test_training_improves_reconstruction(store, tmp_path):
-    res = run_train(small_cfg(store, tmp_path / "r", steps=150, ckpt_every=0, log_every=50, lr=1e-2, k=4))
+    res = run_train(
+        small_cfg(store, tmp_path / "r", steps=150, ckpt_every=0, log_every=50, lr=1e-2, k=4)
+    )
     assert min(res.metrics["self_r2"].values()) > 0.5
-
 
 
 # ---------------------------------------------------------------- failures: checkpoints
@@ -413,7 +489,11 @@ def test_disk_full_keeps_previous_checkpoint(store, tmp_path, monkeypatch):
         run_train(small_cfg(store, tmp_path / "b"))
     monkeypatch.setattr(ckpt, "save_file", real)
     assert ckpt.load_checkpoint(tmp_path / "b" / "checkpoint").state["step"] == 4
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint", "config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "checkpoint",
+        "config.json",
+        "metrics.jsonl",
+    ]
     run_train(TrainConfig(resume=str(tmp_path / "b")))
     run_train(small_cfg(store, tmp_path / "a"))
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
@@ -471,28 +551,40 @@ def test_checkpoint_with_wrong_tensors_is_refused(store, tmp_path):
 
 
 @settings(max_examples=15, deadline=None)
-@given(shapes=hst.lists(hst.tuples(hst.integers(1, 5), hst.integers(1, 4)), min_size=1, max_size=4),
-       lr=hst.floats(1e-5, 1.0), step=hst.integers(0, 10**6), seed=hst.integers(0, 2**31))
+@given(
+    shapes=hst.lists(hst.tuples(hst.integers(1, 5), hst.integers(1, 4)), min_size=1, max_size=4),
+    lr=hst.floats(1e-5, 1.0),
+    step=hst.integers(0, 10**6),
+    seed=hst.integers(0, 2**31),
+)
 def test_checkpoint_round_trip(tmp_path_factory, shapes, lr, step, seed):
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
-    opt = torch.optim.AdamW([{"params": params[:1], "lr": lr}, {"params": params[1:], "lr": lr / 2}])
+    opt = torch.optim.AdamW(
+        [{"params": params[:1], "lr": lr}, {"params": params[1:], "lr": lr / 2}]
+    )
     for p in params[::2]:
         p.grad = torch.randn(p.shape, generator=g)
     opt.step()
     model = {f"p{i}": p.detach() for i, p in enumerate(params)}
     rng = {"gen": g.get_state(), "np": ckpt.numpy_rng_state(np.random.default_rng(seed))}
     d = tmp_path_factory.mktemp("c") / "checkpoint"
-    ckpt.save_checkpoint(d, model, opt.state_dict(), rng, {"step": step, "loader": {"epoch": 1, "step": 2}})
-    ckpt.save_checkpoint(d, model, opt.state_dict(), rng, {"step": step + 1, "loader": {"epoch": 1, "step": 3}})
+    ckpt.save_checkpoint(
+        d, model, opt.state_dict(), rng, {"step": step, "loader": {"epoch": 1, "step": 2}}
+    )
+    ckpt.save_checkpoint(
+        d, model, opt.state_dict(), rng, {"step": step + 1, "loader": {"epoch": 1, "step": 3}}
+    )
     c = ckpt.load_checkpoint(d)
     assert c.state["step"] == step + 1 and c.state["loader"] == {"epoch": 1, "step": 3}
     assert all(torch.equal(c.model[k], v) for k, v in model.items())
     opt2 = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}])
     opt2.load_state_dict(c.optim)
     a, b = opt.state_dict(), opt2.state_dict()
-    assert a["param_groups"] == [{**gg, "betas": tuple(gg["betas"])} for gg in b["param_groups"]] or \
-        a["param_groups"] == b["param_groups"]
+    assert (
+        a["param_groups"] == [{**gg, "betas": tuple(gg["betas"])} for gg in b["param_groups"]]
+        or a["param_groups"] == b["param_groups"]
+    )
     for pid, st in a["state"].items():
         for name, v in st.items():
             assert torch.equal(v, b["state"][pid][name]), (pid, name)
@@ -602,17 +694,44 @@ def test_cli_end_to_end_and_errors(store, tmp_path):
 
     from usae.cli import app
 
-    r = CliRunner().invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "r"), "--steps", "6",
-                                 "--batch-tokens", "32", "--concepts", "16", "--k", "3", "--dtype", "fp32",
-                                 "--warmup", "2", "--log-every", "2", "--mode", "reference"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--store",
+            str(store),
+            "--out",
+            str(tmp_path / "r"),
+            "--steps",
+            "6",
+            "--batch-tokens",
+            "32",
+            "--concepts",
+            "16",
+            "--k",
+            "3",
+            "--dtype",
+            "fp32",
+            "--warmup",
+            "2",
+            "--log-every",
+            "2",
+            "--mode",
+            "reference",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "held-out R2" in r.output and (tmp_path / "r" / "model.safetensors").exists()
     import json
 
     assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["mode"] == "reference"
-    bad = CliRunner().invoke(app, ["train", "--store", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "x")])
+    bad = CliRunner().invoke(
+        app, ["train", "--store", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "x")]
+    )
     assert bad.exit_code == 2 and "does not exist" in bad.output and "Traceback" not in bad.output
-    bad = CliRunner().invoke(app, ["train", "--store", str(store), "--out", str(tmp_path / "x"), "--loss", "l3"])
+    bad = CliRunner().invoke(
+        app, ["train", "--store", str(store), "--out", str(tmp_path / "x"), "--loss", "l3"]
+    )
     assert bad.exit_code == 2 and "'l3' is not one of 'l1', 'l2'" in bad.output
 
 
@@ -625,7 +744,9 @@ def test_cli_options_mirror_config_fields():
     from usae.cli import app
 
     train_cmd = typer.main.get_command(app).commands["train"].callback
-    assert set(inspect.signature(train_cmd).parameters) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(inspect.signature(train_cmd).parameters) == {
+        f.name for f in dataclasses.fields(TrainConfig)
+    }
 
 
 def test_config_of_a_run_written_before_mode_resumes():
@@ -644,10 +765,38 @@ def test_sigkill_then_resume_is_bitwise_identical(store, tmp_path):
 
     args = dict(steps=600, ckpt_every=10, log_every=50, concepts=8, k=2)
     run_train(small_cfg(store, tmp_path / "a", **args))
-    cmd = [sys.executable, "-m", "usae.cli", "train", "--store", str(store), "--out", str(tmp_path / "b"),
-           "--batch-tokens", "32", "--steps", "600", "--concepts", "8", "--k", "2", "--lr", "3e-3",
-           "--log-every", "50", "--ckpt-every", "10", "--holdout", "0.2", "--dtype", "fp32", "--device", "cpu",
-           "--warmup-steps", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "usae.cli",
+        "train",
+        "--store",
+        str(store),
+        "--out",
+        str(tmp_path / "b"),
+        "--batch-tokens",
+        "32",
+        "--steps",
+        "600",
+        "--concepts",
+        "8",
+        "--k",
+        "2",
+        "--lr",
+        "3e-3",
+        "--log-every",
+        "50",
+        "--ckpt-every",
+        "10",
+        "--holdout",
+        "0.2",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--warmup-steps",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = tmp_path / "b" / "checkpoint" / "state.json"
@@ -671,8 +820,11 @@ def test_epochs_subset_and_split_holdout(tmp_path):
 
     split = ["val" if i % 4 == 0 else "train" for i in range(24)]
     s = make_store(tmp_path / "s.zarr", split=split)
-    res = run_train(small_cfg(s, tmp_path / "r", steps=0, epochs=2.0, warmup_steps=-1, backbones=("b1",),
-                              holdout=0.5))
+    res = run_train(
+        small_cfg(
+            s, tmp_path / "r", steps=0, epochs=2.0, warmup_steps=-1, backbones=("b1",), holdout=0.5
+        )
+    )
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())["train"]
     per_epoch = 18 * 8 // 32  # 18 train images (the split wins over the 0.5 fraction) x 8 tokens
     assert cfg["steps"] == 2 * per_epoch == res.steps and cfg["warmup_steps"] == per_epoch

@@ -369,6 +369,14 @@ def test_extract_offline_option_never_touches_the_network(hub, tmp_path, shared_
     and no request reaches the hub."""
     t0 = time.perf_counter()
     with pytest.raises(WeightsUnavailable, match="usae weights fetch dinov2"):
-        run_extract(ExtractConfig(manifest=shared_image_set.manifest, store=tmp_path / "s.zarr", backbones=("dinov2",),
-                                  tiny=True, offline=True, progress=False))
+        run_extract(
+            ExtractConfig(
+                manifest=shared_image_set.manifest,
+                store=tmp_path / "s.zarr",
+                backbones=("dinov2",),
+                tiny=True,
+                offline=True,
+                progress=False,
+            )
+        )
     assert time.perf_counter() - t0 < 5 and not hub.requests()

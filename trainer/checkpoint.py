@@ -106,7 +106,9 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_files(tmp: Path, model: dict, optim: dict, rng: dict, state: dict) -> None:
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.items()}, str(tmp / "model.safetensors")
+    )
     opt_tensors, opt_meta = flatten_optim(optim)
     save_file(opt_tensors, str(tmp / "optim.safetensors"))
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
@@ -178,7 +180,9 @@ def resolve_checkpoint_dir(ckpt_dir: Path) -> Path:
     old = ckpt_dir.with_name(f"{ckpt_dir.name}.old")
     if (old / "state.json").is_file():
         return old
-    raise CheckpointError(f"no checkpoint in {ckpt_dir.parent} (expected {ckpt_dir.name}/state.json)")
+    raise CheckpointError(
+        f"no checkpoint in {ckpt_dir.parent} (expected {ckpt_dir.name}/state.json)"
+    )
 
 
 def load_checkpoint(ckpt_dir: Path) -> Checkpoint:

@@ -97,10 +97,16 @@ class TrainConfig:
             (self.mode in MODES, f"mode must be {', '.join(MODES)}, got {self.mode!r}"),
             (self.aux in ("paper", "dead"), f"aux must be paper or dead, got {self.aux!r}"),
             (self.dtype in ("bf16", "fp32"), f"dtype must be bf16 or fp32, got {self.dtype!r}"),
-            (self.shuffle in SHUFFLES, f"shuffle must be {' or '.join(SHUFFLES)}, got {self.shuffle!r}"),
+            (
+                self.shuffle in SHUFFLES,
+                f"shuffle must be {' or '.join(SHUFFLES)}, got {self.shuffle!r}",
+            ),
             (self.k > 0, "k must be positive"),
             (self.batch_tokens > 0, "batch_tokens must be positive"),
-            (self.buffer_chunks >= 0, "buffer_chunks must be >= 0 (0: chosen by how the store is read)"),
+            (
+                self.buffer_chunks >= 0,
+                "buffer_chunks must be >= 0 (0: chosen by how the store is read)",
+            ),
             (0.0 <= self.holdout < 1.0, "holdout must be in [0, 1)"),
             (self.steps >= 0 and self.epochs > 0, "steps must be >= 0 and epochs > 0"),
             (self.log_every > 0 and self.ckpt_every >= 0, "log_every must be > 0, ckpt_every >= 0"),

@@ -127,5 +127,7 @@ def reduce_metrics(parts: list[LossParts], world: int) -> list[LossParts]:
             for t in (rec, aux, sums):
                 dist.all_reduce(t)
             rec, aux = rec / world, aux / world
-        out.append(p._replace(rec_j=list(rec), aux_j=list(aux), r2_j=[r2_from_sums(x) for x in sums]))
+        out.append(
+            p._replace(rec_j=list(rec), aux_j=list(aux), r2_j=[r2_from_sums(x) for x in sums])
+        )
     return out

@@ -75,9 +75,13 @@ def model_spec(st: Store, keys: Sequence[str], cfg: TrainConfig) -> ModelSpec:
     )
 
 
-def make_loader(st: Store, keys: Sequence[str], cfg: TrainConfig, images: np.ndarray, d: Dist) -> ChunkLoader:
+def make_loader(
+    st: Store, keys: Sequence[str], cfg: TrainConfig, images: np.ndarray, d: Dist
+) -> ChunkLoader:
     if cfg.batch_tokens % d.world:
-        raise TrainError(f"batch_tokens {cfg.batch_tokens} is not divisible by the {d.world} DDP processes")
+        raise TrainError(
+            f"batch_tokens {cfg.batch_tokens} is not divisible by the {d.world} DDP processes"
+        )
     try:
         return ChunkLoader(
             st, list(keys), cfg.batch_tokens, images=images, seed=cfg.seed,
@@ -87,11 +91,16 @@ def make_loader(st: Store, keys: Sequence[str], cfg: TrainConfig, images: np.nda
         raise TrainError(f"cannot load batches from {st.path}: {e}") from None
 
 
-def check_finite(st: Store, keys: Sequence[str], acts: Sequence[Tensor], train_images: np.ndarray, world: int = 1) -> None:
+def check_finite(
+    st: Store, keys: Sequence[str], acts: Sequence[Tensor], train_images: np.ndarray, world: int = 1
+) -> None:
     """Stop with the backbone and chunk when a batch holds NaN/inf activations (on any rank)."""
     bad = next((j for j, a in enumerate(acts) if not bool(torch.isfinite(a).all())), -1)
     # every rank must stop together, not hang in the next all_reduce
-    bad = int(max_over_ranks(torch.tensor([bad + 1], dtype=torch.long, device=acts[0].device), world)) - 1
+    bad = (
+        int(max_over_ranks(torch.tensor([bad + 1], dtype=torch.long, device=acts[0].device), world))
+        - 1
+    )
     if bad >= 0:
         raise_non_finite(st, keys[bad], train_images)
 
@@ -102,5 +111,7 @@ def raise_non_finite(st: Store, key: str, images: np.ndarray | None = None) -> N
     for c in range(st.n_chunks):
         r0, r1 = st.chunk_rows(c)
         if not np.isfinite(st.read_chunk(key, c)[rows[r0:r1]]).all():
-            raise TrainError(f"non-finite activations (NaN/inf) in backbone {key!r}, store chunk {c} (rows {r0}..{r1})")
+            raise TrainError(
+                f"non-finite activations (NaN/inf) in backbone {key!r}, store chunk {c} (rows {r0}..{r1})"
+            )
     raise TrainError(f"non-finite activations (NaN/inf) in backbone {key!r}")

@@ -89,7 +89,9 @@ class USAE(nn.Module):
         self.bns = nn.ModuleList(nn.BatchNorm1d(m) for _ in spec.widths)
         self.decoders = nn.ParameterList(nn.Parameter(torch.randn(m, d)) for d in spec.widths)
         self.register_buffer("mu", torch.tensor(spec.mu, dtype=torch.float32), persistent=True)
-        self.register_buffer("sigma", torch.tensor(spec.sigma, dtype=torch.float32), persistent=True)
+        self.register_buffer(
+            "sigma", torch.tensor(spec.sigma, dtype=torch.float32), persistent=True
+        )
 
     @property
     def n_models(self) -> int:
@@ -106,7 +108,9 @@ class USAE(nn.Module):
         d = self.decoders[j]
         return d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def encode_pre(self, i: int, x_bd: Float[Tensor, "... d"], concepts: Tensor | None = None) -> Float[Tensor, "... c"]:
+    def encode_pre(
+        self, i: int, x_bd: Float[Tensor, "... d"], concepts: Tensor | None = None
+    ) -> Float[Tensor, "... c"]:
         """BN_i(W_i x + b_i) of standardised inputs, before ReLU/TopK: every concept, or only
         the columns `concepts` (a 1-d index tensor; eval mode only: BatchNorm uses its running
         statistics). Leading dimensions of `x` are kept."""
@@ -115,7 +119,9 @@ class USAE(nn.Module):
             lead = x_bd.shape[:-1]
             return bn(lin(x_bd.reshape(-1, x_bd.shape[-1]))).reshape(*lead, -1)
         if self.training:
-            raise ValueError("encode_pre for a slice of concepts needs eval mode (BatchNorm running statistics)")
+            raise ValueError(
+                "encode_pre for a slice of concepts needs eval mode (BatchNorm running statistics)"
+            )
         h = F.linear(x_bd, lin.weight[concepts], lin.bias[concepts])
         scale = bn.weight[concepts] * torch.rsqrt(bn.running_var[concepts] + bn.eps)
         return (h - bn.running_mean[concepts]) * scale + bn.bias[concepts]
@@ -132,7 +138,9 @@ class USAE(nn.Module):
         return F.embedding_bag(codes.indices_bk, w, per_sample_weights=vals, mode="sum")
 
     def dense_codes(self, codes: Codes) -> Float[Tensor, "b m"]:
-        z = torch.zeros(codes.pre_bm.shape, dtype=codes.values_bk.dtype, device=codes.values_bk.device)
+        z = torch.zeros(
+            codes.pre_bm.shape, dtype=codes.values_bk.dtype, device=codes.values_bk.device
+        )
         return z.scatter_(1, codes.indices_bk, codes.values_bk)
 
     def forward(self, i: int, acts_bd: Tensor) -> tuple[Codes, list[Tensor | None]]:
@@ -144,13 +152,14 @@ class USAE(nn.Module):
             out[j] = self.decode(j, codes)
         return codes, out
 
-
     def save(self, path: str | Path) -> None:
         """Write the weights (state_dict) to a safetensors file, atomically."""
         from safetensors.torch import save_file
 
         with atomic_path(path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp)
+            )
 
     @classmethod
     def load(cls, spec: ModelSpec, path: str | Path) -> USAE:
@@ -164,11 +173,15 @@ class USAE(nn.Module):
         except RuntimeError as e:
             if isinstance(e, CheckpointError):
                 raise
-            raise CheckpointError(f"{path} does not fit the model described by config.json ({e})") from None
+            raise CheckpointError(
+                f"{path} does not fit the model described by config.json ({e})"
+            ) from None
         return model.eval()
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = WEIGHTS_FILE) -> tuple[USAE, dict]:
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu", weights: str = WEIGHTS_FILE
+) -> tuple[USAE, dict]:
     """Rebuild a trained USAE from a run directory (config.json + safetensors, no pickle);
     the final weights, or the latest checkpoint's when the run has not finished."""
     run_dir = Path(run_dir)

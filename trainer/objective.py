@@ -45,7 +45,9 @@ class LossParts(NamedTuple):
 def batch_norm_local(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
     """Training-mode BatchNorm over this process's batch (updates running statistics)."""
     bn.num_batches_tracked.add_(1)
-    return F.batch_norm(h_bm, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
+    return F.batch_norm(
+        h_bm, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps
+    )
 
 
 class AuxSelection(NamedTuple):
@@ -66,7 +68,9 @@ def aux_selection(act_bm: Tensor, idx_bk: Tensor, n: int) -> AuxSelection:
     get no gradient through the ReLU), so only the other rows need a threshold."""
     m = act_bm.shape[1]
     with torch.no_grad():
-        pos = torch.count_nonzero(act_bm, dim=1) - torch.count_nonzero(act_bm.gather(1, idx_bk), dim=1)
+        pos = torch.count_nonzero(act_bm, dim=1) - torch.count_nonzero(
+            act_bm.gather(1, idx_bk), dim=1
+        )
         over = pos > n
         if n >= m or not bool(over.any()):
             return AuxSelection(idx_bk, None, None)
@@ -90,7 +94,9 @@ class _AuxDecode(torch.autograd.Function):
     masking of the gradient backward; the masked (b, m) copy is made once."""
 
     @staticmethod
-    def forward(ctx, act_bm: Tensor, dec_md: Tensor, sel: AuxSelection, dtype: torch.dtype) -> Tensor:
+    def forward(
+        ctx, act_bm: Tensor, dec_md: Tensor, sel: AuxSelection, dtype: torch.dtype
+    ) -> Tensor:
         a = mask_to_aux_(act_bm.to(dtype, copy=True), sel)
         d = dec_md.to(dtype)
         ctx.save_for_backward(a, d)
@@ -116,8 +122,14 @@ def _err(e: Tensor, kind: str) -> Tensor:
 def r2_sums(x_bd: Tensor, resid_bd: Tensor) -> Tensor:
     """(sum resid^2, sum x, sum x^2, n) in float64: R2 sums that add up over ranks."""
     x = x_bd.double()
-    return torch.stack([resid_bd.double().square().sum(), x.sum(), x.square().sum(),
-                        torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+    return torch.stack(
+        [
+            resid_bd.double().square().sum(),
+            x.sum(),
+            x.square().sum(),
+            torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+        ]
+    )
 
 
 def r2_from_sums(s_4: Tensor) -> Tensor:
@@ -158,7 +170,9 @@ def source_loss(
     dec = [w.detach() if j in detach else w for j, w in zip(targets, dec, strict=True)]
     d_cat = torch.cat(dec, dim=1) if len(dec) > 1 else dec[0]
     xhat = F.embedding_bag(idx_bk, d_cat, per_sample_weights=vals_bk, mode="sum")
-    x_cat = torch.cat([x_list[j] for j in targets], dim=1) if len(targets) > 1 else x_list[targets[0]]
+    x_cat = (
+        torch.cat([x_list[j] for j in targets], dim=1) if len(targets) > 1 else x_list[targets[0]]
+    )
     resid = x_cat - xhat
     if aux == "dead":
         aux_err = resid.detach() - dead_aux(act_bm, idx_bk, d_cat, dead_m, model.spec.concepts // 2)
@@ -173,12 +187,17 @@ def source_loss(
     r2 = None
     if with_r2:
         with torch.no_grad():
-            r2 = [r2_sums(x_list[j], r) for j, r in zip(targets, resid.detach().split(widths, dim=1), strict=True)]
+            r2 = [
+                r2_sums(x_list[j], r)
+                for j, r in zip(targets, resid.detach().split(widths, dim=1), strict=True)
+            ]
     codes = Codes(vals_bk.detach(), idx_bk, pre_bm.detach())
     return LossParts(total, [r.detach() for r in rec_j], [a.detach() for a in aux_j], r2, codes)
 
 
-def dead_aux(act_bm: Tensor, idx_bk: Tensor, d_cat: Tensor, dead_m: Tensor | None, k_aux: int) -> Tensor:
+def dead_aux(
+    act_bm: Tensor, idx_bk: Tensor, d_cat: Tensor, dead_m: Tensor | None, k_aux: int
+) -> Tensor:
     """AuxK over dead concepts (Gao et al. 2024): the decode of the k_aux largest positive
     pre-activations among the concepts in `dead_m` (not selected by TopK), which the caller
     fits to the DETACHED residual, so only those concepts learn from it. A sparse decode of

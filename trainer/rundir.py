@@ -66,7 +66,9 @@ def read_config(paths: RunPaths) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TrainError(f"{paths.config} is not valid JSON ({e})") from None
     if obj.get("schema_version") != CONFIG_SCHEMA_VERSION:
-        raise TrainError(f"{paths.config} has schema_version {obj.get('schema_version')!r}, expected 1")
+        raise TrainError(
+            f"{paths.config} has schema_version {obj.get('schema_version')!r}, expected 1"
+        )
     return obj
 
 
@@ -75,27 +77,44 @@ def resolve_run(cfg: TrainConfig) -> tuple[TrainConfig, RunPaths, bool]:
     if cfg.resume:
         paths = RunPaths(Path(cfg.resume))
         stored = TrainConfig.from_dict(read_config(paths)["train"])
-        return replace(stored, resume=cfg.resume, out=cfg.resume, stop_after=cfg.stop_after), paths, True
+        return (
+            replace(stored, resume=cfg.resume, out=cfg.resume, stop_after=cfg.stop_after),
+            paths,
+            True,
+        )
     if not cfg.out:
         raise TrainError("give --out RUN (a new run directory) or --resume RUN")
     paths = RunPaths(Path(cfg.out))
     if paths.config.exists():
-        raise TrainError(f"{paths.root} already holds a run; continue it with --resume {paths.root} or pick another --out")
+        raise TrainError(
+            f"{paths.root} already holds a run; continue it with --resume {paths.root} or pick another --out"
+        )
     return cfg, paths, False
 
 
 def write_config(paths: RunPaths, cfg: TrainConfig, spec: ModelSpec, st: Store) -> None:
     train = replace(cfg, resume="", stop_after=0).to_dict()
-    store = {"path": str(st.path), "fingerprint": st.attrs.get("fingerprint"), "backbones": list(st.backbones)}
+    store = {
+        "path": str(st.path),
+        "fingerprint": st.attrs.get("fingerprint"),
+        "backbones": list(st.backbones),
+    }
     paths.root.mkdir(parents=True, exist_ok=True)
-    obj = {"schema_version": CONFIG_SCHEMA_VERSION, "train": train, "model": spec.to_dict(), "store": store}
+    obj = {
+        "schema_version": CONFIG_SCHEMA_VERSION,
+        "train": train,
+        "model": spec.to_dict(),
+        "store": store,
+    }
     atomic_write_json(paths.config, obj, indent=1)
 
 
 def check_same_store(paths: RunPaths, st: Store) -> None:
     want = read_config(paths)["store"].get("fingerprint")
     if want != st.attrs.get("fingerprint"):
-        raise TrainError(f"the store {st.path} is not the one this run was trained on (fingerprint {want})")
+        raise TrainError(
+            f"the store {st.path} is not the one this run was trained on (fingerprint {want})"
+        )
 
 
 def has_checkpoint(paths: RunPaths) -> bool:
@@ -135,12 +154,20 @@ class MetricsLog:
     def line(self, s, out, epoch: int) -> dict:
         keys, pairs = self.keys, list(zip(out.sources, out.parts, strict=True))
         if self.independent:  # part i holds backbone i alone
-            per = {name: {keys[i]: float(getattr(p, name)[0]) for i, p in pairs} for name in ("rec_j", "aux_j", "r2_j")}
+            per = {
+                name: {keys[i]: float(getattr(p, name)[0]) for i, p in pairs}
+                for name in ("rec_j", "aux_j", "r2_j")
+            }
             last = s.last_fired_mt
-            l0 = sum(float((p.codes.values_bk > 0).sum(1).float().mean()) for p in out.parts) / len(out.parts)
+            l0 = sum(float((p.codes.values_bk > 0).sum(1).float().mean()) for p in out.parts) / len(
+                out.parts
+            )
         else:  # one source, every target
             p = out.parts[0]
-            per = {name: {k: float(v) for k, v in zip(keys, getattr(p, name), strict=True)} for name in ("rec_j", "aux_j", "r2_j")}
+            per = {
+                name: {k: float(v) for k, v in zip(keys, getattr(p, name), strict=True)}
+                for name in ("rec_j", "aux_j", "r2_j")
+            }
             last = s.last_fired_mt.max(0).values
             l0 = float((p.codes.values_bk > 0).sum(1).float().mean())
         dead = float(((s.tokens - last) >= self.window).float().mean())
@@ -160,12 +187,12 @@ def print_metrics(metrics: dict) -> None:
     from rich.table import Table
 
     keys = metrics["backbones"]
-    t = Table(title=f"held-out R2 ({metrics['heldout_tokens']} tokens; row = codes from, column = reconstructed)")
+    t = Table(
+        title=f"held-out R2 ({metrics['heldout_tokens']} tokens; row = codes from, column = reconstructed)"
+    )
     t.add_column("from \\ to")
     for k in keys:
         t.add_column(k, justify="right")
     for k, row in zip(keys, metrics["r2_matrix"], strict=True):
         t.add_row(k, *("-" if v is None else f"{v:.3f}" for v in row))
     Console().print(t)
-
-

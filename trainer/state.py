@@ -68,7 +68,11 @@ def new_state(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> TrainS
 
 def save_state(ckpt_dir: Path, s: TrainState, loader, resume_hint: str) -> None:
     """Atomic checkpoint; a failed write (disk full...) leaves the previous one intact."""
-    rng = {"gen": s.gen.get_state(), "torch": torch.get_rng_state(), "last_fired": s.last_fired_mt.cpu()}
+    rng = {
+        "gen": s.gen.get_state(),
+        "torch": torch.get_rng_state(),
+        "last_fired": s.last_fired_mt.cpu(),
+    }
     js = {
         "step": s.step,
         "tokens": s.tokens,
@@ -99,4 +103,6 @@ def restore_state(ckpt_dir: Path, s: TrainState, loader) -> None:
         s.log_loss = [float(v) for v in c.state["log_loss"]]
         loader.load_state_dict(c.state["loader"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise ckpt.CheckpointError(f"checkpoint in {ckpt_dir} does not fit this run ({e})") from None
+        raise ckpt.CheckpointError(
+            f"checkpoint in {ckpt_dir} does not fit this run ({e})"
+        ) from None

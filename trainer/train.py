@@ -47,7 +47,15 @@ from usae.trainer.state import TrainState, lr_at, new_state, restore_state, save
 
 from usae.runtime import atomic_write_json, autocast_dtype, progress_bar
 
-__all__ = ["TrainConfig", "TrainError", "SimulatedKill", "run_train", "train_step", "StepContext", "StepOut"]
+__all__ = [
+    "TrainConfig",
+    "TrainError",
+    "SimulatedKill",
+    "run_train",
+    "train_step",
+    "StepContext",
+    "StepOut",
+]
 
 
 # ---------------------------------------------------------------- one optimiser step
@@ -74,16 +82,35 @@ class StepOut(NamedTuple):
     """Learning rate of each backbone's parameter group."""
 
 
-def train_step(st: TrainState, ctx: StepContext, x_list: list[Tensor], with_r2: bool = False) -> StepOut:
+def train_step(
+    st: TrainState, ctx: StepContext, x_list: list[Tensor], with_r2: bool = False
+) -> StepOut:
     """One optimiser step on a batch of standardised tokens (x_list: one tensor per backbone)."""
     cfg, model = ctx.cfg, st.model
     plan = Plan(cfg.mode, model.n_models)
     bn_fn = batch_norm_global if ctx.world > 1 else batch_norm_local
-    kw = dict(loss=cfg.loss, aux_weight=cfg.aux_weight, bn_fn=bn_fn, amp=ctx.amp, with_r2=with_r2, aux=cfg.aux)
+    kw = dict(
+        loss=cfg.loss,
+        aux_weight=cfg.aux_weight,
+        bn_fn=bn_fn,
+        amp=ctx.amp,
+        with_r2=with_r2,
+        aux=cfg.aux,
+    )
     st.opt.zero_grad(set_to_none=True)
     sources = plan.sources(st.gen)
-    parts = [source_loss(model, i, x_list, plan.targets(i), detach=plan.detached(i), dead_m=dead(st, cfg, i), **kw)
-             for i in sources]
+    parts = [
+        source_loss(
+            model,
+            i,
+            x_list,
+            plan.targets(i),
+            detach=plan.detached(i),
+            dead_m=dead(st, cfg, i),
+            **kw,
+        )
+        for i in sources
+    ]
     loss = torch.stack([p.loss for p in parts]).sum()
     loss.backward()
     loss_f = float(mean_over_ranks(loss.detach(), ctx.world))
@@ -113,7 +140,11 @@ def clip_gradients(st: TrainState, max_norm: float, plan: Plan) -> None:
     reference mode only the source's have gradients), or each backbone's SAE alone (independent)."""
     if max_norm <= 0:
         return
-    groups = [g["params"] for g in st.opt.param_groups] if plan.clip_per_group else [list(st.model.parameters())]
+    groups = (
+        [g["params"] for g in st.opt.param_groups]
+        if plan.clip_per_group
+        else [list(st.model.parameters())]
+    )
     for params in groups:
         ps = [p for p in params if p.grad is not None]
         if ps:
@@ -132,7 +163,9 @@ def set_lrs(st: TrainState, ctx: StepContext, plan: Plan, sources: list[int]) ->
     return lrs
 
 
-def record(st: TrainState, parts: list[LossParts], sources: list[int], loss: float, plan: Plan) -> None:
+def record(
+    st: TrainState, parts: list[LossParts], sources: list[int], loss: float, plan: Plan
+) -> None:
     """Fold a step into the state's trackers: the token at which each concept last fired, the
     latest self-R2 of each source, and the loss window of the next metrics line."""
     st.log_loss[0] += loss
@@ -145,8 +178,17 @@ def record(st: TrainState, parts: list[LossParts], sources: list[int], loss: flo
 
 
 # ---------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, s: TrainState, ctx: StepContext, loader, st: Store, keys: list[str],
-          paths: RunPaths, rank0: bool, train_images: np.ndarray) -> float:
+def train(
+    cfg: TrainConfig,
+    s: TrainState,
+    ctx: StepContext,
+    loader,
+    st: Store,
+    keys: list[str],
+    paths: RunPaths,
+    rank0: bool,
+    train_images: np.ndarray,
+) -> float:
     """Steps until cfg.steps, with metrics lines and checkpoints; returns the last loss."""
     log = MetricsLog(paths, keys, cfg, rank0)
     batches, last, dev = iter(loader), float("nan"), next(s.model.parameters()).device
@@ -156,15 +198,21 @@ def train(cfg: TrainConfig, s: TrainState, ctx: StepContext, loader, st: Store, 
         while s.step < ctx.total_steps:
             batch = next(batches)
             check_finite(st, keys, batch.acts, train_images, ctx.world)
-            x = [s.model.standardize(j, a.to(dev, non_blocking=True).float()) for j, a in enumerate(batch.acts)]
+            x = [
+                s.model.standardize(j, a.to(dev, non_blocking=True).float())
+                for j, a in enumerate(batch.acts)
+            ]
             epoch = int(batch.epoch)
             del batch  # dropped before the step: the loader can refill the same, cache-warm buffers
             logging = (s.step + 1) % cfg.log_every == 0 or s.step + 1 == ctx.total_steps
             try:
                 out = train_step(s, ctx, x, with_r2=logging)
             except TrainError as e:
-                where = f"the last good checkpoint is in {paths.checkpoint}" if paths.checkpoint.exists() \
+                where = (
+                    f"the last good checkpoint is in {paths.checkpoint}"
+                    if paths.checkpoint.exists()
                     else "no checkpoint was written yet"
+                )
                 raise TrainError(f"{e}; training stopped, {where}") from None
             last = out.loss
             if logging:
@@ -214,15 +262,28 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         close_distributed(d)
 
 
-def _run(cfg: TrainConfig, d: Dist, st: Store, keys: list[str], loader, paths: RunPaths, resuming: bool,
-         train_images: np.ndarray, held_images: np.ndarray) -> TrainResult:
+def _run(
+    cfg: TrainConfig,
+    d: Dist,
+    st: Store,
+    keys: list[str],
+    loader,
+    paths: RunPaths,
+    resuming: bool,
+    train_images: np.ndarray,
+    held_images: np.ndarray,
+) -> TrainResult:
     spec = model_spec(st, keys, cfg)
     per_epoch = int(loader.batches_per_epoch)
     if per_epoch < 1:
-        raise TrainError(f"the training images hold fewer tokens than one batch of {cfg.batch_tokens}")
+        raise TrainError(
+            f"the training images hold fewer tokens than one batch of {cfg.batch_tokens}"
+        )
     total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else per_epoch
-    cfg = replace(cfg, backbones=tuple(keys), concepts=spec.concepts, steps=total, warmup_steps=warmup)
+    cfg = replace(
+        cfg, backbones=tuple(keys), concepts=spec.concepts, steps=total, warmup_steps=warmup
+    )
     rank0 = d.rank == 0
     if resuming:
         check_same_store(paths, st)
@@ -250,10 +311,19 @@ def _run(cfg: TrainConfig, d: Dist, st: Store, keys: list[str], loader, paths: R
     return TrainResult(paths.root, s.step, last, metrics)
 
 
-def final_metrics(s: TrainState, st: Store, keys: list[str], held: np.ndarray, cfg: TrainConfig,
-                  ctx: StepContext, last: float) -> dict:
+def final_metrics(
+    s: TrainState,
+    st: Store,
+    keys: list[str],
+    held: np.ndarray,
+    cfg: TrainConfig,
+    ctx: StepContext,
+    last: float,
+) -> dict:
     # the one streaming reconstruction of train and analysis; fp32 whatever the training dtype
-    ev = stream_reconstruction(s.model, st, keys, held, batch_tokens=cfg.batch_tokens, device=ctx.device)
+    ev = stream_reconstruction(
+        s.model, st, keys, held, batch_tokens=cfg.batch_tokens, device=ctx.device
+    )
     r2, l0 = ev.reconstruction.r2, ev.reconstruction.l0
 
     def clean(x: float) -> float | None:

@@ -17,4 +17,3 @@ USER_ERROR_EXIT = 2
 
 class UsaeError(Exception):
     """An error in what the user asked for or gave: a message meant for them, not a bug."""
-

@@ -67,8 +67,13 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError):  # installed without sources: no help texts, still works
             continue
         for a, b in zip(body, body[1:], strict=False):
-            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
-                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(a.target, ast.Name)
+                and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant)
+                and isinstance(b.value.value, str)
+            ):
                 docs[a.target.id] = " ".join(b.value.value.split())
     return docs
 
@@ -95,7 +100,9 @@ def split_list(text: str, kind: type = str, what: str = "value") -> tuple:
     try:
         return tuple(kind(t) for t in items)
     except ValueError:
-        raise typer.BadParameter(f"{what} must be comma-separated {kind.__name__} values, got {text!r}") from None
+        raise typer.BadParameter(
+            f"{what} must be comma-separated {kind.__name__} values, got {text!r}"
+        ) from None
 
 
 class _Param(NamedTuple):
@@ -108,7 +115,11 @@ class _Param(NamedTuple):
 def _param(f: dataclasses.Field, tp: Any, opt: Opt, doc: str) -> _Param:
     flags = opt.flags or (f"--{f.name.replace('_', '-')}",)
     required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    default = ... if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+    default = (
+        ...
+        if required
+        else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+    )
     help_ = (doc + (" " + opt.extra_help if opt.extra_help else "")).strip()
     inner, optional = _optional(tp)
     choices = literal_choices(tp)
@@ -122,12 +133,16 @@ def _param(f: dataclasses.Field, tp: Any, opt: Opt, doc: str) -> _Param:
         annotation, cli_default = bool, default
         if not opt.flags:
             flags = (f"--{f.name.replace('_', '-')}/--no-{f.name.replace('_', '-')}",)
-    elif typing.get_origin(inner) is tuple and len(typing.get_args(inner)) == 2 and typing.get_args(inner)[1] is Ellipsis:
+    elif (
+        typing.get_origin(inner) is tuple
+        and len(typing.get_args(inner)) == 2
+        and typing.get_args(inner)[1] is Ellipsis
+    ):
         kind = typing.get_args(inner)[0]
         annotation = str
         cli_default = default if default in (..., None) else ",".join(map(str, default))
         if opt.parse is None:
-            to_field = lambda v, kind=kind, n=flags[0]: None if v is None else split_list(v, kind, n)  # noqa: E731
+            to_field = _list_parser(kind, flags[0])
     elif opt.parse is not None:
         annotation, cli_default = str, default if default in (..., None) else _text(default)
     else:
@@ -139,19 +154,31 @@ def _param(f: dataclasses.Field, tp: Any, opt: Opt, doc: str) -> _Param:
     return _Param(f.name, annotation, info, to_field)
 
 
+def _list_parser(kind: type, flag: str) -> Callable[[Any], Any]:
+    def parse(v: Any) -> Any:
+        return None if v is None else split_list(v, kind, flag)
+
+    return parse
+
+
 def _text(default: Any) -> str:
     if isinstance(default, tuple):
         return ",".join(map(str, default))
     return str(default)
 
 
-def config_params(cls: type, opts: dict[str, Opt] | None = None, exclude: tuple[str, ...] = ()) -> list[_Param]:
+def config_params(
+    cls: type, opts: dict[str, Opt] | None = None, exclude: tuple[str, ...] = ()
+) -> list[_Param]:
     """The command-line parameters of a config dataclass, one per field (in field order)."""
     opts = opts or {}
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    return [_param(f, hints[f.name], opts.get(f.name, Opt()), docs.get(f.name, ""))
-            for f in dataclasses.fields(cls) if f.name not in exclude]
+    return [
+        _param(f, hints[f.name], opts.get(f.name, Opt()), docs.get(f.name, ""))
+        for f in dataclasses.fields(cls)
+        if f.name not in exclude
+    ]
 
 
 def config_command(
@@ -184,8 +211,12 @@ def config_command(
             fail(e)
 
     command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.info, annotation=p.annotation)
-         for p in params]
+        [
+            inspect.Parameter(
+                p.name, inspect.Parameter.KEYWORD_ONLY, default=p.info, annotation=p.annotation
+            )
+            for p in params
+        ]
     )
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__name__ = f"{name}_cmd"

@@ -49,7 +49,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise DeviceError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+        raise DeviceError(
+            f"--device {name} asked for, but no CUDA device is available; use --device cpu"
+        )
     return torch.device(name if ":" in name else f"cuda:{local_rank}")
 
 
