@@ -82,8 +82,8 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -272,8 +272,9 @@ class ChunkLoader:
     @property
     def pinned_buffers(self) -> bool:
         """Whether batches are gathered straight into pinned (page-locked) host buffers: with
-        pin_memory on a CUDA device feed, which holds each buffer until its copy is done."""
-        return self.pin_memory and self.device is not None and self.device.type == "cuda" and _can_pin()
+        pin_memory on a device feed (which holds each buffer until its copy is done), where
+        CUDA is there to pin them."""
+        return self.pin_memory and self.device is not None and _can_pin()
 
     @property
     def local_batch_tokens(self) -> int:
@@ -358,7 +359,7 @@ def _device_batches(next_batch: Callable[[], Batch], device: torch.device, scale
             acts = [a.to(device, non_blocking=True) for a in hb.acts]
             chunks = None
             if hb.chunks is not None:
-                chunks = hb.chunks.to(device, non_blocking=True)
+                chunks = hb.chunks.to(device, non_blocking=True, copy=True)  # the host buffer goes back
                 idx = chunks.long()
                 acts = [a.float().mul_(s.index_select(0, idx)) for a, s in zip(acts, scales, strict=True)]
             event = None
