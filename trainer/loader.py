@@ -360,8 +360,7 @@ def _device_batches(next_batch: Callable[[], Batch], device: torch.device, scale
             chunks = None
             if hb.chunks is not None:
                 chunks = hb.chunks.to(device, non_blocking=True, copy=True)  # the host buffer goes back
-                idx = chunks.long()
-                acts = [a.float().mul_(s.index_select(0, idx)) for a, s in zip(acts, scales, strict=True)]
+                acts = _dequantize(acts, chunks, scales)
             event = None
             if cuda:
                 event = torch.cuda.Event()
@@ -384,6 +383,19 @@ def _device_batches(next_batch: Callable[[], Batch], device: torch.device, scale
             event.synchronize()  # done long ago (the consumer's stream waited for it): cheap
         del hb, event  # the host buffers may be refilled now
         cur = nxt
+
+
+def _dequantize(codes: list[Tensor], chunks: Tensor, scales: list[Tensor]) -> list[Tensor]:
+    """float32 rows = int8 codes * the per-channel scales of each row's chunk (same device as
+    the codes; on the CPU through numpy, ~6x faster than torch's small CPU ops here)."""
+    if chunks.device.type == "cpu":
+        out = []
+        for q, s in zip(codes, scales, strict=True):
+            rows = np.take(s.numpy(), chunks.numpy(), axis=0)
+            out.append(torch.from_numpy(np.multiply(rows, q.numpy(), out=rows)))
+        return out
+    idx = chunks.long()
+    return [q.float().mul_(s.index_select(0, idx)) for q, s in zip(codes, scales, strict=True)]
 
 
 def _can_pin() -> bool:
@@ -795,9 +807,8 @@ class _Workers:
         chunks = torch.from_numpy(out[_CHUNK]) if ld.int8 else None
         if ld.device is None:  # batches stay on the host
             if chunks is not None:  # dequantised here; the codes' buffers are free again
-                idx = chunks.long()
-                acts = [a.float().mul_(s.index_select(0, idx)) for a, s in zip(acts, ld._scales, strict=True)]
                 chunks = chunks.clone()
+                acts = _dequantize(acts, chunks, ld._scales)
             if ld.pin_memory and _can_pin():
                 acts = [_pin_copy(a) for a in acts]
         return Batch(acts, epoch, step, chunks)
