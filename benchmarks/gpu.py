@@ -109,10 +109,12 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- 1. the cuda tests
 def run_tests(dev: torch.device, a) -> dict:
     env = {**os.environ, "USAE_TEST_DEVICE": dev.type, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py",
-           "--junitxml", str(a.tmp / "junit.xml")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", str(REPO / "tests" / "test_cuda.py"),
+           "--rootdir", str(REPO), "--junitxml", str(a.tmp / "junit.xml")]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=a.test_timeout)
+    # run from the scratch folder: `python -m` puts the working directory first on sys.path, and
+    # the checkout's own usae/ folder (without its stage packages) must not shadow the package
+    r = subprocess.run(cmd, cwd=a.tmp, env=env, capture_output=True, text=True, timeout=a.test_timeout)
     dt = time.perf_counter() - t0
     tail = (r.stdout + r.stderr)[-4000:]
     log(tail[-1500:])
