@@ -80,8 +80,9 @@ def read_into(fd: int, out: np.ndarray, nbytes: int) -> int:
         return fh.readinto(memoryview(out.reshape(-1)).cast("B")[:nbytes])
 
 
-def map_rows(fd: int, nbytes: int, width: int) -> np.ndarray:
-    """The first `nbytes` of the file as a read-only float16 (rows, width) array over its pages
+def map_rows(fd: int, nbytes: int, width: int, dtype=np.float16) -> np.ndarray:
+    """The first `nbytes` of the file as a read-only (rows, width) array of `dtype` (float16 or
+    int8 tokens) over its pages
     (no copy); closes `fd` (the mapping stays until the array goes). Unless the file is cached,
     the OS is told the pages will be needed (MADV_WILLNEED: read-ahead starts now); they are
     mapped on first touch (cheaper than MAP_POPULATE for cached files)."""
@@ -92,7 +93,8 @@ def map_rows(fd: int, nbytes: int, width: int) -> np.ndarray:
         os.close(fd)
     if _WILLNEED is not None and not cached:
         m.madvise(_WILLNEED)
-    return np.frombuffer(m, np.float16).reshape(nbytes // (2 * width), width)
+    dtype = np.dtype(dtype)
+    return np.frombuffer(m, dtype).reshape(nbytes // (dtype.itemsize * width), width)
 
 
 def write_padded(path: str | os.PathLike, x: np.ndarray, full_bytes: int) -> None:

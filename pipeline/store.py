@@ -4,6 +4,12 @@ Layout, attributes and commit protocol are documented in docs/contracts.md. In s
 float16 array per backbone of shape (n_images * tokens_per_image, width), image-major, the
 same chunk rows in every backbone, no compressor; a chunk is committed by a small JSON marker
 written after its data, so an interrupted writer resumes by skipping committed chunks.
+
+An int8 store (``store_dtype="int8"``, half the bytes) holds the same rows as symmetric int8
+codes with one float32 scale per (chunk, channel): ``backbones/<key>/scale`` (n_chunks, width),
+value = code * scale[chunk]. The scale is the chunk's per-channel absmax / 127, so no value is
+ever clipped and every element is within half a scale step of its float16 value; statistics
+are computed on the unquantised (float16) rows, exactly as for a float16 store.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from usae.runtime import atomic_write, atomic_write_json
 SCHEMA_VERSION = 1
 FORMAT = "usae-activations"
 _META = "_usae"
+STORE_DTYPES = ("float16", "int8")
+"""Token dtypes a store can hold: float16 (the default) or int8 codes with per-chunk, per-channel scales."""
+INT8_MAX = 127  # symmetric codes in [-127, 127]: -128 is never used, so negation is exact
 
 
 class StoreError(UsaeError, RuntimeError):
@@ -59,6 +68,34 @@ def fingerprint(obj: Any) -> str:
     """Stable short hash of a JSON-serialisable object."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- int8 codes
+def quantize_int8(x_nd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes (n, d), float32 scale (d,)) of one chunk's rows: symmetric, per channel.
+
+    scale = max |x| over the rows / 127, code = round(x / scale), so |x - code * scale| <=
+    scale / 2 for every element and nothing is clipped (a per-chunk absmax needs no pass over
+    the whole store first, unlike a scale from the store's statistics, and adapts to each
+    chunk). A channel that is zero in every row gets scale 0 (codes 0); one holding NaN/inf
+    gets a non-finite scale and codes 0, so its dequantised rows are non-finite, as its float16
+    rows were (and as the statistics, computed on those rows, say)."""
+    x = np.asarray(x_nd, dtype=np.float32)
+    d = x.shape[1]
+    if x.shape[0] == 0:
+        return np.zeros(x.shape, np.int8), np.zeros(d, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        amax = np.abs(x).max(axis=0)
+        scale = (amax / np.float32(INT8_MAX)).astype(np.float32)
+        ok = np.isfinite(scale) & (scale > 0)
+        q = np.rint(x / np.where(ok, scale, np.float32(1)))
+    q = np.where(ok, np.clip(np.nan_to_num(q, nan=0.0), -INT8_MAX, INT8_MAX), 0)
+    return q.astype(np.int8), scale
+
+
+def dequantize_int8(q_nd: np.ndarray, scale_d: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 rows of int8 codes: code * scale (per channel)."""
+    return np.multiply(q_nd, np.asarray(scale_d, np.float32), out=out, dtype=np.float32)
 
 
 # ---------------------------------------------------------------- running statistics
@@ -162,6 +199,9 @@ class Store:
             k: int(g.attrs.get("prefix_tokens", 0)) for k, g in self._groups.items()
         }
         self._direct = {k: chunk_files.is_raw(self._groups[k]["tokens"]) for k in self.backbones}
+        self.dtypes: dict[str, np.dtype] = {k: np.dtype(self._groups[k]["tokens"].dtype) for k in self.backbones}
+        """Token dtype per backbone as stored: float16, or int8 (codes; see `scales`)."""
+        self._scales: dict[str, np.ndarray] = {}
         self._chunk_dirs = {
             k: os.path.join(self.path, "backbones", k, "tokens", "c") for k in self.backbones
         }
@@ -184,13 +224,20 @@ class Store:
         manifest_sha256: str = "",
         split: Sequence[str] | None = None,
         extra: Mapping[str, Any] | None = None,
+        store_dtype: str = "float16",
     ) -> Store:
         """Create an empty store, or return the existing one if it was made with the same settings.
 
         An existing store whose fingerprint differs is refused (never overwritten).
+        `store_dtype` "int8" stores int8 codes and per-chunk, per-channel scales (module
+        docstring); it is part of the fingerprint (a float16 store's fingerprint is unchanged).
         """
         zarr = _zarr()
         path = Path(path)
+        if store_dtype not in STORE_DTYPES:
+            raise StoreError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}")
+        if store_dtype != "float16":
+            fingerprint_of = {"content": fingerprint_of, "store_dtype": store_dtype}
         fp = fingerprint(fingerprint_of)
         if (path / "zarr.json").exists():
             st = cls(path, mode="r+")
@@ -230,12 +277,22 @@ class Store:
             g.create_array(
                 "tokens",
                 shape=(n * t, b.width),
-                dtype="float16",
+                dtype=store_dtype,
                 chunks=(chunk_images * t, b.width),
                 compressors=None,
                 fill_value=0.0,
                 config={"write_empty_chunks": True},
             )
+            if store_dtype == "int8":
+                g.create_array(
+                    "scale",
+                    shape=(-(-n // chunk_images), b.width),
+                    dtype="float32",
+                    chunks=(1, b.width),
+                    compressors=None,
+                    fill_value=0.0,
+                    config={"write_empty_chunks": True},
+                )
             if b.prefix_tokens:
                 g.create_array(
                     "prefix",
@@ -247,7 +304,8 @@ class Store:
                     config={"write_empty_chunks": True},
                 )
             g.attrs.update(
-                {"width": b.width, "prefix_tokens": b.prefix_tokens, "spec": dict(b.spec or {})}
+                {"width": b.width, "prefix_tokens": b.prefix_tokens, "spec": dict(b.spec or {}),
+                 "store_dtype": store_dtype}
             )
         root.attrs.update(
             {
@@ -328,6 +386,38 @@ class Store:
             raise StoreError(f"{self.path}: backbone {key!r} has no statistics (store incomplete?)")
         return dict(s)
 
+    def is_int8(self, key: str) -> bool:
+        """Whether a backbone's tokens are int8 codes (dequantised with `scales`)."""
+        return self.dtypes[key] == np.int8
+
+    @property
+    def store_dtype(self) -> str:
+        """ "int8" when every backbone is stored as int8 codes, else "float16"."""
+        return "int8" if self.backbones and all(self.is_int8(k) for k in self.backbones) else "float16"
+
+    def scales(self, key: str) -> np.ndarray:
+        """(n_chunks, width) float32 scales of an int8 backbone (chunk c's row = code * scales[c]);
+        zeros for a chunk never written. Read once, then cached."""
+        if not self.is_int8(key):
+            raise StoreError(f"backbone {key!r} of {self.path} is stored as {self.dtypes[key]}, it has no scales")
+        if key not in self._scales:
+            d, arr = self.widths[key], self._groups[key]["scale"]
+            if chunk_files.is_raw(arr):
+                out = np.zeros((self.n_chunks, d), np.float32)
+                base = os.path.join(self.path, "backbones", key, "scale", "c")
+                for i in range(self.n_chunks):
+                    fd, size = chunk_files.open_file(os.path.join(base, str(i), "0"))
+                    if fd is None:
+                        continue
+                    if size < 4 * d:
+                        os.close(fd)
+                        raise StoreError(f"scale file of chunk {i} of {key!r} in {self.path} is truncated")
+                    chunk_files.read_into(fd, out[i], 4 * d)
+            else:
+                out = np.asarray(arr[:], np.float32)
+            self._scales[key] = out
+        return self._scales[key]
+
     def token_rows(self, key: str) -> int:
         """Rows of a backbone's token array (n_images * tokens_per_image in a sound store)."""
         return int(self._groups[key]["tokens"].shape[0])
@@ -348,14 +438,20 @@ class Store:
     def _chunk_path(self, key: str, i: int) -> str:
         return os.path.join(self._chunk_dirs[key], str(i), "0")
 
-    def read_chunk(self, key: str, i: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Token rows of chunk i of one backbone, float16 (rows, d); direct file read when raw."""
+    def read_chunk(self, key: str, i: int, out: np.ndarray | None = None, *, codes: bool = False) -> np.ndarray:
+        """Token rows of chunk i of one backbone (rows, d); direct file read when raw.
+
+        float16 for a float16 store; for an int8 store, the dequantised rows in float32, or with
+        ``codes=True`` the int8 codes as stored (scale them with ``scales(key)[i]``)."""
+        if self.is_int8(key) and not codes:
+            q = self.read_chunk(key, i, codes=True)
+            return dequantize_int8(q, self.scales(key)[i], out=out)
         r0, r1 = self.chunk_rows(i)
         d = self.widths[key]
         rows = r1 - r0
         if self._direct[key]:
             if out is None:
-                out = np.empty((rows, d), dtype=np.float16)
+                out = np.empty((rows, d), dtype=self.dtypes[key])
             fd, nbytes = self._open_raw(key, i)  # checked to hold the chunk's rows
             if fd is None:  # never written: zarr's fill value
                 out[:] = 0
@@ -385,7 +481,8 @@ class Store:
         return fd
 
     def map_chunk(self, key: str, i: int) -> np.ndarray:
-        """Token rows of chunk i of one backbone as a read-only float16 (rows, d) array over the
+        """Token rows of chunk i of one backbone as a read-only (rows, d) array (float16, or the
+        int8 codes of an int8 store) over the
         chunk file's pages (raw arrays only): no copy, nothing allocated; the file is unmapped
         when the last reference to the array goes. Unless the file is in the page cache, the OS
         is told the pages will be needed (MADV_WILLNEED: read-ahead starts now); they are mapped
@@ -393,10 +490,10 @@ class Store:
         each fault in one go).
         """
         fd, nbytes = self._open_raw(key, i)
-        d = self.widths[key]
+        d, dt = self.widths[key], self.dtypes[key]
         if fd is None:  # never written: zarr's fill value
-            return np.broadcast_to(np.zeros((1, d), np.float16), (nbytes // (2 * d), d))
-        return chunk_files.map_rows(fd, nbytes, d)
+            return np.broadcast_to(np.zeros((1, d), dt), (nbytes // (dt.itemsize * d), d))
+        return chunk_files.map_rows(fd, nbytes, d, dt)
 
     def _open_raw(self, key: str, i: int) -> tuple[int | None, int]:
         """(read-only descriptor of chunk i's file of one backbone, or None when never written;
@@ -408,7 +505,7 @@ class Store:
                 f"backbone {key!r} of {self.path} is not stored raw: read its chunks with read_chunk"
             )
         r0, r1 = self.chunk_rows(i)
-        nbytes, f = (r1 - r0) * self.widths[key] * 2, self._chunk_path(key, i)
+        nbytes, f = (r1 - r0) * self.widths[key] * self.dtypes[key].itemsize, self._chunk_path(key, i)
         fd, size = chunk_files.open_file(f)
         if fd is not None and size < nbytes:
             os.close(fd)
@@ -416,8 +513,14 @@ class Store:
         return fd, nbytes
 
     def read_rows(self, key: str, r0: int, r1: int) -> np.ndarray:
-        """Contiguous rows through zarr (for small reads and tests, not for loaders)."""
-        return np.asarray(self._groups[key]["tokens"][r0:r1])
+        """Contiguous rows through zarr (for small reads and tests, not for loaders); an int8
+        store's rows dequantised (float32)."""
+        rows = np.asarray(self._groups[key]["tokens"][r0:r1])
+        if not self.is_int8(key):
+            return rows
+        rpc = self.chunk_images * self.tokens_per_image
+        chunk = np.arange(r0, r0 + len(rows)) // rpc
+        return rows.astype(np.float32) * self.scales(key)[chunk]
 
     def read_prefix(self, key: str, i0: int, i1: int) -> np.ndarray | None:
         if not self.prefix_tokens[key]:
@@ -472,7 +575,12 @@ class Store:
                     f"{key}: chunk {i} expects shape {(r1 - r0, self.widths[key])}, got {x.shape}"
                 )
             x16 = np.ascontiguousarray(x, dtype=np.float16)
-            self._write_tokens(key, i, x16)
+            if self.is_int8(key):  # statistics below are of x16, the unquantised rows
+                q, scale = quantize_int8(x16)
+                self._write_scale(key, i, scale)
+                self._write_tokens(key, i, q)
+            else:
+                self._write_tokens(key, i, x16)
             if stats is not None:
                 rs = stats[key]
             else:
@@ -492,6 +600,17 @@ class Store:
         }
         atomic_write_json(self._marker(i), marker)
 
+    def _write_scale(self, key: str, i: int, scale: np.ndarray) -> None:
+        """Chunk i's scale row of an int8 backbone (before its codes and its marker)."""
+        arr = self._groups[key]["scale"]
+        if not chunk_files.is_raw(arr):
+            arr[i : i + 1] = scale[None]
+            return
+        f = Path(self.path, "backbones", key, "scale", "c", str(i), "0")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        chunk_files.write_padded(f, np.ascontiguousarray(scale, np.float32), scale.size * 4)
+        self._scales.pop(key, None)
+
     def _write_tokens(self, key: str, i: int, x16: np.ndarray) -> None:
         """Chunk i of a backbone's tokens: the chunk file itself when the array is raw.
 
@@ -506,7 +625,7 @@ class Store:
             return
         f = self.chunk_file(key, i)
         f.parent.mkdir(parents=True, exist_ok=True)
-        full_bytes = self.chunk_images * self.tokens_per_image * x16.shape[1] * 2
+        full_bytes = self.chunk_images * self.tokens_per_image * x16.shape[1] * x16.itemsize
         chunk_files.write_padded(f, x16, full_bytes)
 
     def _write_valid(self, i: int, valid: np.ndarray) -> None:
@@ -566,6 +685,7 @@ class Store:
             s = self._groups[k].attrs.get("stats")
             out["backbones"][k] = {
                 "width": self.widths[k],
+                "dtype": str(self.dtypes[k]),
                 "rows": self.n_rows,
                 "prefix_tokens": self.prefix_tokens[k],
                 "spec": self.spec(k),
@@ -573,3 +693,37 @@ class Store:
                 "scalar_std": None if s is None else s["scalar_std"],
             }
         return out
+
+
+def convert_store(src: str | os.PathLike, dst: str | os.PathLike, store_dtype: str = "int8") -> Store:
+    """Copy a complete store into a new one holding `store_dtype` tokens: the same images,
+    chunks, attributes and ground truth, each chunk re-encoded from the source's rows (an
+    int8 source is dequantised first). The statistics are the source's, carried over from its
+    commit markers (for a float16 source: those of the unquantised rows)."""
+    import shutil
+
+    s = Store.open(src)
+    layouts = [BackboneLayout(k, s.widths[k], s.prefix_tokens[k], s.spec(k)) for k in s.backbones]
+    a = s.attrs
+    out = Store.create(
+        dst, list(s.image_ids), layouts, grid=tuple(a["grid"]), chunk_images=s.chunk_images,
+        source=a["source"], fingerprint_of={"converted_from": a["fingerprint"]},
+        manifest_sha256=a.get("manifest_sha256", ""), split=None if s.split is None else list(s.split),
+        extra=dict(a.get("extra", {})), store_dtype=store_dtype,
+    )  # fmt: skip
+    valid = s.valid
+    for i in range(s.n_chunks):
+        if out.is_committed(i):
+            continue
+        with open(s._marker(i)) as f:
+            m = json.load(f)
+        ia, ib = s.chunk_images_range(i)
+        tokens = {k: s.read_chunk(k, i) for k in s.backbones}
+        prefix = {k: s.read_prefix(k, ia, ib) for k in s.backbones if s.prefix_tokens[k]}
+        stats = {k: RunningStats.from_json(m["stats"][k]) for k in s.backbones}
+        out.write_chunk(i, tokens, valid[ia:ib], prefix=prefix, failures=m["failures"], stats=stats)
+    truth = s.path / _META / "truth.safetensors"
+    if truth.exists():
+        shutil.copyfile(truth, out.path / _META / "truth.safetensors")
+    out.finalize()
+    return out

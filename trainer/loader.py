@@ -50,6 +50,18 @@ waits for the trainer. Memory is bounded by the chunk pool (none with "pread" an
 pages are the page cache's, only the block's are mapped) and a few batches, whatever the store
 size.
 
+int8 stores (``Store.is_int8``): chunks are read, and batches gathered, as int8 codes (half
+the bytes of float16); each batch also carries the store chunk of every row, and is
+dequantised (code * the chunk's per-channel scale) on the device when one is given, else on the
+host in the batcher thread (float32 batches).
+
+The device feed (``device=`` given): each batch is copied to the device by the loader, on a
+side CUDA stream from pinned host buffers (non_blocking), one batch ahead: the copy (and the
+int8 dequantisation) of batch n+1 runs while the trainer computes on batch n, and batch n's
+host buffers go back to the batcher only once its copy has completed (a pinned buffer refilled
+under an unfinished copy would corrupt the batch). On a CPU device the same code runs without
+streams or pinning (the "copy" is the host tensor itself).
+
 Batch buffers are recycled, but only once nothing outside the loader references them any more
 (their reference count is back to the loader's own): a fresh multi-MB array per batch costs
 page faults that made gathering ~4x slower, and a batch kept by the caller is never
@@ -69,8 +81,9 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -98,12 +111,15 @@ class Batch(NamedTuple):
     """One batch of aligned token activations."""
 
     acts: list[Float[Tensor, "b d"]]
-    """float16 (b, d_i) per backbone, in the loader's ``backbones`` order; row r is the same
-    image and token in every backbone."""
+    """(b, d_i) per backbone, in the loader's ``backbones`` order; row r is the same image and
+    token in every backbone. float16 from a float16 store, float32 (dequantised) from an int8
+    store; on the loader's ``device`` when one is given, else on the host."""
     epoch: int
     """Epoch this batch belongs to."""
     step: int
     """Index of the batch within its epoch (0-based)."""
+    chunks: Tensor | None = None
+    """int8 stores: (b,) store chunk of each row (whose scales dequantised it); else None."""
 
 
 class _Block(NamedTuple):
@@ -139,6 +155,7 @@ class ChunkLoader:
         pin_memory: bool = False,
         shuffle: str = "images",
         gather_threads: int | None = None,
+        device: str | torch.device | None = None,
     ):
         self.store = store if isinstance(store, Store) else Store.open(store)
         self.backbones = list(backbones)
@@ -147,13 +164,21 @@ class ChunkLoader:
         self.rank, self.world_size, self.pin_memory = int(rank), int(world_size), bool(pin_memory)
         self.shuffle = shuffle
         self.gather_threads = min(2, os.cpu_count() or 1) if gather_threads is None else int(gather_threads)
+        self.device = None if device is None else torch.device(device)
+        """Where batches are delivered (the device feed, module docstring); None: on the host."""
         self._check_args()
         if not self.buffer_chunks:
             self.buffer_chunks = DEFAULT_BUFFER_CHUNKS[self.read_mode]
         if self.read_mode == "pread":
             _check_open_files(self.chunks_out * len(self.backbones))
         st = self.store
-        self._row_bytes = 2 * sum(st.widths[k] for k in self.backbones)
+        self._row_bytes = sum(st.dtypes[k].itemsize * st.widths[k] for k in self.backbones)
+        self.int8 = any(st.is_int8(k) for k in self.backbones)
+        """Whether batches are gathered as int8 codes (and dequantised by the loader)."""
+        if self.int8 and not all(st.is_int8(k) for k in self.backbones):
+            raise ValueError("the backbones mix int8 and float16 tokens: convert the store to one dtype")
+        self._scales = [torch.from_numpy(st.scales(k)) for k in self.backbones] if self.int8 else []
+        self._dev_scales: list[Tensor] | None = None
         self._t = st.tokens_per_image
         self._chunk_rows = st.chunk_images * self._t
         selected = st.valid
@@ -193,6 +218,8 @@ class ChunkLoader:
             raise ValueError(f"gather_threads must be >= 1, got {self.gather_threads}")
         if self.shuffle not in SHUFFLES:
             raise ValueError(f"shuffle must be one of {', '.join(SHUFFLES)}, got {self.shuffle!r}")
+        if self.device is not None and self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device} asked for, but CUDA is not available")
 
     # ------------------------------------------------------------ the stream's definition
     def epoch_blocks(self, epoch: int) -> list[_Block]:
@@ -243,6 +270,13 @@ class ChunkLoader:
         return (imgs[:, None] * self._t + np.arange(self._t)).reshape(-1)
 
     @property
+    def pinned_buffers(self) -> bool:
+        """Whether batches are gathered straight into pinned (page-locked) host buffers: with
+        pin_memory on a device feed (which holds each buffer until its copy is done), where
+        CUDA is there to pin them."""
+        return self.pin_memory and self.device is not None and _can_pin()
+
+    @property
     def local_batch_tokens(self) -> int:
         """Rows per batch on this rank."""
         return self.batch_tokens // self.world_size
@@ -266,14 +300,20 @@ class ChunkLoader:
         self.close()
         workers = _Workers(self, self._epoch, self._step, self._buffers)
         self._workers, self._buffers = workers, None
+        if self.device is None:
+            feed = _host_batches(workers.next_batch)
+        else:
+            if self._dev_scales is None:
+                self._dev_scales = [s.to(self.device) for s in self._scales]
+            feed = _device_batches(workers.next_batch, self.device, self._dev_scales)
         try:
-            while True:
-                batch = workers.next_batch()
+            for batch in feed:
                 nxt = batch.step + 1
                 self._epoch, self._step = (batch.epoch + 1, 0) if nxt == self.batches_per_epoch else (batch.epoch, nxt)
                 yield batch
                 del batch  # the trainer holds the only reference: its buffer can be reused once it drops it
         finally:
+            feed.close()  # drops the batch it holds ahead (after its copy) before the workers stop
             if self._workers is workers:
                 self.close()
             else:
@@ -297,6 +337,86 @@ class ChunkLoader:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _host_batches(next_batch: Callable[[], Batch]) -> Iterator[Batch]:
+    while True:
+        yield next_batch()
+
+
+def _device_batches(next_batch: Callable[[], Batch], device: torch.device, scales: list[Tensor]) -> Iterator[Batch]:
+    """Host batches -> batches on `device`, one ahead (module docstring, "The device feed").
+
+    The copy of batch n+1 (and its dequantisation) is issued on a side stream before batch n is
+    handed over, so it overlaps the trainer's work on batch n; the consumer's stream waits for
+    batch n's copy (an event), its tensors are marked as used there (``record_stream``), and the
+    host batch is released only once its copy has completed."""
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device=device) if cuda else None
+
+    def issue(hb: Batch) -> tuple[Batch, Batch, torch.cuda.Event | None]:
+        with torch.cuda.stream(stream) if cuda else nullcontext():
+            acts = [a.to(device, non_blocking=True) for a in hb.acts]
+            chunks = None
+            if hb.chunks is not None:
+                chunks = hb.chunks.to(device, non_blocking=True, copy=True)  # the host buffer goes back
+                acts = _dequantize(acts, chunks, scales)
+            event = None
+            if cuda:
+                event = torch.cuda.Event()
+                event.record(stream)
+        return hb, Batch(acts, hb.epoch, hb.step, chunks), event
+
+    cur = issue(next_batch())
+    while True:
+        nxt = issue(next_batch())  # its copy runs while the consumer works on `cur`
+        hb, db, event = cur
+        del cur
+        if cuda:
+            here = torch.cuda.current_stream(device)
+            here.wait_event(event)
+            for t in [*db.acts, *([] if db.chunks is None else [db.chunks])]:
+                t.record_stream(here)
+        yield db
+        del db
+        if event is not None:
+            event.synchronize()  # done long ago (the consumer's stream waited for it): cheap
+        del hb, event  # the host buffers may be refilled now
+        cur = nxt
+
+
+def _dequantize(codes: list[Tensor], chunks: Tensor, scales: list[Tensor]) -> list[Tensor]:
+    """float32 rows = int8 codes * the per-channel scales of each row's chunk (same device as
+    the codes; on the CPU through numpy, ~6x faster than torch's small CPU ops here)."""
+    if chunks.device.type == "cpu":
+        out = []
+        for q, s in zip(codes, scales, strict=True):
+            rows = np.take(s.numpy(), chunks.numpy(), axis=0)
+            out.append(torch.from_numpy(np.multiply(rows, q.numpy(), out=rows)))
+        return out
+    idx = chunks.long()
+    return [q.float().mul_(s.index_select(0, idx)) for q, s in zip(codes, scales, strict=True)]
+
+
+def _can_pin() -> bool:
+    """Whether page-locked host memory can be allocated (a CUDA device is there)."""
+    return torch.cuda.is_available()
+
+
+def _pinned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A page-locked host array (owned by a pinned torch tensor, kept alive by the array)."""
+    return torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)], pin_memory=True).numpy()
+
+
+def _pin_copy(t: Tensor) -> Tensor:
+    """A pinned copy of a host tensor (from PyTorch's caching host allocator, which keeps the block
+    until any copy from it has completed: safe whatever the consumer does with it)."""
+    return t.pin_memory()
+
+
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.int8): torch.int8,
+                 np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}
+_CHUNK = "\0chunk"  # batch buffer key of the rows' store chunks (int8 stores)
 
 
 def _check_open_files(n: int) -> None:
@@ -411,7 +531,7 @@ class _Workers:
             buffers = ({}, [])
         self.pool: dict[str, np.ndarray] = buffers[0]
         if self.how == "pool" and not self.pool:
-            self.pool = {k: np.empty((n_slots, loader._chunk_rows, st.widths[k]), np.float16) for k in loader.backbones}
+            self.pool = {k: np.empty((n_slots, loader._chunk_rows, st.widths[k]), st.dtypes[k]) for k in loader.backbones}
         self._spare: list[tuple[dict[str, np.ndarray], int]] = buffers[1]  # (buffers, idle refcount)
         self.free: queue.Queue = queue.Queue()  # slots back from the batcher, with the chunk the reader releases
         for s in range(n_slots):
@@ -521,7 +641,7 @@ class _Workers:
                                 src.data[k] = st.map_chunk(k, c)
                             else:
                                 r0, r1 = st.chunk_rows(c)
-                                src.data[k] = st.read_chunk(k, c, out=self.pool[k][slot, : r1 - r0])
+                                src.data[k] = st.read_chunk(k, c, out=self.pool[k][slot, : r1 - r0], codes=True)
                         self._put(self.ready, src)
                     except BaseException:
                         src.release()
@@ -592,7 +712,11 @@ class _Workers:
     def _fill(self, ctx: _Open, rows: np.ndarray | range, out: dict[str, np.ndarray], o: int) -> None:
         """Gather block rows `rows` (see `_segment`) into batch rows o.. of `out`, run by run and
         backbone by backbone, the runs shared out to the gather threads as each becomes free."""
-        units = [(k, *run) for run in self._runs(ctx, rows, o) for k in self.ld.backbones]
+        runs = self._runs(ctx, rows, o)
+        if self.ld.int8:  # the store chunk of each row, for its dequantisation
+            for j, a, b, _ in runs:
+                out[_CHUNK][a:b] = ctx.sources[j].chunk
+        units = [(k, *run) for run in runs for k in self.ld.backbones]
         if self._helpers is None or len(rows) * self.ld._row_bytes < _MIN_SPLIT_BYTES:
             for u in units:
                 self._copy(ctx, out, *u)
@@ -632,7 +756,7 @@ class _Workers:
         if src is None:  # a chunk never written: zeros
             dst[:] = 0
         elif self.how == "pread":  # r is the first row: one read straight into the batch
-            rb = dst.shape[1] * 2
+            rb = dst.shape[1] * dst.itemsize
             if os.preadv(src, (dst,), r * rb) != (b - a) * rb:
                 f = self.ld.store.chunk_file(k, ctx.sources[j].chunk)
                 raise StoreError(f"chunk file {f} is truncated (rows {r}..{r + b - a} not all there)")
@@ -668,14 +792,23 @@ class _Workers:
             if self._stop.wait(delay):
                 raise _Stop
             delay = min(2 * delay, 2e-3)
-        n, widths = self.ld.local_batch_tokens, self.ld.store.widths
-        bufs = {k: np.empty((n, widths[k]), np.float16) for k in self.ld.backbones}
+        n, widths, dtypes = self.ld.local_batch_tokens, self.ld.store.widths, self.ld.store.dtypes
+        empty = _pinned_empty if self.ld.pinned_buffers else np.empty
+        bufs = {k: empty((n, widths[k]), dtypes[k]) for k in self.ld.backbones}
+        if self.ld.int8:
+            bufs[_CHUNK] = empty((n,), np.int32)
         if len(self._spare) < _SPARE_BATCHES:
             self._spare.append((bufs, max(_refs(a) for a in bufs.values())))
         return bufs
 
     def _finish(self, out: dict[str, np.ndarray], epoch: int, step: int) -> Batch:
-        acts = [torch.from_numpy(out[k]) for k in self.ld.backbones]
-        if self.ld.pin_memory and torch.cuda.is_available():
-            acts = [a.pin_memory() for a in acts]
-        return Batch(acts, epoch, step)
+        ld = self.ld
+        acts = [torch.from_numpy(out[k]) for k in ld.backbones]
+        chunks = torch.from_numpy(out[_CHUNK]) if ld.int8 else None
+        if ld.device is None:  # batches stay on the host
+            if chunks is not None:  # dequantised here; the codes' buffers are free again
+                chunks = chunks.clone()
+                acts = _dequantize(acts, chunks, ld._scales)
+            if ld.pin_memory and _can_pin():
+                acts = [_pin_copy(a) for a in acts]
+        return Batch(acts, epoch, step, chunks)
