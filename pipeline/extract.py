@@ -70,6 +70,8 @@ class ExtractConfig:
     """Use seeded random weights for backbones without a weights file (pipeline tests only)."""
     offline: bool = False
     """Never touch the network: pretrained weights only from the local HF cache (as with HF_HUB_OFFLINE=1)."""
+    store_dtype: Literal["float16", "int8"] = "float16"
+    """Token dtype of the store: float16, or int8 codes with per-chunk, per-channel scales (half the bytes; exact statistics kept)."""
     seed: int = 0
     """Seed of the random init."""
     tiny: bool = False
@@ -180,6 +182,7 @@ def prepare(cfg: ExtractConfig) -> _Prepared:
         cfg.store,
         [i for i, _, _ in items],
         layouts,
+        store_dtype=cfg.store_dtype,
         grid=cfg.grid,
         chunk_images=cfg.chunk_images,
         source="extract",

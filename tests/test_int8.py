@@ -131,3 +131,22 @@ def test_loader_dequantised_batches_equal_reference(tmp_path, shuffle, device):
                 np.testing.assert_array_equal(b8.acts[j].numpy(), ref[k][rows])
             if b16.epoch == 2:
                 break
+
+
+def test_extract_writes_an_int8_store_with_the_fp16_statistics(shared_image_set, tmp_path):
+    """usae extract --store-dtype int8: the same exact statistics as the float16 store of the same
+    images, the rows within half a scale step of them."""
+    from usae.pipeline.extract import ExtractConfig, run_extract
+    from usae.pipeline.store import Store
+
+    common = dict(manifest=shared_image_set.manifest, backbones=("dinov2",), tiny=True, random_init=True,
+                  progress=False, chunk_images=4)  # fmt: skip
+    run_extract(ExtractConfig(store=tmp_path / "f16.zarr", **common))
+    run_extract(ExtractConfig(store=tmp_path / "i8.zarr", store_dtype="int8", **common))
+    a, b = Store.open(tmp_path / "f16.zarr"), Store.open(tmp_path / "i8.zarr")
+    assert b.store_dtype == "int8" and a.store_dtype == "float16"
+    assert np.array_equal(a.stats("dinov2")["mean"], b.stats("dinov2")["mean"])
+    for c in range(a.n_chunks):
+        x, y = a.read_chunk("dinov2", c).astype(np.float32), b.read_chunk("dinov2", c)
+        step = np.abs(x).max(0) / 127
+        assert np.all(np.abs(x - y) <= step / 2 + 1e-6)

@@ -86,6 +86,9 @@ def make_loader(
         return ChunkLoader(
             st, list(keys), cfg.batch_tokens, images=images, seed=cfg.seed,
             buffer_chunks=cfg.buffer_chunks or None, rank=d.rank, world_size=d.world, shuffle=cfg.shuffle,
+            # on CUDA the loader copies each batch ahead, pinned and non_blocking on a side stream
+            # (int8 batches are dequantised there); on the CPU batches stay on the host
+            device=d.device if d.device.type == "cuda" else None, pin_memory=d.device.type == "cuda",
         )  # fmt: skip
     except ValueError as e:
         raise TrainError(f"cannot load batches from {st.path}: {e}") from None
