@@ -1,5 +1,6 @@
-"""Report data -> PNG figures of a report: the four summary figures (REPORT/figures/) and the
-top-image panels with token maps (REPORT/images/<k>.png).
+"""Report data -> PNG figures of a report: the four summary figures (REPORT/figures/), the
+layer-alignment heatmap when computed (REPORT/figures/layer_alignment.png) and the top-image
+panels with token maps (REPORT/images/<k>.png).
 
 Drawing only: the numbers come from ``usae.analysis.metrics`` (docs/method.md, metrics). Every
 file is written atomically, so a reader never sees half a PNG.
@@ -193,3 +194,55 @@ def _fig_scatter(plt, keys, rec, t, m):
     ax.set_ylabel("log10 co-fires")
     ax.set_title(f"co-fires vs importance ({int(ok.sum())} concepts)")
     return fig
+
+
+# ---------------------------------------------------------------- layer alignment
+def draw_layer_alignment(path: Path, entry: dict) -> None:
+    """metrics.json's ``layer_alignment`` -> heatmap of shared concepts, rows and columns the
+    (model, layer) groups in the entry's order, annotated counts, lines between models, the
+    best depth of each other model per row outlined."""
+    plt = _plt()
+    keys = [g["key"] for g in entry["groups"]]
+    shared = np.asarray(entry["shared"], dtype=np.float64)
+    n = len(keys)
+    size = max(3.2, 0.55 * n + 2.0)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    off = ~np.eye(n, dtype=bool)
+    vmax = max(float(shared[off].max()) if n > 1 else 0.0, 1.0)  # the diagonal saturates
+    im = ax.imshow(shared, cmap="magma", vmin=0, vmax=vmax)
+    for i in range(n):
+        for j in range(n):
+            v = shared[i, j]
+            ax.text(
+                j,
+                i,
+                f"{int(v)}",
+                ha="center",
+                va="center",
+                fontsize=8 if n <= 12 else 6,
+                color="black" if v > 0.6 * vmax else "white",
+                fontweight="bold" if i == j else "normal",
+            )
+    pos = {k: n_ for n_, k in enumerate(keys)}
+    for b in entry["best"]:
+        if b["key_b"] is not None and b["model_a"] != b["model_b"]:
+            i, j = pos[b["key_a"]], pos[b["key_b"]]
+            ax.add_patch(
+                plt.Rectangle((j - 0.4, i - 0.4), 0.8, 0.8, fill=False, ec="#2fd0ff", lw=1.8)
+            )
+    models = [g["model"] for g in entry["groups"]]
+    for n_ in range(1, n):
+        if models[n_] != models[n_ - 1]:
+            ax.axhline(n_ - 0.5, color="white", lw=2.5)
+            ax.axvline(n_ - 0.5, color="white", lw=2.5)
+    ax.set_xticks(range(n), keys, rotation=45, ha="right")
+    ax.set_yticks(range(n), keys)
+    ax.set_title(
+        f"shared concepts (co-fire / min fires >= {entry['threshold']:g},\n"
+        f">= {entry['min_fires']} fires each; outlined: best depth per row)",
+        fontsize=9,
+    )
+    fig.colorbar(im, ax=ax, fraction=0.046, label="shared concepts (diagonal: live)")
+    fig.tight_layout()
+    _save(fig, path, 90)
+    plt.close(fig)

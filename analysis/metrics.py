@@ -63,6 +63,9 @@ class Sums(ReconstructionSums):
     """(m, g) best image scores per concept, descending (-inf: empty slot)."""
     top_image_mg: np.ndarray
     """(m, g) image indices (store order) of those scores (-1: empty slot)."""
+    pair_cofires_mmm: np.ndarray | None = None
+    """(M, M, m) tokens on which concept k fires for both backbone i and backbone j (symmetric;
+    the diagonal is ``fires_mm``); None unless the pass was asked for it (``pairwise=True``)."""
 
 
 class _Accumulator:
@@ -70,7 +73,13 @@ class _Accumulator:
     shared with the trainer's evaluation) and the concept statistics, in the same pass."""
 
     def __init__(
-        self, model: USAE, tau: float, top_images: int, image_score: str, device: torch.device
+        self,
+        model: USAE,
+        tau: float,
+        top_images: int,
+        image_score: str,
+        device: torch.device,
+        pairwise: bool = False,
     ):
         spec = model.spec
         self.m, self.n_models, self.tau = spec.concepts, len(spec.widths), tau
@@ -82,6 +91,11 @@ class _Accumulator:
         self.cofires = torch.zeros(self.m + 1, dtype=torch.int64, device=device)  # [m]: not fired
         self.union = torch.zeros(self.m + 1, dtype=torch.int64, device=device)
         self.top_key = torch.full((self.m, self.g), -1, dtype=torch.int64, device=device)
+        self.pairs = (  # flat (M, M, m + 1), upper triangle i < j filled; [.., m]: not fired
+            torch.zeros(self.n_models**2 * (self.m + 1), dtype=torch.int64, device=device)
+            if pairwise and self.n_models > 1
+            else None
+        )
 
     def add_batch(self, x_bD: Tensor, codes: Sequence[Codes]) -> None:
         """One batch: standardised inputs side by side (float32/64) and each backbone's codes."""
@@ -93,7 +107,10 @@ class _Accumulator:
             self.fires[i].index_add_(0, idx, fired.to(torch.int64))  # no boolean indexing: no sync
             self.sum_z[i].index_add_(0, idx, vals.to(torch.float64))
             fired_list.append(torch.where(fired.view_as(c.indices_bk), c.indices_bk, self.m))
-        self._add_cofires(fired_list)
+        if self.pairs is None:
+            self._add_cofires(fired_list)
+        else:
+            self._add_cofires_pairs(fired_list)
 
     def _add_cofires(self, fired_list: list[Tensor]) -> None:
         """Co-fires and unions from the fired concept ids per token (sentinel m = not fired).
@@ -112,6 +129,32 @@ class _Accumulator:
         run = s_bn[:, : s_bn.shape[1] - n_models + 1]
         all_m = run == s_bn[:, n_models - 1 :]
         self.cofires.index_add_(0, run.reshape(-1), all_m.reshape(-1).to(torch.int64))
+
+    def _add_cofires_pairs(self, fired_list: list[Tensor]) -> None:
+        """``_add_cofires`` plus the pairwise co-fires, sparse: O(b M^2 k), never (b, m) masks.
+
+        Token-wise sort of the keys id * M + i (backbone i, sentinel id m = not fired): a
+        concept's occurrences are then contiguous and ordered by backbone, so the pairs (i < j)
+        for which it fired are exactly the positions p, p + d (d = 1..M-1) holding the same id.
+        Each pair is counted at flat index (i * M + j) * (m + 1) + id; the sentinel column m
+        takes the non-fired ones. The same sorted ids give the co-fires and unions.
+        """
+        n, m1 = self.n_models, self.m + 1
+        key_bn = torch.cat([f * n + i for i, f in enumerate(fired_list)], dim=1)
+        key_bn = torch.sort(key_bn, dim=1).values
+        s_bn = torch.div(key_bn, n, rounding_mode="floor")
+        who_bn = key_bn - s_bn * n
+        first = torch.ones_like(s_bn, dtype=torch.bool)
+        first[:, 1:] = s_bn[:, 1:] != s_bn[:, :-1]
+        self.union.index_add_(0, s_bn.reshape(-1), first.reshape(-1).to(torch.int64))
+        run = s_bn[:, : s_bn.shape[1] - n + 1]
+        all_m = run == s_bn[:, n - 1 :]
+        self.cofires.index_add_(0, run.reshape(-1), all_m.reshape(-1).to(torch.int64))
+        width = s_bn.shape[1]
+        for d in range(1, n):
+            lo, hi = s_bn[:, : width - d], s_bn[:, d:]
+            flat = (who_bn[:, : width - d] * n + who_bn[:, d:]) * m1 + lo
+            self.pairs.index_add_(0, flat.reshape(-1), (lo == hi).reshape(-1).to(torch.int64))
 
     def add_image_scores(
         self, codes: Sequence[Codes], local_img_b: Tensor, buf_mnm: Tensor
@@ -158,6 +201,12 @@ class _Accumulator:
             return t.cpu().numpy()
 
         score, image = self.top_images()
+        pairs = None
+        if self.pairs is not None:
+            n = self.n_models
+            up = np_(self.pairs).reshape(n, n, self.m + 1)[:, :, : self.m]
+            pairs = up + up.transpose(1, 0, 2)  # lower triangle and diagonal of up are zero
+            pairs[np.arange(n), np.arange(n)] = np_(self.fires)
         return Sums(
             **vars(self.rec.sums()),
             fires_mm=np_(self.fires),
@@ -166,6 +215,7 @@ class _Accumulator:
             union_m=np_(self.union[: self.m]),
             top_score_mg=np_(score),
             top_image_mg=np_(image),
+            pair_cofires_mmm=pairs,
         )
 
 
@@ -184,17 +234,19 @@ def stream_sums(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     on_batch: Callable[[int], None] | None = None,
+    pairwise: bool = False,
 ) -> Sums:
     """One pass over the evaluated rows of the store -> ``Sums`` (memory independent of N).
 
     ``keys[i]`` is the store key of the model's backbone i; ``image_mask_n`` selects the
-    images (store order) to evaluate; ``on_batch(rows)`` is called after every batch.
+    images (store order) to evaluate; ``on_batch(rows)`` is called after every batch;
+    ``pairwise`` adds the (M, M, m) pairwise co-fires (``Sums.pair_cofires_mmm``).
     """
     if image_score not in ("max", "mean"):
         raise ValueError(f"image_score must be 'max' or 'mean', got {image_score!r}")
     device = torch.device(device)
     model = prepare_model(model, dtype, device)
-    acc = _Accumulator(model, tau, top_images, image_score, device)
+    acc = _Accumulator(model, tau, top_images, image_score, device, pairwise)
     ci_images = store.chunk_images
     buf_mnm = torch.zeros(
         model.n_models, ci_images, model.spec.concepts, dtype=torch.float32, device=device
@@ -284,6 +336,105 @@ def cofire_vs_importance(
     r = float(np.corrcoef(x, y)[0, 1])
     slope = float(np.polyfit(x, y, 1)[0])
     return Correlation(r, slope, n)
+
+
+# ---------------------------------------------------------------- shared concepts, layer alignment
+def shared_concepts(
+    pair_cofires_mmm: np.ndarray, threshold: float = 0.5, min_fires: int = 10
+) -> np.ndarray:
+    """(M, M) number of concepts backbones i and j share, from the pairwise co-fires.
+
+    Concept k is shared by i and j when it fires >= ``min_fires`` times (and at least once) for
+    each, and its pairwise co-fire proportion cofire_ijk / min(fires_ik, fires_jk) (the overlap
+    coefficient of the two firing sets) is >= ``threshold``. The diagonal is the number of
+    concepts firing >= ``min_fires`` times for that backbone.
+    """
+    n = pair_cofires_mmm.shape[0]
+    fires_mm = pair_cofires_mmm[np.arange(n), np.arange(n)]
+    low = np.minimum(fires_mm[:, None, :], fires_mm[None, :, :])  # (M, M, m)
+    ok = low >= max(int(min_fires), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prop = pair_cofires_mmm / np.where(ok, low, 1)
+    return (ok & (prop >= threshold)).sum(-1).astype(np.int64)
+
+
+class Group(NamedTuple):
+    """A backbone of the model as (model, layer): a store group such as ``dinov2@6``."""
+
+    key: str
+    model: str
+    layer: int | None
+    """Block index (None: the model's default output, ordered after every numbered layer)."""
+
+
+def order_groups(groups: Sequence[Group]) -> list[int]:
+    """Indices of ``groups`` grouped by model (models in first-seen order), layers ascending,
+    None last."""
+    first: dict[str, int] = {}
+    for n, g in enumerate(groups):
+        first.setdefault(g.model, n)
+    return sorted(
+        range(len(groups)),
+        key=lambda n: (
+            first[groups[n].model],
+            groups[n].layer is None,
+            groups[n].layer or 0,
+            n,
+        ),
+    )
+
+
+def has_layers(groups: Sequence[Group]) -> bool:
+    """True when some model appears with more than one group (several of its layers)."""
+    models = [g.model for g in groups]
+    return len(set(models)) < len(models)
+
+
+def layer_alignment(
+    groups: Sequence[Group],
+    pair_cofires_mmm: np.ndarray,
+    threshold: float = 0.5,
+    min_fires: int = 10,
+) -> dict:
+    """The layer-alignment view: shared concepts between every two (model, layer) groups.
+
+    ``groups[i]`` describes backbone i of the model (the axes of ``pair_cofires_mmm``). Returns
+    {groups: [{key, model, layer}] in ``order_groups`` order, threshold, min_fires, shared:
+    (G, G) counts in that order, best: per ordered pair of models (A, B) and depth of A, the
+    depth of B sharing most concepts with it (ties: the shallower; the depth itself excluded
+    when A = B; layer_b None when none is shared)}.
+    """
+    order = order_groups(groups)
+    gs = [groups[n] for n in order]
+    shared = shared_concepts(pair_cofires_mmm, threshold, min_fires)[np.ix_(order, order)]
+    models = list(dict.fromkeys(g.model for g in gs))
+    rows = {mk: [n for n, g in enumerate(gs) if g.model == mk] for mk in models}
+    best = []
+    for a, b in ((a, b) for a in models for b in models):
+        if a == b and len(rows[a]) < 2:
+            continue
+        for ia in rows[a]:
+            cand = [ib for ib in rows[b] if ib != ia]
+            vals = shared[ia, cand]
+            top = cand[int(np.argmax(vals))]  # first maximum: the shallower depth
+            best.append(
+                {
+                    "model_a": a,
+                    "layer_a": gs[ia].layer,
+                    "key_a": gs[ia].key,
+                    "model_b": b,
+                    "layer_b": gs[top].layer if vals.max() > 0 else None,
+                    "key_b": gs[top].key if vals.max() > 0 else None,
+                    "shared": int(vals.max()),
+                }
+            )
+    return {
+        "groups": [g._asdict() for g in gs],
+        "threshold": float(threshold),
+        "min_fires": int(min_fires),
+        "shared": shared.tolist(),
+        "best": best,
+    }
 
 
 # ---------------------------------------------------------------- baseline matching

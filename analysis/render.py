@@ -126,15 +126,42 @@ def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int])
     )
     r2_table = f"<table><thead><tr><th>codes from \\ R2 of</th>{''.join(f'<th>{esc(k)}</th>' for k in keys)}</tr></thead><tbody>{r2}</tbody></table>"
     figs = "".join(f'<img src="figures/{f}.png" alt="{f}">' for f in FIGURES)
+    layers = _layer_section(m.get("layer_alignment"))
     return f"""<header><h1>USAE report</h1>
 <div class="meta">run {esc(m["run"])} &middot; store {esc(m["store"])} &middot; {m["n_images"]} images ({esc(m["images"])}),
 {m["n_tokens"]} tokens &middot; {m["concepts"]} concepts, k = {m["k"]} &middot; tau = {m["tau"]}{" &middot; independent SAEs" if m["independent"] else ""}</div></header>
 <div class="cards">{"".join(cards)}</div>{warn}
-<h2>Cross-model reconstruction (R2, scalar mean)</h2>{r2_table}
+<h2>Cross-model reconstruction (R2, scalar mean)</h2>{r2_table}{layers}
 <h2>Figures</h2><div class="figs">{figs}</div>
 <h2>Concepts</h2><div class="controls">Click a column to sort. Concepts with a page are linked.
 <label><input type="checkbox" id="hide-dead"> hide dead concepts</label></div>
 <div class="scroll">{_concept_table(keys, df, pages)}</div>"""
+
+
+def _layer_section(entry: dict | None) -> str:
+    """The layer-alignment section (empty without metrics.json's ``layer_alignment``): the
+    shared-concept heatmap beside the R2 matrix, and the best depth of each other model."""
+    if not entry:
+        return ""
+    esc = html.escape
+    rows = "".join(
+        f"<tr><th>{esc(b['key_a'])}</th><td>{esc(b['model_b'])}</td>"
+        f"<td>{esc(b['key_b']) if b['key_b'] is not None else 'none shared'}</td>"
+        f"{_td(b['shared'], '{:d}')}</tr>"
+        for b in entry["best"]
+    )
+    table = (
+        '<table id="layer-best"><thead><tr><th>group</th><th>other model</th>'
+        f"<th>depth sharing most</th><th>shared concepts</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+    return f"""
+<h2 id="layer-alignment">Layer alignment</h2>
+<p class="meta">Concepts shared by every two (model, layer) groups: concept k is shared by i and j
+when it fires &ge; {entry["min_fires"]} times for each and co-fires(i, j) / min(fires i, fires j)
+&ge; {entry["threshold"]:g}. Diagonal: concepts firing &ge; {entry["min_fires"]} times for that group.</p>
+<div class="figs"><img src="figures/layer_alignment.png" alt="layer_alignment">
+<img src="figures/r2_matrix.png" alt="r2_matrix beside layer_alignment"></div>
+{table}"""
 
 
 def _concept_table(keys: Sequence[str], df: pd.DataFrame, pages: set[int]) -> str:
@@ -242,6 +269,13 @@ def print_summary(m: dict) -> None:
         f"(>= 1000 co-fires: {_fmt(c['cofires_ge_1000']['r'])})",
         highlight=False,
     )
+    lines: dict[tuple[str, str], list[str]] = {}
+    for b in (m.get("layer_alignment") or {}).get("best", []):
+        if b["model_a"] != b["model_b"]:
+            best = f"{b['key_b']} ({b['shared']})" if b["key_b"] is not None else "none"
+            lines.setdefault((b["model_a"], b["model_b"]), []).append(f"{b['key_a']} ~ {best}")
+    for (a, b), items in lines.items():
+        con.print(f"layer alignment {a} -> {b}: {', '.join(items)}", highlight=False)
     if m["baseline_matching"]:
         for k, v in m["baseline_matching"].items():
             con.print(

@@ -2,6 +2,10 @@
 metrics.json, figures/*.png and images/<k>.png (top images with token maps); then the render
 step (``usae.analysis.render``) turns that data into index.html and concepts/<k>.html.
 
+When the run's backbones include several layers of one model (store groups ``model@layer``),
+the pass also counts pairwise co-fires and the report gains the layer-alignment view
+(``metrics.layer_alignment``: shared concepts between every two (model, layer) groups).
+
 One streaming pass over the store computes every metric (``usae.analysis.metrics``, the
 definitions of docs/method.md); only the images shown for the top concepts are read a second
 time, to draw their token maps.
@@ -46,6 +50,7 @@ from usae.runtime import (
 
 ImageChoice = Literal["auto", "holdout", "train", "all"]
 AnalyzeDtype = Literal["auto", "fp32", "bf16", "fp64"]
+LayerChoice = Literal["auto", "on", "off"]
 
 
 class AnalyzeError(UsaeError, RuntimeError):
@@ -93,6 +98,12 @@ class AnalyzeConfig:
     """Folder of `usae maximize` outputs (<k>/panel.png) to show (default: REPORT/maximize)."""
     match_top: int = 100
     """Baseline matching is also summarised over the N most co-firing concepts."""
+    layer_alignment: LayerChoice = "auto"
+    """Concepts shared between every two backbones (pairwise co-fires, a heatmap): auto (when several layers of one model are present), on, off."""
+    share_threshold: float = 0.5
+    """Layer alignment: a concept is shared by two backbones when co-fires / min(their fires) >= this."""
+    share_min_fires: int = 10
+    """Layer alignment: only concepts firing at least this often in both backbones can be shared."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -112,6 +123,12 @@ class AnalyzeConfig:
             ),
             (self.image_score in ("max", "mean"), "--image-score must be max or mean"),
             (self.match_top >= 1, "--match-top must be >= 1"),
+            (
+                self.layer_alignment in LayerChoice.__args__,
+                f"--layer-alignment must be one of {', '.join(LayerChoice.__args__)}",
+            ),
+            (0 < self.share_threshold <= 1, "--share-threshold must be in (0, 1]"),
+            (self.share_min_fires >= 1, "--share-min-fires must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -133,6 +150,8 @@ class Inputs(NamedTuple):
     run_cfg: dict
     store: Store
     keys: list[str]
+    groups: list[mx.Group]
+    """(model, layer) of each backbone: the store group's spec record, else its key (``@``)."""
     same_store: bool
     """The store is the one the run was trained on (same fingerprint, or none recorded)."""
     warnings: list[str]
@@ -170,7 +189,29 @@ def load_inputs(cfg: AnalyzeConfig) -> Inputs:
             f"store fingerprint {store.attrs.get('fingerprint')} differs from the run's training store "
             f"({run_fp}): evaluating on other data"
         )
-    return Inputs(model, run_cfg, store, keys, same_store, notes)
+    return Inputs(model, run_cfg, store, keys, backbone_groups(store, keys), same_store, notes)
+
+
+def backbone_groups(store: Store, keys: Sequence[str]) -> list[mx.Group]:
+    """(model, layer) of each store group: its spec record's ``model_key`` and ``layer`` when
+    recorded (`usae extract`), else parsed from the key (``registry.split_layers``)."""
+    from usae.pipeline.registry import split_layers
+
+    out = []
+    for k in keys:
+        spec = store.spec(k)
+        model, layer = split_layers(k)
+        if spec.get("model_key"):
+            model, layer = str(spec["model_key"]), spec.get("layer")
+        out.append(mx.Group(k, model, None if layer is None else int(layer)))
+    return out
+
+
+def wants_layer_alignment(cfg: AnalyzeConfig, inp: Inputs) -> bool:
+    """Pairwise co-fires are counted only when asked (on) or, in auto, for layers of one model."""
+    if len(inp.keys) < 2 or cfg.layer_alignment == "off":
+        return False
+    return cfg.layer_alignment == "on" or mx.has_layers(inp.groups)
 
 
 def holdout_fraction(run_cfg: dict) -> float:
@@ -215,12 +256,13 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     for sub in ("figures", "concepts", "images"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     n_rows = int(mask.sum()) * inp.store.tokens_per_image
+    pairwise = wants_layer_alignment(cfg, inp)
     with progress_bar(progress) as bar:
         task = bar.add_task("analyze (tokens)", total=n_rows)
         sums = mx.stream_sums(
             inp.model, inp.store, inp.keys, mask, tau=cfg.tau, batch_tokens=cfg.batch_tokens,
             top_images=cfg.top_images, image_score=cfg.image_score, dtype=dtype, device=device,
-            on_batch=lambda n: bar.advance(task, n),
+            on_batch=lambda n: bar.advance(task, n), pairwise=pairwise,
         )  # fmt: skip
     rec, table = reconstruction(sums), mx.concept_table(sums)
     notes = list(inp.warnings)
@@ -236,6 +278,11 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     tops = top_images(inp, sums, shown, out / "images", dtype, device, paths)
     metrics = summary_metrics(cfg, inp, which, sums, rec, table, base, top, tops, notes)
     figures.write_figures(out / "figures", inp.keys, rec, table, metrics)
+    layer_png = out / "figures" / "layer_alignment.png"
+    if metrics["layer_alignment"] is not None:
+        figures.draw_layer_alignment(layer_png, metrics["layer_alignment"])
+    else:
+        layer_png.unlink(missing_ok=True)  # a previous report's figure would be stale
     with atomic_path(out / "concepts.parquet") as tmp:
         df.to_parquet(tmp, index=False)
     clean = _clean(metrics)
@@ -370,12 +417,27 @@ def summary_metrics(
         },
         "cofire_vs_importance": corr,
         "baseline_matching": None if base is None else base["per_backbone"],
+        "layer_alignment": layer_entry(cfg, inp, s, rec),
         "top_concepts": top,
         "top_images": {str(k): [t._asdict() for t in items] for k, items in tops.items()},
         "image_failures": image_failures(tops),
         "warnings": notes,
         "config": asdict(cfg),
     }
+
+
+def layer_entry(cfg: AnalyzeConfig, inp: Inputs, s: mx.Sums, rec: Reconstruction) -> dict | None:
+    """metrics.json's ``layer_alignment`` (None when the pairwise co-fires were not counted):
+    ``metrics.layer_alignment`` plus the cross-model R2 in the same group order."""
+    if s.pair_cofires_mmm is None:
+        return None
+    entry = mx.layer_alignment(
+        inp.groups, s.pair_cofires_mmm, cfg.share_threshold, cfg.share_min_fires
+    )
+    order = [inp.keys.index(g["key"]) for g in entry["groups"]]
+    entry["r2"] = rec.r2[np.ix_(order, order)].tolist()
+    entry["layers_present"] = mx.has_layers(inp.groups)
+    return entry
 
 
 def _clean(o: Any) -> Any:

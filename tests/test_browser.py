@@ -1,5 +1,6 @@
 """The HTML report in headless Chromium: loads with no console errors or broken images, the
-concept table sorts on a header click, a concept page opens, a screenshot is taken.
+layer-alignment section shows (its store has layers a@0, a@1 of one model), the concept table
+sorts on a header click, a concept page opens, a screenshot is taken.
 
 Chromium is driven through the DevTools protocol over --remote-debugging-pipe (fds 3/4,
 NUL-separated JSON): no websocket library, no network port. Without Chromium the test skips,
@@ -213,7 +214,8 @@ def report(chromium, tmp_path_factory) -> Path:
     from skimage import data
 
     tmp = tmp_path_factory.mktemp("browser")
-    p = planted(tmp, n_images=16, chunk_images=4, n_universal=5)
+    # two layers of one model and another model: the page has the layer-alignment section
+    p = planted(tmp, n_images=16, chunk_images=4, n_universal=5, keys=("a@0", "a@1", "b"))
     photo = data.chelsea()
     (tmp / "imgs").mkdir()
     rows = []
@@ -246,6 +248,12 @@ def test_report_in_headless_chromium(chromium, report, tmp_path):
             pd.read_parquet(report / "concepts.parquet")
         )
         assert page.js(BROKEN_IMAGES) == []
+        shown = "(e => !!e && e.getBoundingClientRect().height > 0)"
+        assert page.js(f"{shown}(document.querySelector('#layer-alignment'))")
+        assert page.js(
+            f"{shown}(document.querySelector('img[src=\"figures/layer_alignment.png\"]'))"
+        )
+        assert page.js("document.querySelectorAll('#layer-best tbody tr').length") > 0
         # click-to-sort: first click descending, second ascending; missing values stay last
         assert click_header(page, "cofires") == "descending"
         got = column(page, "cofires")

@@ -104,11 +104,13 @@ def planted(
     n_specific=3,
     seed=0,
     holdout=0.0,
+    keys: tuple[str, ...] | None = None,
 ) -> Planted:
     """Orthonormal planted concepts; the USAE's encoders/decoders are the planted dictionaries.
 
     Concept ids: universal first, then the specific ones of each backbone, then one dead one.
     Each token has 0-2 universal concepts (same value in every backbone) and 0-1 specific one.
+    ``keys``: backbone (store group) keys, default m0, m1, ...
     """
     rng = np.random.default_rng(seed)
     n_models = len(widths)
@@ -127,8 +129,9 @@ def planted(
         for i in range(n_models):
             if rng.random() < 0.5:
                 codes[i, r, rng.choice(specific[i])] = rng.uniform(0.5, 2.0)
+    keys = tuple(keys or (f"m{i}" for i in range(n_models)))
     spec = ModelSpec(
-        tuple(f"m{i}" for i in range(n_models)),
+        keys,
         tuple(widths),
         (0.0,) * n_models,
         (1.0 - 1e-5,) * n_models,
@@ -157,7 +160,7 @@ def planted(
                     + 0.01 * rng.normal(size=(rows, d))
                 ).astype(np.float16)
             )
-    store = write_store(tmp / "s.zarr", acts, n_images, grid, chunk_images, seed=seed)
+    store = write_store(tmp / "s.zarr", acts, n_images, grid, chunk_images, keys=keys, seed=seed)
     run = write_run(tmp / "run", model, store, {"holdout": holdout})
     return Planted(store, run, codes, universal, specific, dead)
 
