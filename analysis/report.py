@@ -264,7 +264,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
             top_images=cfg.top_images, image_score=cfg.image_score, dtype=dtype, device=device,
             on_batch=lambda n: bar.advance(task, n), pairwise=pairwise,
         )  # fmt: skip
-    rec, table = reconstruction(sums), mx.concept_table(sums)
+    with torch.no_grad():  # decoder row norms: each concept's gain in each backbone (1 without gains)
+        gains = np.stack([inp.model.gain(j).double().cpu().numpy() for j in range(inp.model.n_models)])
+    rec, table = reconstruction(sums), mx.concept_table(sums, gains)
     notes = list(inp.warnings)
     if inp.model.spec.independent:
         notes.append(

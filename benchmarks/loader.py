@@ -172,7 +172,7 @@ def loader_epoch(ld: ChunkLoader, passes: int = 1, hold: bool = False) -> tuple[
 def train_setup(st: Store, concepts: int, k: int, batch_tokens: int):
     widths = tuple(st.widths[key] for key in st.backbones)
     spec = ModelSpec(tuple(st.backbones), widths, (0.0,) * len(widths), (1.0,) * len(widths), concepts, k)
-    cfg = TrainConfig(lr=3e-4, batch_tokens=batch_tokens)
+    cfg = TrainConfig(lr=3e-4, batch_tokens=batch_tokens, recipe="paper")
     amp = autocast_dtype("bf16", "cpu")
     torch.manual_seed(0)
     state = new_state(spec, cfg, torch.device("cpu"))

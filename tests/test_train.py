@@ -260,7 +260,7 @@ def _slow_steps(model, cfg, xs, sources, total, warmup):
 @pytest.mark.parametrize("mode", ["paper", "reference", "independent"])
 def test_train_steps_match_slow_update(mode):
     independent = mode == "independent"
-    cfg = TrainConfig(lr=1e-2, lr_min=1e-4, mode=mode, grad_clip=0.05)
+    cfg = TrainConfig(lr=1e-2, lr_min=1e-4, mode=mode, grad_clip=0.05, recipe="paper")
     model = tiny(independent=independent)
     slow = copy.deepcopy(model)
     st = _state(model, cfg)
@@ -280,7 +280,7 @@ def test_train_steps_match_slow_update(mode):
 
 
 def test_source_draws_follow_seed():
-    cfg = TrainConfig()
+    cfg = TrainConfig(recipe="paper")
     a, b = _state(tiny(), cfg, seed=3), _state(tiny(), cfg, seed=3)
     x = batch((6, 10, 8))
     sa = [train_step(a, _ctx(cfg), x).sources[0] for _ in range(8)]
@@ -407,6 +407,7 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize(
     "mode",
     [
+        dict(mode="paper", recipe="paper"),
         dict(mode="paper"),
         dict(mode="reference"),
         dict(mode="independent"),
@@ -665,7 +666,7 @@ def test_non_finite_loss_keeps_last_good_checkpoint(store, tmp_path, monkeypatch
 
     monkeypatch.setattr(tr, "source_loss", poisoned)
     with pytest.raises(TrainError, match="non-finite.*step 7.*last good checkpoint"):
-        run_train(small_cfg(store, tmp_path / "r"))
+        run_train(small_cfg(store, tmp_path / "r", recipe="paper"))  # one source_loss per step
     assert ckpt.load_checkpoint(tmp_path / "r" / "checkpoint").state["step"] == 4
 
 

@@ -65,6 +65,8 @@ class TrainConfig:
     """Epochs over the training images (used when steps is 0)."""
     warmup_steps: int = -1
     """Linear warm-up steps (-1: one epoch)."""
+    recipe: Literal["fidelity", "paper"] = "fidelity"
+    """fidelity (default): unit-norm initial decoder rows, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch) and a constant lr with a short final decay; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
     mode: Mode = "paper"
     """paper: the source's codes rebuild every backbone and the summed loss trains every decoder; reference: one AdamW per backbone and only the source backbone steps (the authors' code); independent: one separate SAE per backbone (the paper's baseline)."""
     holdout: float = 0.1
@@ -96,6 +98,7 @@ class TrainConfig:
             (self.loss in ("l1", "l2"), f"loss must be l1 or l2, got {self.loss!r}"),
             (self.mode in MODES, f"mode must be {', '.join(MODES)}, got {self.mode!r}"),
             (self.aux in ("paper", "dead"), f"aux must be paper or dead, got {self.aux!r}"),
+            (self.recipe in RECIPES, f"recipe must be {' or '.join(RECIPES)}, got {self.recipe!r}"),
             (self.dtype in ("bf16", "fp32"), f"dtype must be bf16 or fp32, got {self.dtype!r}"),
             (
                 self.shuffle in SHUFFLES,
@@ -128,8 +131,34 @@ class TrainConfig:
         kw = {k: v for k, v in d.items() if k in names}
         if "mode" not in d:
             kw["mode"] = "independent" if d.get("independent") else d.get("update", "paper")
+        kw.setdefault("recipe", "paper")  # runs written before recipes were trained with the paper's
         kw["backbones"] = tuple(kw.get("backbones", ()))
         return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe sets (docs/method.md, sections 3 and 8)."""
+
+    decoder_init: str
+    """randn | unit: the decoder rows' initial norm (~sqrt(d) or 1)."""
+    gains: bool
+    """A learnable per-concept, per-backbone gain (so a concept can be absent from a backbone)."""
+    decoder_bias: bool
+    """A learnable per-channel decoder bias (per-channel offsets do not take a TopK slot)."""
+    targets_mean: bool
+    """Loss averaged over the target backbones (True) or summed (the paper)."""
+    split_sources: bool
+    """Every backbone is a source in every step, on its share of the batch (paper mode), instead
+    of one source drawn per step."""
+    schedule: str
+    """cosine (the paper's) | tail (constant, then linear to 0 over the last 10%)."""
+
+
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe("randn", False, False, False, False, "cosine"),
+    "fidelity": Recipe("unit", True, True, True, True, "tail"),
+}
 
 
 @dataclass(frozen=True)
@@ -139,12 +168,19 @@ class Plan:
     mode: Mode
     n: int
     """Number of backbones M."""
+    split: bool = False
+    """Paper mode: every backbone a source on its share of the batch (the fidelity recipe)."""
 
     def sources(self, gen: torch.Generator) -> list[int]:
         """Source backbones of a step: one drawn uniformly (same draw on every rank), or all."""
-        if self.mode == "independent":
+        if self.mode == "independent" or self.split_batch:
             return list(range(self.n))
         return [int(torch.randint(self.n, (1,), generator=gen).item())]
+
+    @property
+    def split_batch(self) -> bool:
+        """True: source i encodes only its share (1/M) of the batch's rows."""
+        return self.split and self.mode == "paper" and self.n > 1
 
     def targets(self, i: int) -> list[int]:
         """Backbones that source i's codes reconstruct."""

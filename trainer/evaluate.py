@@ -147,6 +147,10 @@ class ReconstructionAccumulator:
         with torch.no_grad():
             dec = [model.decoder_weight(j).detach().to(compute) for j in range(self.n_models)]
         self.dec_cat = [torch.cat([dec[j] for j in t], dim=1).contiguous() for t in self.targets]
+        self.bias_cat = None
+        if spec.decoder_bias:  # x_hat_j = Z D_j + b_j
+            with torch.no_grad():
+                self.bias_cat = [torch.cat([model.bias(j).detach().to(compute) for j in t]) for t in self.targets]
         f64 = dict(dtype=torch.float64, device=device)
         self.n_tokens = 0
         self.sum_x = torch.zeros(sum(self.widths), **f64)
@@ -166,6 +170,8 @@ class ReconstructionAccumulator:
             F.embedding_bag(c.indices_bk, w, per_sample_weights=c.values_bk.to(w.dtype), mode="sum")
             for c, w in zip(codes, self.dec_cat, strict=True)
         ]
+        if self.bias_cat is not None:
+            xhat = [h + b for h, b in zip(xhat, self.bias_cat, strict=True)]
         for r0 in range(0, x_bD.shape[0], self.rows):
             r1 = r0 + self.rows
             x_cat = x_bD[r0:r1]

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor
 from usae.pipeline.store import Store
-from usae.trainer.config import TrainConfig, TrainError
+from usae.trainer.config import RECIPES, TrainConfig, TrainError
 from usae.trainer.distributed import Dist, max_over_ranks
 from usae.trainer.loader import ChunkLoader
-from usae.trainer.model import ModelSpec
+from usae.trainer.model import STD_EPS, ModelSpec
 
 from usae.runtime import heldout_images
 
@@ -59,6 +59,7 @@ def image_masks(st: Store, holdout: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def model_spec(st: Store, keys: Sequence[str], cfg: TrainConfig) -> ModelSpec:
+    recipe = RECIPES[cfg.recipe]
     widths = tuple(st.widths[k] for k in keys)
     stats = [st.stats(k) for k in keys]
     for k, s in zip(keys, stats, strict=True):
@@ -72,7 +73,20 @@ def model_spec(st: Store, keys: Sequence[str], cfg: TrainConfig) -> ModelSpec:
         concepts=cfg.concepts or 8 * max(widths),
         k=cfg.k,
         independent=cfg.mode == "independent",
+        decoder_init=recipe.decoder_init,
+        gains=recipe.gains,
+        decoder_bias=recipe.decoder_bias,
     )
+
+
+def channel_means(st: Store, keys: Sequence[str], spec: ModelSpec) -> list[torch.Tensor]:
+    """Each backbone's exact per-channel mean in standardised units: where the decoder bias
+    starts (the offsets are then fitted from the first step, not found by the codes)."""
+    out = []
+    for i, k in enumerate(keys):
+        mean = torch.as_tensor(np.asarray(st.stats(k)["mean"], dtype=np.float64))
+        out.append(((mean - spec.mu[i]) / (spec.sigma[i] + STD_EPS)).float())
+    return out
 
 
 def make_loader(

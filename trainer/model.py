@@ -1,7 +1,10 @@
 """Standardised token activations of M backbones <-> one shared TopK concept code (the USAE).
 
 Per backbone i: encoder Linear(d_i -> m) -> BatchNorm1d(m) -> ReLU -> TopK(k), decoder
-D_i (m, d_i) with unit-norm rows at every use and no bias (docs/method.md, section 2).
+D_i (m, d_i) with unit-norm rows at every use and no bias (docs/method.md, section 2). Options
+of `ModelSpec` (the fidelity recipe, docs/method.md section 8): unit-norm initial rows, a
+learnable gain per concept and backbone (softplus, so a concept can be absent from a backbone
+or differ in strength), and a per-channel decoder bias that the encoder subtracts.
 The model owns its maths (`encode_pre` also for a slice of concepts, as activation
 maximisation needs) and its file (`save`, `load`, `load_run`).
 Backbones are addressed by their position i in ``spec.backbones``; nothing here branches on a
@@ -11,6 +14,7 @@ backbone's name.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +28,9 @@ from usae.errors import UsaeError
 from usae.runtime import atomic_path
 
 STD_EPS = 1e-5
+GAIN0 = math.log(math.e - 1)
+"""Gain parameter whose softplus is 1."""
+DECODER_INITS = ("randn", "unit")
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -49,6 +56,13 @@ class ModelSpec:
     """Active concepts per token (TopK)."""
     independent: bool = False
     """True: one separate SAE per backbone (the paper's baseline); codes never cross models."""
+    decoder_init: str = "randn"
+    """randn (the paper: rows of norm ~sqrt(d), normalised at use) or unit (rows of norm 1)."""
+    gains: bool = False
+    """A learnable gain per concept and model, softplus(g_jk) >= 0 (starts at 1): decoder row =
+    gain * unit row, so a concept can be weaker, stronger or absent (gain near 0) in a model."""
+    decoder_bias: bool = False
+    """A learnable per-channel bias b_j per model: subtracted before the encoder, added to the decode."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +77,9 @@ class ModelSpec:
             concepts=int(d["concepts"]),
             k=int(d["k"]),
             independent=bool(d.get("independent", False)),
+            decoder_init=str(d.get("decoder_init", "randn")),
+            gains=bool(d.get("gains", False)),
+            decoder_bias=bool(d.get("decoder_bias", False)),
         )
 
 
@@ -87,7 +104,14 @@ class USAE(nn.Module):
         # With independent=True the same modules are simply never crossed; storage is identical.
         self.encoders = nn.ModuleList(nn.Linear(d, m) for d in spec.widths)
         self.bns = nn.ModuleList(nn.BatchNorm1d(m) for _ in spec.widths)
-        self.decoders = nn.ParameterList(nn.Parameter(torch.randn(m, d)) for d in spec.widths)
+        rows = [torch.randn(m, d) for d in spec.widths]
+        if spec.decoder_init == "unit":
+            rows = [F.normalize(r, dim=1) for r in rows]
+        self.decoders = nn.ParameterList(nn.Parameter(r) for r in rows)
+        if spec.gains:  # softplus(GAIN0) = 1: every concept starts at full strength everywhere
+            self.gains = nn.ParameterList(nn.Parameter(torch.full((m,), GAIN0)) for _ in spec.widths)
+        if spec.decoder_bias:
+            self.dec_bias = nn.ParameterList(nn.Parameter(torch.zeros(d)) for d in spec.widths)
         self.register_buffer("mu", torch.tensor(spec.mu, dtype=torch.float32), persistent=True)
         self.register_buffer(
             "sigma", torch.tensor(spec.sigma, dtype=torch.float32), persistent=True
@@ -104,9 +128,25 @@ class USAE(nn.Module):
         return (acts_bd - self.mu[i]) / (self.sigma[i] + STD_EPS)
 
     def decoder_weight(self, j: int) -> Float[Tensor, "m d"]:
-        """Decoder of backbone j with unit-norm rows (gradient flows through the norm)."""
+        """Decoder of backbone j: unit-norm rows (gradient flows through the norm), each times
+        its concept's gain in backbone j when the model has gains."""
         d = self.decoders[j]
-        return d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        w = d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return w * self.gain(j)[:, None] if self.spec.gains else w
+
+    def gain(self, j: int) -> Float[Tensor, " m"]:
+        """softplus(g_j): each concept's strength in backbone j (ones without gains)."""
+        if not self.spec.gains:
+            return torch.ones(self.spec.concepts, device=self.decoders[j].device)
+        return F.softplus(self.gains[j])
+
+    def bias(self, j: int) -> Float[Tensor, " d"] | None:
+        """Backbone j's decoder bias (None without one)."""
+        return self.dec_bias[j] if self.spec.decoder_bias else None
+
+    def encoder_input(self, i: int, x_bd: Tensor) -> Tensor:
+        """What encoder i reads: the standardised input, less the decoder bias when there is one."""
+        return x_bd - self.dec_bias[i] if self.spec.decoder_bias else x_bd
 
     def encode_pre(
         self, i: int, x_bd: Float[Tensor, "... d"], concepts: Tensor | None = None
@@ -115,6 +155,7 @@ class USAE(nn.Module):
         the columns `concepts` (a 1-d index tensor; eval mode only: BatchNorm uses its running
         statistics). Leading dimensions of `x` are kept."""
         lin, bn = self.encoders[i], self.bns[i]
+        x_bd = self.encoder_input(i, x_bd)
         if concepts is None:
             lead = x_bd.shape[:-1]
             return bn(lin(x_bd.reshape(-1, x_bd.shape[-1]))).reshape(*lead, -1)
@@ -132,10 +173,11 @@ class USAE(nn.Module):
         return Codes(vals, idx, pre)
 
     def decode(self, j: int, codes: Codes) -> Float[Tensor, "b d"]:
-        """x_hat_j = Z @ D_j with Z sparse: a weighted sum of k unit decoder rows per token."""
+        """x_hat_j = Z @ D_j (+ b_j) with Z sparse: a weighted sum of k decoder rows per token."""
         w = self.decoder_weight(j)
         vals = codes.values_bk.to(w.dtype)
-        return F.embedding_bag(codes.indices_bk, w, per_sample_weights=vals, mode="sum")
+        out = F.embedding_bag(codes.indices_bk, w, per_sample_weights=vals, mode="sum")
+        return out + self.dec_bias[j].to(out.dtype) if self.spec.decoder_bias else out
 
     def dense_codes(self, codes: Codes) -> Float[Tensor, "b m"]:
         z = torch.zeros(

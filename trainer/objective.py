@@ -151,6 +151,7 @@ def source_loss(
     with_r2: bool = False,
     aux: str = "paper",
     dead_m: Tensor | None = None,
+    targets_mean: bool = False,
 ) -> LossParts:
     """Loss of one source backbone i over the target backbones (standardised inputs x_list).
 
@@ -158,11 +159,13 @@ def source_loss(
     amp: autocast dtype for the encoder and aux matmuls (None: fp32).
     aux: "paper" (the top m/2 non-selected codes rebuild the residual, gradient through both)
     or "dead" (`dead_aux`: AuxK over the dead concepts `dead_m` only, as in Gao et al.).
+    targets_mean: the loss is the mean over the targets instead of their sum (the fidelity
+    recipe: one learning rate then fits any number of backbones).
     """
     dev = x_list[i].device.type
     ac = torch.autocast(dev, dtype=amp) if amp is not None else nullcontext()
     with ac:
-        h_bm = model.encoders[i](x_list[i])
+        h_bm = model.encoders[i](model.encoder_input(i, x_list[i]))
     pre_bm = bn_fn(model.bns[i], h_bm.to(x_list[i].dtype))
     act_bm = F.relu(pre_bm)
     vals_bk, idx_bk = torch.topk(act_bm, model.spec.k, dim=1, sorted=False)
@@ -170,6 +173,9 @@ def source_loss(
     dec = [w.detach() if j in detach else w for j, w in zip(targets, dec, strict=True)]
     d_cat = torch.cat(dec, dim=1) if len(dec) > 1 else dec[0]
     xhat = F.embedding_bag(idx_bk, d_cat, per_sample_weights=vals_bk, mode="sum")
+    if model.spec.decoder_bias:  # detached targets: their bias gets no gradient either
+        bias = [model.bias(j).detach() if j in detach else model.bias(j) for j in targets]
+        xhat = xhat + torch.cat(bias)
     x_cat = (
         torch.cat([x_list[j] for j in targets], dim=1) if len(targets) > 1 else x_list[targets[0]]
     )
@@ -184,6 +190,8 @@ def source_loss(
     rec_j = [_err(r, loss) for r in resid.split(widths, dim=1)]
     aux_j = [_err(a, loss) for a in aux_err.split(widths, dim=1)]
     total = torch.stack(rec_j).sum() + aux_weight * torch.stack(aux_j).sum()
+    if targets_mean:
+        total = total / len(targets)
     r2 = None
     if with_r2:
         with torch.no_grad():
@@ -208,3 +216,16 @@ def dead_aux(
     cand = act_bm.masked_fill(~dead_m, 0).scatter(1, idx_bk, 0)
     vals, idx = torch.topk(cand, min(k_aux, n_dead), dim=1, sorted=False)
     return F.embedding_bag(idx, d_cat, per_sample_weights=vals.to(d_cat.dtype), mode="sum")
+
+
+def merge_parts(parts: Sequence[LossParts], weights: Sequence[float]) -> LossParts:
+    """Sources that each encoded a share of the batch -> one part over the whole batch (for the
+    metrics line): losses weighted by the shares, R2 sums added, codes stacked."""
+    rec = [sum(w * p.rec_j[t] for p, w in zip(parts, weights, strict=True)) for t in range(len(parts[0].rec_j))]
+    aux = [sum(w * p.aux_j[t] for p, w in zip(parts, weights, strict=True)) for t in range(len(parts[0].aux_j))]
+    r2 = None
+    if parts[0].r2_j is not None:
+        r2 = [sum(p.r2_j[t] for p in parts) for t in range(len(parts[0].r2_j))]
+    codes = Codes(*(torch.cat([getattr(p.codes, f) for p in parts]) for f in Codes._fields))
+    loss = sum(w * p.loss for p, w in zip(parts, weights, strict=True))
+    return LossParts(loss, rec, aux, r2, codes)

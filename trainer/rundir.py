@@ -152,18 +152,19 @@ class MetricsLog:
         return line
 
     def line(self, s, out, epoch: int) -> dict:
-        keys, pairs = self.keys, list(zip(out.sources, out.parts, strict=True))
+        keys = self.keys
         if self.independent:  # part i holds backbone i alone
+            pairs = list(zip(out.sources, out.logged, strict=True))
             per = {
                 name: {keys[i]: float(getattr(p, name)[0]) for i, p in pairs}
                 for name in ("rec_j", "aux_j", "r2_j")
             }
             last = s.last_fired_mt
-            l0 = sum(float((p.codes.values_bk > 0).sum(1).float().mean()) for p in out.parts) / len(
-                out.parts
+            l0 = sum(float((p.codes.values_bk > 0).sum(1).float().mean()) for p in out.logged) / len(
+                out.logged
             )
-        else:  # one source, every target
-            p = out.parts[0]
+        else:  # one source (or the sources' shares merged), every target
+            p = out.logged[0]
             per = {
                 name: {k: float(v) for k, v in zip(keys, getattr(p, name), strict=True)}
                 for name in ("rec_j", "aux_j", "r2_j")

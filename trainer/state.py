@@ -45,14 +45,24 @@ def make_optimizer(model: USAE, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = []
     for j in range(model.n_models):
         params = [*model.encoders[j].parameters(), *model.bns[j].parameters(), model.decoders[j]]
+        if model.spec.gains:
+            params.append(model.gains[j])
+        if model.spec.decoder_bias:
+            params.append(model.dec_bias[j])
         groups.append({"params": params, "lr": cfg.lr})
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def lr_at(t: int, total: int, warmup: int, lr: float, lr_min: float) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay from lr to lr_min at step `total`."""
+def lr_at(t: int, total: int, warmup: int, lr: float, lr_min: float, schedule: str = "cosine") -> float:
+    """Linear warm-up over `warmup` steps, then
+    cosine: cosine decay from lr to lr_min at step `total` (the paper's);
+    tail: constant lr, then a linear decay to 0 over the last 10% of the steps (short runs:
+    a cosine spends most of a short run at a fraction of the peak)."""
     if t < warmup:
         return lr * (t + 1) / warmup
+    if schedule == "tail":
+        span = max(1, total // 10)
+        return lr * min(1.0, max(0.0, (total - t) / span))
     p = min(1.0, (t - warmup) / max(1, total - warmup))
     return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * p))
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from usae.pipeline.store import Store
 from usae.trainer import checkpoint as ckpt
-from usae.trainer.config import Plan, SimulatedKill, TrainConfig, TrainError
+from usae.trainer.config import RECIPES, Plan, SimulatedKill, TrainConfig, TrainError
 from usae.trainer.distributed import (
     Dist,
     average_gradients,
@@ -32,8 +32,15 @@ from usae.trainer.distributed import (
     reduce_metrics,
 )
 from usae.trainer.evaluate import stream_reconstruction
-from usae.trainer.inputs import check_finite, image_masks, make_loader, model_spec, open_store
-from usae.trainer.objective import LossParts, batch_norm_local, source_loss
+from usae.trainer.inputs import (
+    channel_means,
+    check_finite,
+    image_masks,
+    make_loader,
+    model_spec,
+    open_store,
+)
+from usae.trainer.objective import LossParts, batch_norm_local, merge_parts, source_loss
 from usae.trainer.rundir import (
     MetricsLog,
     RunPaths,
@@ -80,6 +87,9 @@ class StepOut(NamedTuple):
     """One per source (R2 over the global batch when asked)."""
     lrs: list[float]
     """Learning rate of each backbone's parameter group."""
+    logged: list[LossParts] | None = None
+    """What the metrics line reports (when asked): the parts, or with the batch split among
+    the sources, the parts merged into one over the whole batch."""
 
 
 def train_step(
@@ -87,7 +97,8 @@ def train_step(
 ) -> StepOut:
     """One optimiser step on a batch of standardised tokens (x_list: one tensor per backbone)."""
     cfg, model = ctx.cfg, st.model
-    plan = Plan(cfg.mode, model.n_models)
+    recipe = RECIPES[cfg.recipe]
+    plan = Plan(cfg.mode, model.n_models, recipe.split_sources)
     bn_fn = batch_norm_global if ctx.world > 1 else batch_norm_local
     kw = dict(
         loss=cfg.loss,
@@ -96,22 +107,19 @@ def train_step(
         amp=ctx.amp,
         with_r2=with_r2,
         aux=cfg.aux,
+        targets_mean=recipe.targets_mean,
     )
     st.opt.zero_grad(set_to_none=True)
     sources = plan.sources(st.gen)
+    # split batch: source i encodes rows i, i+M, i+2M... (the same rows on any number of DDP
+    # ranks when each rank's share is a multiple of M), weighted by its share of the rows
+    shares = [[x[i :: plan.n] for x in x_list] if plan.split_batch else x_list for i in sources]
+    weights = [xs[0].shape[0] / x_list[0].shape[0] for xs in shares]
     parts = [
-        source_loss(
-            model,
-            i,
-            x_list,
-            plan.targets(i),
-            detach=plan.detached(i),
-            dead_m=dead(st, cfg, i),
-            **kw,
-        )
-        for i in sources
+        source_loss(model, i, xs, plan.targets(i), detach=plan.detached(i), dead_m=dead(st, cfg, i), **kw)
+        for i, xs in zip(sources, shares, strict=True)
     ]
-    loss = torch.stack([p.loss for p in parts]).sum()
+    loss = torch.stack([p.loss * w for p, w in zip(parts, weights, strict=True)]).sum()
     loss.backward()
     loss_f = float(mean_over_ranks(loss.detach(), ctx.world))
     if not math.isfinite(loss_f):
@@ -122,10 +130,12 @@ def train_step(
     st.opt.step()
     st.step += 1
     st.tokens += cfg.batch_tokens
+    logged = None
     if with_r2:
-        parts = reduce_metrics(parts, ctx.world)
+        logged = reduce_metrics([merge_parts(parts, weights)] if plan.split_batch else parts, ctx.world)
+        parts = reduce_metrics(parts, ctx.world) if plan.split_batch else logged
     record(st, parts, sources, loss_f, plan)
-    return StepOut(loss_f, sources, parts, lrs)
+    return StepOut(loss_f, sources, parts, lrs, logged)
 
 
 def dead(st: TrainState, cfg: TrainConfig, i: int) -> Tensor | None:
@@ -156,7 +166,7 @@ def set_lrs(st: TrainState, ctx: StepContext, plan: Plan, sources: list[int]) ->
     lrs = []
     for j, g in enumerate(st.opt.param_groups):
         t = st.group_steps[j] if plan.schedule_per_group else st.step
-        g["lr"] = lr_at(t, ctx.total_steps, ctx.warmup, ctx.cfg.lr, ctx.cfg.lr_min)
+        g["lr"] = lr_at(t, ctx.total_steps, ctx.warmup, ctx.cfg.lr, ctx.cfg.lr_min, RECIPES[ctx.cfg.recipe].schedule)
         lrs.append(g["lr"])
     for j in plan.stepping(sources):
         st.group_steps[j] += 1
@@ -290,6 +300,10 @@ def _run(
     elif rank0:
         write_config(paths, cfg, spec, st)
     s = new_state(spec, cfg, d.device)
+    if spec.decoder_bias:  # resuming overwrites it with the checkpoint's
+        with torch.no_grad():
+            for b, mean in zip(s.model.dec_bias, channel_means(st, keys, spec), strict=True):
+                b.copy_(mean)
     if resuming:
         if rank0:
             ckpt.remove_stale_temporaries(paths.checkpoint)
