@@ -1,0 +1,58 @@
+"""Per-concept, per-model statistics -> the set of models each learned concept lives in.
+
+Pure numpy, calibrated on planted truth (`usae synth --groups ...`, benchmarks/recovery.py).
+A concept lives in model i when model i's share of it, relative to the model where it is
+strongest, passes a threshold:
+
+- with per-model decoder gains (a recipe that learns them): the gain ratio g_ik / max_i g_ik;
+  a concept absent from a model has its gain driven towards 0 there, while planted strengths
+  differ by at most ~4x between member models;
+- without gains: the energy ratio e_ik / max_i e_ik (energy = || mean_tokens(z_ik) D_i[k] ||,
+  codes from model i's own tokens), which BatchNorm does not equalise the way it equalises
+  fire counts.
+Fire counts only veto: a model where the concept (almost) never fires is not a member.
+Dead concepts (no fires anywhere) live nowhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GAIN_RATIO = 0.15
+"""Member when g_ik >= GAIN_RATIO * max_i g_ik (calibrated, benchmarks/recovery.py)."""
+ENERGY_RATIO = 0.25
+"""Member when e_ik >= ENERGY_RATIO * max_i e_ik, for models without gains."""
+FIRE_RATIO = 0.02
+"""Never a member where the concept fires on < FIRE_RATIO x its most-firing model's count."""
+
+
+def member_matrix(
+    fires_mk: np.ndarray,
+    energy_mk: np.ndarray,
+    gain_mk: np.ndarray | None = None,
+    *,
+    gain_ratio: float = GAIN_RATIO,
+    energy_ratio: float = ENERGY_RATIO,
+    fire_ratio: float = FIRE_RATIO,
+) -> np.ndarray:
+    """(M, m) bool member matrix from per-model fire counts, energies and (optional) decoder gains.
+
+    fires_mk: (M, m) tokens on which concept k fires when model i is the source.
+    energy_mk: (M, m) || mean_tokens(z_ik) * decoder row_ik || (row with its gain, if any).
+    gain_mk: (M, m) per-model decoder gains (>= 0), or None for unit-norm decoders.
+    """
+    fires = np.asarray(fires_mk, np.float64)
+    energy = np.asarray(energy_mk, np.float64)
+    if fires.shape != energy.shape or fires.ndim != 2:
+        raise ValueError(f"fires {fires.shape} and energy {energy.shape} must both be (M, m)")
+    if gain_mk is not None:
+        score = np.asarray(gain_mk, np.float64)
+        if score.shape != fires.shape:
+            raise ValueError(f"gain {score.shape} must be (M, m) like fires {fires.shape}")
+        thr = gain_ratio
+    else:
+        score, thr = energy, energy_ratio
+    live = fires.max(0) > 0
+    rel = score / np.maximum(score.max(0, keepdims=True), 1e-30)
+    fired = fires >= fire_ratio * fires.max(0, keepdims=True)
+    return (rel >= thr) & fired & live[None, :]
