@@ -10,20 +10,23 @@ strongest, passes a threshold:
 - without gains: the energy ratio e_ik / max_i e_ik (energy = || mean_tokens(z_ik) D_i[k] ||,
   codes from model i's own tokens), which BatchNorm does not equalise the way it equalises
   fire counts.
-Fire counts only veto: a model where the concept (almost) never fires is not a member.
-Dead concepts (no fires anywhere) live nowhere.
+Dead concepts (no fires anywhere) live nowhere. Fire counts per model are NOT a default veto:
+on planted truth ~8% of (recovered concept, member model) pairs never fire from that model's
+own encoder (the model routes the concept to a duplicate learned concept) while its decoder
+row and gain are right; a veto (``fire_ratio`` > 0) turned 100% into 85% correct member sets.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-GAIN_RATIO = 0.15
-"""Member when g_ik >= GAIN_RATIO * max_i g_ik (calibrated, benchmarks/recovery.py)."""
+GAIN_RATIO = 0.2
+"""Member when g_ik >= GAIN_RATIO * max_i g_ik (calibrated, benchmarks/recovery.py: planted members
+>= 0.36, non-members <= 0.15 of the strongest model's gain; planted gains x0.5-x2 allow 0.25)."""
 ENERGY_RATIO = 0.25
 """Member when e_ik >= ENERGY_RATIO * max_i e_ik, for models without gains."""
-FIRE_RATIO = 0.02
-"""Never a member where the concept fires on < FIRE_RATIO x its most-firing model's count."""
+FIRE_RATIO = 0.0
+"""Never a member where the concept fires on < FIRE_RATIO x its most-firing model's count (0: off)."""
 
 
 def member_matrix(
@@ -54,5 +57,5 @@ def member_matrix(
         score, thr = energy, energy_ratio
     live = fires.max(0) > 0
     rel = score / np.maximum(score.max(0, keepdims=True), 1e-30)
-    fired = fires >= fire_ratio * fires.max(0, keepdims=True)
+    fired = fires >= fire_ratio * fires.max(0, keepdims=True) if fire_ratio > 0 else np.ones(fires.shape, bool)
     return (rel >= thr) & fired & live[None, :]

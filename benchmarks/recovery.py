@@ -91,6 +91,16 @@ RECIPES = {
     "gain-mean": replace(PAPER, dec_init="unit", schedule="decay10", gains="softplus", center="mean"),
     "fid": replace(PAPER, dec_init="unit", schedule="decay10", gains="softplus", center="mean", loss_norm="mean"),
 }
+RECIPES.update({
+    "fid-auxk": replace(RECIPES["fid"], aux="auxk"),
+    "fid-noaux": replace(RECIPES["fid"], aux="none"),
+    "fid-bias": replace(RECIPES["fid"], center="bias"),
+    "fid-sum": replace(RECIPES["fid"], loss_norm="sum"),
+    "fid-nobn": replace(RECIPES["fid"], bn=False),
+    "fid-cosine": replace(RECIPES["fid"], schedule="cosine"),
+    "fid-randn": replace(RECIPES["fid"], dec_init="randn"),
+    "fid-nogain": replace(RECIPES["fid"], gains="none"),
+})
 
 # ---------------------------------------------------------------- stores
 BASE = dict(tokens=80_000, tokens_per_image=16, active=3.0, noise=0.05, save_codes=False)
