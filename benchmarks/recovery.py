@@ -73,6 +73,8 @@ class Recipe:
     """sum over target models (paper) | mean (divide by M) | balanced (self 1/2, others 1/(2(M-1)))."""
     sources: str = "one"
     """one (a source drawn uniformly per step, paper) | all (every model is the source in every step)."""
+    gain_l1: float = 0.0
+    """Penalty lambda * mean_t sum_k z_tk g_jk / d_j per target j (drives absent models' gains to 0)."""
     wd: float = 1e-5
     """AdamW weight decay."""
     clip: float = 1.0
@@ -100,6 +102,8 @@ RECIPES.update({
     "fid-cosine": replace(RECIPES["fid"], schedule="cosine"),
     "fid-randn": replace(RECIPES["fid"], dec_init="randn"),
     "fid-nogain": replace(RECIPES["fid"], gains="none"),
+    "fid-l1": replace(RECIPES["fid"], gain_l1=0.05),
+    "fid-l1s": replace(RECIPES["fid"], gain_l1=0.01),
 })
 
 # ---------------------------------------------------------------- stores
@@ -217,6 +221,9 @@ def source_loss(model: MiniUSAE, i: int, xs: list[Tensor], dead: Tensor | None) 
     if za is not None:
         ea = (e.detach() if r.aux == "auxk" else e) - za @ w_cat
         per = [p + r.aux_weight * q.abs().mean() for p, q in zip(per, ea.split(widths, dim=1), strict=True)]
+    if r.gain_l1 > 0 and model.gain is not None:
+        per = [p + r.gain_l1 * (v * F.softplus(model.gain[j])[idx]).sum(1).mean() / widths[j]
+               for j, p in enumerate(per)]
     wts = _target_weights(r, i, len(xs))
     fired = torch.zeros(r.concepts, dtype=torch.bool).index_fill_(0, idx.flatten(), True)
     return sum(w * p for w, p in zip(wts, per, strict=True)), fired
