@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 from usae.analysis.membership import member_matrix
 from usae.pipeline.store import Store
 from usae.trainer.synth import SynthConfig, load_truth, recovery_from_decoders, run_synth
@@ -343,7 +342,7 @@ def main() -> None:
             stats = res.pop("_stats")
             if a.dump:
                 Path(a.dump).mkdir(parents=True, exist_ok=True)
-                np.savez(Path(a.dump) / f"{rc}_{s}.npz", **{k: v for k, v in stats.items() if v is not None})
+                np.savez(Path(a.dump) / f"{rc}@{res['steps']}_{s}.npz", **{k: v for k, v in stats.items() if v is not None})
             rows.append(res)
             f = lambda v: "  -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:5.2f}"  # noqa: E731
             print(f"{rc:18s} {s:10s} {f(res['universal'])} {f(res['subset']):>6s} {f(res['specific'])} "

@@ -370,8 +370,8 @@ def test_version1_truth_still_loads(tmp_path, small):
     """A truth file without the version-2 tensors: members and gains derived from rows."""
     import shutil
 
-    from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
     path = tmp_path / "v1.zarr"
     shutil.copytree(small, path)
