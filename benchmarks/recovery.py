@@ -71,7 +71,8 @@ class Recipe:
     loss_norm: str = "sum"
     """sum over target models (paper) | mean (divide by M) | balanced (self 1/2, others 1/(2(M-1)))."""
     sources: str = "one"
-    """one (a source drawn uniformly per step, paper) | all (every model is the source in every step)."""
+    """one (a source drawn uniformly per step, paper) | split (the step's tokens split evenly among
+    ALL models as sources: same tokens and cost per step, every model is a source every step)."""
     gain_l1: float = 0.0
     """Penalty lambda * mean_t sum_k z_tk g_jk / d_j per target j (drives absent models' gains to 0)."""
     wd: float = 1e-5
@@ -104,6 +105,7 @@ RECIPES.update({
     "fid-cosine": replace(RECIPES["fid"], schedule="cosine"),
     "fid-randn": replace(RECIPES["fid"], dec_init="randn"),
     "fid-nogain": replace(RECIPES["fid"], gains="none"),
+    "fid-split": replace(RECIPES["fid"], sources="split"),
     "fid-l1": replace(RECIPES["fid"], center="mean", gain_l1=0.05),
     "fid-l1s": replace(RECIPES["fid"], center="mean", gain_l1=0.01),
 })
@@ -253,13 +255,16 @@ def train(r: Recipe, data: Data) -> MiniUSAE:
     dead_after = 40 * r.batch  # AuxK: dead = not fired in the last 40 steps' tokens
     for t in range(r.steps):
         rows = torch.randint(n, (r.batch,), generator=gen)
-        xs = [model.prep(j, a[rows]) for j, a in enumerate(data.train)]
-        srcs = range(n_models) if r.sources == "all" else [int(torch.randint(n_models, (1,), generator=gen))]
+        if r.sources == "split":  # every model a source, on its own share of the step's tokens
+            parts = list(zip(range(n_models), rows.tensor_split(n_models), strict=True))
+        else:
+            parts = [(int(torch.randint(n_models, (1,), generator=gen)), rows)]
         loss = 0.0
-        for i in srcs:
+        for i, rows_i in parts:
+            xs = [model.prep(j, a[rows_i]) for j, a in enumerate(data.train)]
             li, fired = source_loss(model, i, xs, since_fired > dead_after)
-            loss = loss + li / len(srcs)
-            since_fired = torch.where(fired, 0.0, since_fired + r.batch / len(srcs))
+            loss = loss + li * len(rows_i) / r.batch
+            since_fired = torch.where(fired, 0.0, since_fired + len(rows_i))
         for g in opt.param_groups:
             g["lr"] = lr_at(r, t)
         opt.zero_grad(set_to_none=True)
