@@ -356,8 +356,8 @@ def main() -> None:
             print(f"{rc:18s} {s:10s} {f(res['universal'])} {f(res['subset']):>6s} {f(res['specific'])} "
                   f"{f(res['membership']):>6s} {f(res['self_r2']):>6s} {f(res['cross_r2']):>7s} {f(res['dead'])} "
                   f"{res['steps']:5d} {res['wall_s']:6.0f}", flush=True)
-    if a.out:
-        Path(a.out).write_text(json.dumps(rows, indent=1, default=float))
+            if a.out:  # after every run: an interrupted sweep keeps what it measured
+                Path(a.out).write_text(json.dumps(rows, indent=1, default=float))
 
 
 if __name__ == "__main__":
