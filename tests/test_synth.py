@@ -269,3 +269,222 @@ def test_recovery_metric(small):
         dec[perm[:u]] = dec[np.roll(perm[:u], 1)].clone()
     rec2 = recovery(model, truth)
     assert rec2.rate == 0.0 and (rec2.per_model_cos_ui > 0.999).all()
+
+
+# ---------------------------------------------------------------- extended generator
+from usae.trainer.synth import make_groups, parse_groups, recovery_from_decoders  # noqa: E402
+
+GROUPED = dict(models=3, dims=(20, 28, 24), groups="all:5,0+1:3,1+2:2,only:2", tokens=3200,
+               tokens_per_image=8, active=3.0, noise=0.05, chunk_images=90, seed=7,
+               gain=(0.5, 2.0), channel_offset=1.0, zipf=0.8, noise_decay=0.7)
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    path = tmp_path_factory.mktemp("grouped") / "g.zarr"
+    run_synth(SynthConfig(store=path, **GROUPED), progress=False)
+    return path
+
+
+def test_parse_groups():
+    assert parse_groups("all:32, 0+1:12,2+1:4,only:12") == [("all", 32), ("0+1", 12), ("1+2", 4), ("only", 12)]
+    assert parse_groups("ALL:3,") == [("all", 3)]
+    for bad in ["", "all", "all:x", "all:-1", "0+0:3", "a+b:2", ":3", "0+-1:2"]:
+        with pytest.raises(ValueError):
+            parse_groups(bad)
+    g = make_groups(parse_groups("only:2,1+2:3,all:4"), 3)  # canonical order: all, subsets, only
+    assert [x.label for x in g] == ["all", "1+2", "0", "1", "2"]
+    assert [x.ids for x in g] == [(0, 1, 2, 3), (4, 5, 6), (7, 8), (9, 10), (11, 12)]
+    assert [x.per_model for x in g] == [False, False, True, True, True]
+    assert make_groups(parse_groups("0+1:2"), 2)[0].label == "all"  # every model = universal
+    with pytest.raises(ValueError, match="--models"):
+        make_groups(parse_groups("0+3:2"), 3)
+
+
+def test_extended_validation():
+    bad = [dict(groups="0+5:3"), dict(groups="all:x"), dict(gain=(2.0, 1.0)), dict(gain=(0.0, 1.0)),
+           dict(channel_offset=-1.0), dict(zipf=-0.5), dict(noise_decay=-1.0),
+           dict(groups="all:0,only:0"), dict(groups="all:2", active=3.0)]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            SynthConfig(store=Path("x"), **kw).validate()
+    SynthConfig(store=Path("x"), models=8, dims=(8,), groups="all:4,0+7:2,only:1", active=2.0).validate()
+
+
+def test_grouped_truth_round_trip(grouped):
+    st_, truth = Store.open(grouped), load_truth(grouped)
+    members = truth.members
+    assert members.shape == (5 + 3 + 2 + 6, 3) and members.dtype == bool
+    expect = np.zeros_like(members)
+    expect[:5] = True
+    expect[5:8, [0, 1]] = True
+    expect[8:10, [1, 2]] = True
+    for i in range(3):
+        expect[10 + 2 * i:12 + 2 * i, i] = True
+    np.testing.assert_array_equal(members, expect)
+    assert truth.group_labels == ("all", "0+1", "1+2", "0", "1", "2")
+    np.testing.assert_array_equal(truth.group_id, [0] * 5 + [1] * 3 + [2] * 2 + [3, 3, 4, 4, 5, 5])
+    assert truth.n_universal == 5 and truth.n_specific == (2, 2, 2)
+    for i in range(3):
+        np.testing.assert_array_equal(truth.concept_ids[i], np.flatnonzero(members[:, i]))
+        np.testing.assert_array_equal(truth.gains[truth.concept_ids[i], i], truth.factors[i])
+        assert (truth.gains[~members[:, i], i] == 0).all()
+        f = truth.factors[i]
+        assert (f >= 0.5 - 1e-6).all() and (f <= 2.0 + 1e-6).all() and f.max() / f.min() > 1.5
+        assert truth.channel_offsets[i].shape == (st_.widths[truth.backbones[i]],)
+        assert np.abs(truth.channel_offsets[i]).max() > 0
+        np.testing.assert_allclose(truth.direction(int(truth.concept_ids[i][-1]), i), truth.dictionaries[i][-1])
+    with pytest.raises(KeyError):
+        truth.direction(8, 0)  # concept 8 lives in models 1, 2
+    assert truth.config["groups"] == GROUPED["groups"] and truth.config["gain"] == [0.5, 2.0]
+    assert truth.rate.max() / truth.rate.min() > 5  # Zipf: heavy-tailed frequencies
+
+
+def test_grouped_tokens_and_cofiring(grouped):
+    st_, truth = Store.open(grouped), load_truth(grouped)
+    n = st_.n_rows
+    dense = [_dense(truth, i, n) for i in range(3)]
+    for c in range(len(truth.rate)):
+        mem = np.flatnonzero(truth.members[c])
+        for i in range(3):
+            if i not in mem:
+                assert not dense[i][:, c].any()  # absent from model i: never fires there
+        for i in mem[1:]:  # same tokens in every member, magnitude ratio = gain ratio
+            on = dense[mem[0]][:, c] > 0
+            np.testing.assert_array_equal(on, dense[i][:, c] > 0)
+            ratio = dense[i][on, c] / dense[mem[0]][on, c]
+            np.testing.assert_allclose(ratio, truth.gains[c, i] / truth.gains[c, mem[0]], rtol=1e-5)
+    for i, k in enumerate(truth.backbones):
+        z = dense[i][:, truth.concept_ids[i]]
+        o = truth.channel_offsets[i].astype(np.float64)
+        clean = (z @ truth.dictionaries[i].astype(np.float64) + o) * truth.scale[i] + truth.offset[i]
+        resid = (_all_rows(st_, k) - clean) / truth.scale[i]
+        signal_rms = np.sqrt(((z @ truth.dictionaries[i].astype(np.float64)) ** 2).mean())
+        # anisotropic noise keeps its total power (~5% of the signal RMS) but not its shape
+        assert 0.03 < np.sqrt((resid**2).mean()) / signal_rms < 0.08
+        ev = np.linalg.eigvalsh(np.cov(resid.T))
+        assert ev.max() / ev.min() > 20  # noise_decay 0.7: far from isotropic
+
+
+def test_version1_truth_still_loads(tmp_path, small):
+    """A truth file without the version-2 tensors: members and gains derived from rows."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    path = tmp_path / "v1.zarr"
+    shutil.copytree(small, path)
+    f = path / "_usae" / "truth.safetensors"
+    with safe_open(str(f), framework="np") as h:
+        meta = dict(h.metadata())
+    t = {k: v for k, v in load_file(str(f)).items()
+         if k not in ("members", "gain", "group_id") and not k.startswith("channel_offset.")}
+    meta["version"] = "1"
+    meta.pop("groups")
+    save_file(t, str(f), metadata=meta)
+    old, new = load_truth(path), load_truth(small)
+    np.testing.assert_array_equal(old.members, new.members)
+    np.testing.assert_array_equal(old.gains, new.gains)
+    assert old.group_labels == new.group_labels == ("all", "0", "1", "2")
+    np.testing.assert_array_equal(old.group_id, new.group_id)
+    assert old.channel_offsets is None
+
+
+def test_recovery_groups_and_membership(grouped):
+    truth = load_truth(grouped)
+    rng = np.random.default_rng(1)
+    n_c, m = len(truth.rate), 40
+    perm = rng.permutation(m)[:n_c]
+    decs = [rng.standard_normal((m, d.shape[1])) for d in truth.dictionaries]
+    for i in range(3):
+        decs[i][perm[truth.concept_ids[i]]] = truth.dictionaries[i] * 2.5  # any row scale
+    pred = np.zeros((3, m), bool)
+    pred[:, perm] = truth.members.T
+    rec = recovery_from_decoders(decs, truth, members_mk=pred)
+    assert rec.recovered_c.all() and (rec.cos_c > 0.999).all()
+    np.testing.assert_array_equal(rec.match_c, perm)
+    assert rec.kind_rate == {"universal": 1.0, "subset": 1.0, "specific": 1.0}
+    assert rec.group_rate == {lab: 1.0 for lab in truth.group_labels}
+    assert rec.membership_accuracy == 1.0 and rec.member_ok_c.all()
+    # wrong member sets for the pair-shared group 1+2 (ids 8, 9): called universal
+    bad = pred.copy()
+    bad[:, perm[8:10]] = True
+    rec_b = recovery_from_decoders(decs, truth, members_mk=bad)
+    assert rec_b.membership_accuracy == pytest.approx(1 - 2 / n_c)
+    assert rec_b.kind_membership["subset"] == pytest.approx(3 / 5) and rec_b.kind_membership["universal"] == 1.0
+    # a concept matched in only one of its two models is not recovered (min over members)
+    decs[2][perm[9]] = rng.standard_normal(decs[2].shape[1])
+    rec_c = recovery_from_decoders(decs, truth)
+    assert not rec_c.recovered_c[9] and rec_c.recovered_c[8]
+    assert rec_c.group_rate["1+2"] == 0.5 and np.isnan(rec_c.membership_accuracy)
+    assert rec_c.member_ok_c is None
+    with pytest.raises(ValueError, match="members_mk"):
+        recovery_from_decoders(decs, truth, members_mk=pred[:2])
+
+
+def test_recovery_control_random_decoders(grouped):
+    truth = load_truth(grouped)
+    rng = np.random.default_rng(0)
+    decs = [rng.standard_normal((64, d.shape[1])) for d in truth.dictionaries]
+    rec = recovery_from_decoders(decs, truth, members_mk=np.ones((3, 64), bool))
+    assert not rec.recovered_c.any() and rec.cos_c.max() < 0.7
+    assert all(v == 0.0 for v in rec.kind_rate.values())
+    assert np.isnan(rec.membership_accuracy)  # nothing recovered: nothing to score
+
+
+def test_extended_defaults_keep_the_first_generator(tmp_path, small):
+    """Extended options at their defaults leave store, fingerprint and truth as before."""
+    from usae.pipeline.store import fingerprint
+
+    first = dataclasses.asdict(SynthConfig(store=small, **SMALL))  # the first generator's fingerprint dict
+    for f in ("store", "groups", "gain", "channel_offset", "zipf", "noise_decay"):
+        first.pop(f)
+    assert Store.open(small).attrs["fingerprint"] == fingerprint({**first, "generator": "usae-synth-1"})
+    same = tmp_path / "same.zarr"
+    run_synth(SynthConfig(store=same, **{**SMALL, "groups": "all:6,only:3"}), progress=False)
+    a, b = load_truth(small), load_truth(same)
+    for i in range(3):  # the same spec written out: the same draws
+        np.testing.assert_array_equal(a.dictionaries[i], b.dictionaries[i])
+        np.testing.assert_array_equal(a.codes[i][1], b.codes[i][1])
+    np.testing.assert_array_equal(a.rate, b.rate)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    models=st.integers(2, 8), d=st.integers(3, 10), n_all=st.integers(0, 3), n_only=st.integers(0, 2),
+    n_sub=st.integers(0, 3), seed=st.integers(0, 1000), shuffle=st.booleans(),
+    offset=st.sampled_from([0.0, 0.5]), zipf=st.sampled_from([0.0, 1.0]),
+)
+def test_property_grouped(tmp_path_factory, models, d, n_all, n_only, n_sub, seed, shuffle, offset, zipf):
+    sub = "+".join(str(i) for i in range(0, models, 2))
+    groups = f"all:{n_all},{sub}:{n_sub},only:{n_only}"
+    if n_all + n_only + n_sub == 0:
+        groups = "all:1"
+    path = tmp_path_factory.mktemp("pg") / "s.zarr"
+    cfg = SynthConfig(store=path, models=models, dims=(d,), groups=groups, tokens=120, tokens_per_image=4,
+                      active=0.5, noise=0.0, seed=seed, shuffle_alignment=shuffle, chunk_images=7,
+                      scale_offset=False, gain=(0.5, 2.0), channel_offset=offset, zipf=zipf)
+    run_synth(cfg, progress=False)
+    st_, truth = Store.open(path), load_truth(path)
+    assert truth.members.shape == (len(truth.rate), models)
+    assert truth.members.sum() == sum(len(c) for c in truth.concept_ids)
+    for i, k in enumerate(st_.backbones):
+        z = _dense(truth, i, st_.n_rows)[:, truth.concept_ids[i]]
+        expect = z @ truth.dictionaries[i].astype(np.float64) + truth.channel_offsets[i]
+        np.testing.assert_allclose(_all_rows(st_, k), expect.astype(np.float16), atol=3e-3, rtol=3e-3)
+
+
+def test_cli_extended(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "e.zarr"
+    r = runner.invoke(_cli(), ["synth", "--store", str(out), "--models", "4", "--dims", "8",
+                               "--groups", "all:3,0+3:2,only:1", "--gain", "0.5,2", "--channel-offset", "0.5",
+                               "--zipf", "1", "--noise-decay", "0.5", "--tokens", "320", "--active", "1.5"])
+    assert r.exit_code == 0, r.output
+    truth = load_truth(out)
+    assert truth.group_labels == ("all", "0+3", "0", "1", "2", "3")
+    assert tuple(truth.config["gain"]) == (0.5, 2.0)
+    for bad in (["--groups", "0+9:2"], ["--gain", "2,1"], ["--gain", "a,b"]):
+        r = runner.invoke(_cli(), ["synth", "--store", str(tmp_path / "f.zarr"), *bad])
+        assert r.exit_code != 0 and "Traceback" not in r.output, r.output

@@ -3,36 +3,62 @@
 The store has the standard layout (``usae.pipeline.store``, source="synth"), so every later
 stage reads it like an extracted one. The generator plants:
 
-- U universal concepts: each has its own random unit direction in EVERY model's space and fires
-  on the same token in all models, with magnitude = shared magnitude x a fixed per-model factor;
-- S specific concepts per model: a direction in that model's space only;
+- concept groups, each living in a chosen subset of the models (``--groups``, below): a concept
+  has its own random unit direction in every model it lives in and fires on the same tokens in
+  all of them, with magnitude = shared magnitude x a fixed per-model gain;
 - sparse non-negative codes: concept c fires on a token with probability ``rate[c]`` (about
   ``active`` concepts per token and model), magnitudes lognormal;
 - gaussian noise per model, and (optionally) a per-model scalar scale and offset so that the
   trainer's standardisation matters.
 
-Model i's tokens are ``x_i = scale_i * (z_i @ D_i + noise_i) + offset_i``.
+Harder structure, all off by default (then the store is bit for bit what the first generator
+wrote): per-model log-uniform gains (``--gain 0.5,2``), a dense per-channel offset vector per
+model (``--channel-offset``), Zipf concept frequencies (``--zipf``) and anisotropic noise with a
+power-law spectrum in a random basis (``--noise-decay``).
+
+Model i's tokens are ``x_i = scale_i * (z_i @ D_i + noise_i + o_i) + offset_i``, with o_i the
+per-channel offset (zero unless ``--channel-offset``).
 With ``shuffle_alignment`` (a control) each model's codes are permuted across the tokens of
 each chunk, so a token no longer shows the same concepts in every model.
+
+Group spec (``--groups``), comma-separated ``SET:COUNT`` items:
+
+| SET | concepts that live in |
+|---|---|
+| ``all`` | every model (universal) |
+| ``only`` | one model: COUNT concepts specific to EACH model |
+| ``0+2`` (indices joined by ``+``) | exactly those models (``1`` alone: specific to model 1) |
+
+Example: ``all:32,0+1:12,1+2:12,only:12`` = 32 universal, 12 shared by models 0 and 1 only, 12 by
+1 and 2 only, 12 specific to each model. Empty (the default) = ``all:U,only:S`` from
+``--universal`` / ``--specific``. Global concept ids are in canonical order: ``all`` items, then
+the subset items as written, then ``only`` (model 0's, model 1's, ...); a model's dictionary rows
+are the concepts it lives in, in global id order (so universal rows come first).
 
 Ground truth, ``S.zarr/_usae/truth.safetensors`` (read it with :func:`load_truth`):
 
 | tensor | shape | meaning |
 |---|---|---|
-| ``dictionary.<key>`` | (U+S_i, d_i) f32 | unit directions of model i, universal rows first |
-| ``concept_ids.<key>`` | (U+S_i,) i64 | global concept id of each row: 0..U-1 universal, then
-  model 0's specific ids, model 1's, ... |
-| ``factor.<key>`` | (U+S_i,) f32 | per-model magnitude factor (1 for specific concepts) |
-| ``rate`` | (U+sum S_i,) f32 | firing probability of each global concept |
+| ``dictionary.<key>`` | (n_i, d_i) f32 | unit directions of model i, global id order |
+| ``concept_ids.<key>`` | (n_i,) i64 | global concept id of each row |
+| ``factor.<key>`` | (n_i,) f32 | per-model magnitude factor (gain) of each row |
+| ``rate`` | (C,) f32 | firing probability of each global concept |
 | ``scale``, ``offset`` | (M,) f32 | per-model scalar scale and offset |
+| ``members`` | (C, M) u8 | 1 where concept c lives in model i (version 2) |
+| ``gain`` | (C, M) f32 | per-model magnitude factor, 0 where c is absent (version 2) |
+| ``group_id`` | (C,) i64 | index of c's group in the ``groups`` metadata (version 2) |
+| ``channel_offset.<key>`` | (d_i,) f32 | o_i, the per-channel offset before scale (version 2) |
 | ``codes.<key>.indptr/.concept/.value`` | CSR over rows | per-token code z_i (only when
   ``save_codes``): row r's active global ids and magnitudes are
   ``concept[indptr[r]:indptr[r+1]]``, ``value[...]`` |
 
 Metadata (strings): ``format`` = "usae-synth-truth", ``version``, ``backbones`` (JSON list),
-``n_universal``, ``n_specific`` (JSON list), ``config`` (JSON of the SynthConfig).
+``n_universal``, ``n_specific`` (JSON list: concepts living in model i alone), ``config`` (JSON of
+the SynthConfig), ``groups`` (JSON list of {"label", "members"}; version 2). Version-1 files
+(no members/gain) still load: their members and gains are derived from concept ids and factors.
 
-:func:`recovery` scores a trained USAE against this truth (the planted-recovery metric).
+:func:`recovery` scores a trained USAE against this truth (the planted-recovery metric), per
+group, and scores a predicted member set per learned concept.
 """
 
 from __future__ import annotations
@@ -52,7 +78,7 @@ if TYPE_CHECKING:
 
 TRUTH_FILE = "truth.safetensors"
 TRUTH_FORMAT = "usae-synth-truth"
-TRUTH_VERSION = 1
+TRUTH_VERSION = 2
 _MAG_SIGMA = 0.4  # lognormal sigma of concept magnitudes (median 1)
 _CHUNK_BYTES = 16 * 2**20  # target chunk size of the widest backbone when chunk_images=0
 
@@ -91,6 +117,16 @@ class SynthConfig:
     """Give each model a random scalar scale and offset (so standardisation matters)."""
     save_codes: bool = True
     """Save the per-token codes in the truth file (CSR; ~12 bytes per active concept)."""
+    groups: str = ""
+    """Concept groups by member set, e.g. "all:32,0+1:12,only:12" (module docstring); "" = all:U,only:S."""
+    gain: tuple[float, float] | None = None
+    """(lo, hi): per-model gain of every concept, log-uniform in [lo, hi] (replaces the 0.5-1.5 factors)."""
+    channel_offset: float = 0.0
+    """Std of a dense per-channel offset vector per model, relative to the signal's per-channel RMS."""
+    zipf: float = 0.0
+    """Zipf exponent of concept frequencies (rate ~ 1/rank^zipf, random ranks); 0 = uniform 0.5-1.5 weights."""
+    noise_decay: float = 0.0
+    """Anisotropic noise: std of the j-th axis of a random basis ~ j^-noise_decay (same total power); 0 = isotropic."""
 
     def widths(self) -> tuple[int, ...]:
         if len(self.dims) == 1:
@@ -102,6 +138,15 @@ class SynthConfig:
 
     def n_images(self) -> int:
         return -(-self.tokens // self.tokens_per_image)
+
+    def group_items(self) -> list[tuple[str, int]]:
+        """The group spec as (SET, COUNT) items; the legacy spec when ``groups`` is empty."""
+        return parse_groups(self.groups) if self.groups.strip() else [("all", self.universal), ("only", self.specific)]
+
+    def is_legacy(self) -> bool:
+        """True when no option of the extended generator is used (then the store is the first generator's)."""
+        return (not self.groups.strip() and self.gain is None and self.channel_offset == 0
+                and self.zipf == 0 and self.noise_decay == 0)
 
     def validate(self) -> None:
         """Raise ValueError with a user-facing message on inconsistent settings."""
@@ -115,14 +160,21 @@ class SynthConfig:
             raise ValueError("--names must be distinct")
         if min(self.widths()) < 1 or self.universal < 0 or self.specific < 0:
             raise ValueError("--dims must be >= 1, --universal and --specific >= 0")
-        if self.universal + self.specific < 1:
-            raise ValueError("need at least one concept (--universal + --specific >= 1)")
+        groups = make_groups(self.group_items(), self.models)  # raises on a bad spec
+        n_c = sum(len(g.ids) for g in groups)
+        if n_c < 1:
+            raise ValueError("need at least one concept (--universal + --specific >= 1, or --groups)")
         if self.tokens_per_image < 1 or self.tokens < self.tokens_per_image:
             raise ValueError("need --tokens >= --tokens-per-image >= 1")
-        if not 0 < self.active <= self.universal + self.specific:
-            raise ValueError("--active must be in (0, universal + specific]")
+        per_model = [sum(len(g.ids) for g in groups if i in g.members) for i in range(self.models)]
+        if not 0 < self.active <= float(np.mean(per_model)):
+            raise ValueError("--active must be in (0, concepts per model]")
         if self.noise < 0 or self.chunk_images < 0:
             raise ValueError("--noise and --chunk-images must be >= 0")
+        if self.gain is not None and not (len(self.gain) == 2 and 0 < self.gain[0] <= self.gain[1]):
+            raise ValueError(f"--gain must be LO,HI with 0 < LO <= HI, got {self.gain}")
+        if min(self.channel_offset, self.zipf, self.noise_decay) < 0:
+            raise ValueError("--channel-offset, --zipf and --noise-decay must be >= 0")
 
 
 class SynthResult(NamedTuple):
@@ -167,6 +219,23 @@ class Truth(NamedTuple):
     """Per model CSR (indptr, concept, value) of the per-token codes, or None if not saved."""
     config: dict
     """The SynthConfig that made the store, as a dict."""
+    members: np.ndarray | None = None
+    """(C, M) bool: concept c lives in model i (rows = global concept ids)."""
+    gains: np.ndarray | None = None
+    """(C, M) per-model magnitude factor of each concept, 0 where it is absent."""
+    group_id: np.ndarray | None = None
+    """(C,) index into ``group_labels`` of each concept's group."""
+    group_labels: tuple[str, ...] = ()
+    """Label of each group: "all", or the member indices joined by "+" (e.g. "0+1", "2")."""
+    channel_offsets: list[np.ndarray] | None = None
+    """Per model (d_i,) per-channel offset o_i (before scale), zeros when not planted."""
+
+    def direction(self, c: int, i: int) -> np.ndarray:
+        """Unit direction of global concept c in model i (c must live in model i)."""
+        row = np.flatnonzero(self.concept_ids[i] == c)
+        if not len(row):
+            raise KeyError(f"concept {c} does not live in model {i}")
+        return self.dictionaries[i][row[0]]
 
     def active_sets(self, i: int, rows: np.ndarray | None = None) -> list[frozenset[int]]:
         """Global ids of the concepts active on each row (all rows, or `rows`) for model i."""
@@ -175,6 +244,74 @@ class Truth(NamedTuple):
         indptr, concept, _ = self.codes[i]
         rows = np.arange(len(indptr) - 1) if rows is None else np.asarray(rows)
         return [frozenset(concept[indptr[r] : indptr[r + 1]].tolist()) for r in rows]
+
+
+# ---------------------------------------------------------------- group spec
+class Group(NamedTuple):
+    """One concept group: the models its concepts live in and their global ids."""
+
+    label: str
+    """"all", or the member indices joined by "+"."""
+    members: tuple[int, ...]
+    """Model indices the concepts live in (sorted)."""
+    ids: tuple[int, ...]
+    """Global concept ids of the group (consecutive)."""
+    per_model: bool
+    """True for an ``only`` block: codes are drawn per model (legacy specific concepts)."""
+
+
+def parse_groups(text: str) -> list[tuple[str, int]]:
+    """``"all:32,0+1:12,only:12"`` -> [("all", 32), ("0+1", 12), ("only", 12)] (syntax checks only)."""
+    items = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        head, sep, count = item.rpartition(":")
+        head = head.strip().lower()
+        if not sep or not head:
+            raise ValueError(f"--groups item {item!r} must be SET:COUNT (SET = all, only or indices like 0+1)")
+        try:
+            n = int(count)
+        except ValueError:
+            raise ValueError(f"--groups item {item!r}: COUNT must be an integer") from None
+        if n < 0:
+            raise ValueError(f"--groups item {item!r}: COUNT must be >= 0")
+        if head not in ("all", "only"):
+            try:
+                idx = [int(x) for x in head.split("+")]
+            except ValueError:
+                raise ValueError(f"--groups item {item!r}: SET must be all, only or model indices joined by +") from None
+            if len(set(idx)) != len(idx) or min(idx) < 0:
+                raise ValueError(f"--groups item {item!r}: model indices must be distinct and >= 0")
+            head = "+".join(str(i) for i in sorted(idx))
+        items.append((head, n))
+    if not items:
+        raise ValueError("--groups is empty")
+    return items
+
+
+def _label(members: tuple[int, ...], n_models: int) -> str:
+    return "all" if len(members) == n_models else "+".join(map(str, members))
+
+
+def make_groups(items: list[tuple[str, int]], n_models: int) -> list[Group]:
+    """Expand parsed items into groups with global ids in canonical order: all, subsets, only."""
+    every = tuple(range(n_models))
+    for head, _ in items:
+        if head not in ("all", "only") and max(int(x) for x in head.split("+")) >= n_models:
+            raise ValueError(f"--groups set {head!r} names a model >= --models={n_models}")
+    ordered = [(every, n, False) for h, n in items if h == "all"]
+    ordered += [(tuple(int(x) for x in h.split("+")), n, False) for h, n in items if h not in ("all", "only")]
+    n_only = sum(n for h, n in items if h == "only")
+    ordered += [((i,), n_only, True) for i in range(n_models)] if n_only else []
+    groups, c = [], 0
+    for members, n, per_model in ordered:
+        if n:
+            label = str(members[0]) if per_model else _label(members, n_models)
+            groups.append(Group(label, members, tuple(range(c, c + n)), per_model))
+        c += n
+    return groups
 
 
 # ---------------------------------------------------------------- generator
@@ -188,6 +325,15 @@ class _Plan(NamedTuple):
     scale: np.ndarray
     offset: np.ndarray
     noise_std: np.ndarray
+    groups: list[Group]
+    shared_ids: np.ndarray
+    """Global ids whose codes are drawn once for all member models (every non-``only`` group)."""
+    members: np.ndarray
+    """(C, M) bool."""
+    channel_offsets: list[np.ndarray]
+    """Per model (d_i,) f32 per-channel offset (zeros when off)."""
+    noise_basis: list[np.ndarray | None]
+    """Per model (d_i, d_i) f32: noise = eps @ basis (spectrum x orthogonal); None = isotropic."""
 
 
 def choose_grid(t: int) -> tuple[int, int]:
@@ -201,48 +347,95 @@ def _unit_rows(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
+def _extra_rng(cfg: SynthConfig, what: int) -> np.random.Generator:
+    """Stream of one extended option: never touches the legacy streams, so defaults stay bit-exact."""
+    return np.random.default_rng([cfg.seed, 4, what])
+
+
+def _zipf_weights(cfg: SynthConfig, n: int) -> np.ndarray:
+    """Weights ~ 1/rank^zipf over a random ranking, normalised to mean 1."""
+    rank = _extra_rng(cfg, 0).permutation(n) + 1.0
+    w = rank ** -cfg.zipf
+    return w / w.mean()
+
+
+def _noise_basis(rng: np.random.Generator, d: int, decay: float) -> np.ndarray:
+    """diag(s) @ Q with Q random orthogonal and s_j ~ j^-decay, mean s^2 = 1 (noise power unchanged)."""
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    q *= np.sign(np.diag(r))
+    s = np.arange(1, d + 1, dtype=np.float64) ** -decay
+    s /= np.sqrt((s**2).mean())
+    return (s[:, None] * q.T).astype(np.float32)
+
+
 def make_plan(cfg: SynthConfig) -> _Plan:
     """Draw dictionaries, rates, factors and per-model scale/offset from the seed."""
     rng = np.random.default_rng([cfg.seed, 1])
-    m, u, s = cfg.models, cfg.universal, cfg.specific
-    n_global = u + m * s
+    m = cfg.models
+    groups = make_groups(cfg.group_items(), m)
+    n_global = sum(len(g.ids) for g in groups)
+    members = np.zeros((n_global, m), bool)
+    for g in groups:
+        members[np.asarray(g.ids)[:, None], np.asarray(g.members)[None, :]] = True
+    shared = np.zeros(n_global, bool)
+    for g in groups:
+        shared[list(g.ids)] = not g.per_model
+    n_per_model = members.sum(0)
     w = rng.uniform(0.5, 1.5, size=n_global)
-    rate = np.clip(cfg.active / (u + s) * w, 0.0, 1.0)
+    if cfg.zipf > 0:
+        w = _zipf_weights(cfg, n_global)
+    rate = np.clip(cfg.active / float(np.mean(n_per_model)) * w, 0.0, 1.0)
     e_mag2 = math.exp(2 * _MAG_SIGMA**2)  # E[m^2] of lognormal(0, sigma)
-    dicts, ids, factors, noise_std = [], [], [], []
+    dicts, ids, factors = [], [], []
+    gain_rng = _extra_rng(cfg, 1)
     for i, d in enumerate(cfg.widths()):
-        dicts.append(_unit_rows(rng, u + s, d).astype(np.float32))
-        ids.append(np.concatenate([np.arange(u), u + i * s + np.arange(s)]).astype(np.int64))
-        f = np.concatenate([rng.uniform(0.5, 1.5, size=u), np.ones(s)]).astype(np.float32)
+        ids.append(np.flatnonzero(members[:, i]).astype(np.int64))
+        dicts.append(_unit_rows(rng, len(ids[-1]), d).astype(np.float32))
+        n_sh = int(shared[ids[-1]].sum())  # shared rows come first (canonical order)
+        f = np.concatenate([rng.uniform(0.5, 1.5, size=n_sh), np.ones(len(ids[-1]) - n_sh)]).astype(np.float32)
+        if cfg.gain is not None:
+            lo, hi = math.log(cfg.gain[0]), math.log(cfg.gain[1])
+            f = np.exp(gain_rng.uniform(lo, hi, size=len(ids[-1]))).astype(np.float32)
         factors.append(f)
-        signal_ms = float((rate[ids[-1]] * e_mag2 * f.astype(np.float64) ** 2).sum()) / d
+    noise_std, offsets, bases = [], [], []
+    off_rng, basis_rng = _extra_rng(cfg, 2), _extra_rng(cfg, 3)
+    for i, d in enumerate(cfg.widths()):
+        signal_ms = float((rate[ids[i]] * e_mag2 * factors[i].astype(np.float64) ** 2).sum()) / d
         noise_std.append(cfg.noise * math.sqrt(signal_ms))
+        o = off_rng.standard_normal(d) * cfg.channel_offset * math.sqrt(signal_ms) if cfg.channel_offset else np.zeros(d)
+        offsets.append(o.astype(np.float32))
+        bases.append(_noise_basis(basis_rng, d, cfg.noise_decay) if cfg.noise_decay else None)
     if cfg.scale_offset:
         scale = np.exp(rng.uniform(math.log(0.5), math.log(4.0), size=m))
         offset = rng.uniform(-0.5, 0.5, size=m)
     else:
         scale, offset = np.ones(m), np.zeros(m)
     return _Plan(dicts, ids, factors, rate.astype(np.float32), scale.astype(np.float32),
-                 offset.astype(np.float32), np.asarray(noise_std, np.float32))
+                 offset.astype(np.float32), np.asarray(noise_std, np.float32), groups,
+                 np.flatnonzero(shared), members, offsets, bases)
 
 
 class _ChunkCodes(NamedTuple):
     codes_rm: list[np.ndarray]
-    """Per model dense codes over that model's dictionary rows (rows, U+S_i), float32."""
+    """Per model dense codes over that model's dictionary rows (rows, n_i), float32."""
 
 
 def chunk_codes(cfg: SynthConfig, plan: _Plan, chunk: int, rows: int) -> _ChunkCodes:
-    """Codes of one chunk (deterministic in (seed, chunk)); universal ones shared by all models."""
+    """Codes of one chunk (deterministic in (seed, chunk)); a group's codes are shared by its models."""
     rng = np.random.default_rng([cfg.seed, 2, chunk])
-    u, s = cfg.universal, cfg.specific
-    fire_u = rng.random((rows, u)) < plan.rate[:u]
-    mag_u = np.where(fire_u, rng.lognormal(0.0, _MAG_SIGMA, size=(rows, u)), 0.0)
+    sh = plan.shared_ids
+    fire_u = rng.random((rows, len(sh))) < plan.rate[sh]
+    mag_u = np.where(fire_u, rng.lognormal(0.0, _MAG_SIGMA, size=(rows, len(sh))), 0.0)
+    col_of = {int(c): j for j, c in enumerate(sh)}
     out = []
     for i in range(cfg.models):
-        spec_ids = plan.concept_ids[i][u:]
-        fire_s = rng.random((rows, s)) < plan.rate[spec_ids]
-        mag_s = np.where(fire_s, rng.lognormal(0.0, _MAG_SIGMA, size=(rows, s)), 0.0)
-        z = np.concatenate([mag_u, mag_s], axis=1) * plan.factors[i]
+        ids = plan.concept_ids[i]
+        own_sh = [col_of[int(c)] for c in ids if int(c) in col_of]
+        spec_ids = ids[len(own_sh):]
+        fire_s = rng.random((rows, len(spec_ids))) < plan.rate[spec_ids]
+        mag_s = np.where(fire_s, rng.lognormal(0.0, _MAG_SIGMA, size=(rows, len(spec_ids))), 0.0)
+        mine = mag_u if len(own_sh) == len(sh) else mag_u[:, own_sh]
+        z = np.concatenate([mine, mag_s], axis=1) * plan.factors[i]
         if cfg.shuffle_alignment:
             z = z[rng.permutation(rows)]
         out.append(z.astype(np.float32))
@@ -255,7 +448,12 @@ def chunk_tokens(cfg: SynthConfig, plan: _Plan, chunk: int, codes: _ChunkCodes) 
     out = []
     for i, z in enumerate(codes.codes_rm):
         x = z @ plan.dictionaries[i]
-        x += rng.standard_normal(x.shape, dtype=np.float32) * plan.noise_std[i]
+        eps = rng.standard_normal(x.shape, dtype=np.float32)
+        if plan.noise_basis[i] is not None:
+            eps = eps @ plan.noise_basis[i]
+        x += eps * plan.noise_std[i]
+        if cfg.channel_offset:
+            x += plan.channel_offsets[i]
         out.append(x * plan.scale[i] + plan.offset[i])
     return out
 
@@ -274,9 +472,16 @@ def _chunk_images(cfg: SynthConfig) -> int:
     return max(1, min(cfg.n_images(), _CHUNK_BYTES // per_image))
 
 
+_EXTENDED = ("groups", "gain", "channel_offset", "zipf", "noise_decay")
+
+
 def _fingerprint_of(cfg: SynthConfig) -> dict:
     d = asdict(cfg)
     d.pop("store")
+    default = SynthConfig(store=Path("."))
+    for f in _EXTENDED:  # left out at their defaults: a store of the first generator still matches
+        if getattr(cfg, f) == getattr(default, f):
+            d.pop(f)
     d["generator"] = "usae-synth-1"
     return d
 
@@ -328,28 +533,42 @@ def _save_truth(cfg: SynthConfig, plan: _Plan, csr: list[list[tuple]] | None) ->
     from safetensors.torch import save_file
 
     keys = cfg.keys()
+    n_c, m = plan.members.shape
+    gain = np.zeros((n_c, m), np.float32)
+    group_id = np.zeros(n_c, np.int64)
+    for gi, g in enumerate(plan.groups):
+        group_id[list(g.ids)] = gi
     t: dict[str, torch.Tensor] = {
         "rate": torch.from_numpy(plan.rate),
         "scale": torch.from_numpy(plan.scale),
         "offset": torch.from_numpy(plan.offset),
+        "members": torch.from_numpy(plan.members.astype(np.uint8)),
+        "group_id": torch.from_numpy(group_id),
     }
     for i, k in enumerate(keys):
+        gain[plan.concept_ids[i], i] = plan.factors[i]
         t[f"dictionary.{k}"] = torch.from_numpy(plan.dictionaries[i])
         t[f"concept_ids.{k}"] = torch.from_numpy(plan.concept_ids[i])
         t[f"factor.{k}"] = torch.from_numpy(plan.factors[i])
+        t[f"channel_offset.{k}"] = torch.from_numpy(plan.channel_offsets[i])
         if csr is not None:
             counts = np.concatenate([p[0] for p in csr[i]])
             indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
             t[f"codes.{k}.indptr"] = torch.from_numpy(indptr)
             t[f"codes.{k}.concept"] = torch.from_numpy(np.concatenate([p[1] for p in csr[i]]))
             t[f"codes.{k}.value"] = torch.from_numpy(np.concatenate([p[2] for p in csr[i]]))
+    t["gain"] = torch.from_numpy(gain)
+    every = tuple(range(m))
+    n_univ = sum(len(g.ids) for g in plan.groups if g.members == every and not g.per_model)
+    n_spec = [sum(len(g.ids) for g in plan.groups if g.members == (i,) and (g.per_model or m > 1)) for i in range(m)]
     meta = {
         "format": TRUTH_FORMAT,
         "version": str(TRUTH_VERSION),
         "backbones": json.dumps(list(keys)),
-        "n_universal": str(cfg.universal),
-        "n_specific": json.dumps([cfg.specific] * cfg.models),
+        "n_universal": str(n_univ),
+        "n_specific": json.dumps(n_spec),
         "config": json.dumps(_config_json(cfg)),
+        "groups": json.dumps([{"label": g.label, "members": list(g.members)} for g in plan.groups]),
     }
     path = Path(cfg.store) / "_usae" / TRUTH_FILE
     tmp = path.with_name(f".{TRUTH_FILE}.tmp")
@@ -359,7 +578,7 @@ def _save_truth(cfg: SynthConfig, plan: _Plan, csr: list[list[tuple]] | None) ->
 
 
 def load_truth(store_path: str | Path) -> Truth:
-    """Read the ground truth of a synth store."""
+    """Read the ground truth of a synth store (version 1 or 2)."""
     from safetensors import safe_open
 
     path = Path(store_path) / "_usae" / TRUTH_FILE
@@ -369,29 +588,70 @@ def load_truth(store_path: str | Path) -> Truth:
         meta = f.metadata() or {}
         if meta.get("format") != TRUTH_FORMAT:
             raise StoreError(f"{path} is not a usae synth truth file")
+        if int(meta.get("version", "1")) > TRUTH_VERSION:
+            raise StoreError(f"{path} has truth version {meta['version']}; this usae reads <= {TRUTH_VERSION}")
         keys = tuple(json.loads(meta["backbones"]))
         names = set(f.keys())
         get = f.get_tensor
         has_codes = all(f"codes.{k}.indptr" in names for k in keys)
+        ids = [get(f"concept_ids.{k}") for k in keys]
+        factors = [get(f"factor.{k}") for k in keys]
+        rate = get("rate")
+        if "members" in names:
+            members, gains, group_id = get("members").astype(bool), get("gain"), get("group_id")
+            labels = tuple(g["label"] for g in json.loads(meta["groups"]))
+            offsets = [get(f"channel_offset.{k}") for k in keys]
+        else:  # version 1: universal ids first, then each model's specific ids
+            members, gains = _members_from_rows(ids, factors, len(rate))
+            group_id, labels = _groups_from_members(members)
+            offsets = None
         return Truth(
             backbones=keys,
             n_universal=int(meta["n_universal"]),
             n_specific=tuple(json.loads(meta["n_specific"])),
             dictionaries=[get(f"dictionary.{k}") for k in keys],
-            concept_ids=[get(f"concept_ids.{k}") for k in keys],
-            factors=[get(f"factor.{k}") for k in keys],
-            rate=get("rate"),
+            concept_ids=ids,
+            factors=factors,
+            rate=rate,
             scale=get("scale"),
             offset=get("offset"),
             codes=[(get(f"codes.{k}.indptr"), get(f"codes.{k}.concept"), get(f"codes.{k}.value"))
                    for k in keys] if has_codes else None,
             config=json.loads(meta["config"]),
+            members=members,
+            gains=gains,
+            group_id=group_id,
+            group_labels=labels,
+            channel_offsets=offsets,
         )
+
+
+def _members_from_rows(ids: list[np.ndarray], factors: list[np.ndarray], n_c: int) -> tuple[np.ndarray, np.ndarray]:
+    members, gains = np.zeros((n_c, len(ids)), bool), np.zeros((n_c, len(ids)), np.float32)
+    for i, (c, f) in enumerate(zip(ids, factors, strict=True)):
+        members[c, i], gains[c, i] = True, f
+    return members, gains
+
+
+def _groups_from_members(members: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Group = distinct member set, in order of first appearance."""
+    labels: list[str] = []
+    gid = np.zeros(len(members), np.int64)
+    for c, row in enumerate(members):
+        lab = _label(tuple(np.flatnonzero(row).tolist()), members.shape[1])
+        if lab not in labels:
+            labels.append(lab)
+        gid[c] = labels.index(lab)
+    return gid, tuple(labels)
 
 
 # ---------------------------------------------------------------- recovery metric
 class Recovery(NamedTuple):
-    """How well a trained USAE's decoders recover the planted concepts."""
+    """How well a trained USAE's decoders recover the planted concepts.
+
+    The first seven fields are the original universal-only metric (cosine AVERAGED over models);
+    the rest score every planted concept by its MIN cosine over the models it lives in.
+    """
 
     rate: float
     """Share of universal concepts whose best shared match has cosine >= threshold."""
@@ -407,36 +667,105 @@ class Recovery(NamedTuple):
     """Share of specific concepts matched at >= threshold by some learned concept of their model."""
     threshold: float
     """The cosine threshold used."""
+    cos_c: np.ndarray = np.zeros(0)
+    """(C,) per planted concept: max over learned k of the min over its member models of the cosine."""
+    match_c: np.ndarray = np.zeros(0, np.int64)
+    """(C,) the learned concept achieving cos_c."""
+    recovered_c: np.ndarray = np.zeros(0, bool)
+    """(C,) cos_c >= threshold."""
+    group_rate: dict | None = None
+    """Group label ("all", "0+1", "2", ...) -> share of its concepts recovered."""
+    kind_rate: dict | None = None
+    """"universal" (all models), "subset" (2..M-1 models), "specific" (one model) -> share recovered."""
+    member_ok_c: np.ndarray | None = None
+    """(C,) predicted member set of match_c equals the planted one (None: no prediction given)."""
+    membership_accuracy: float = float("nan")
+    """Share of RECOVERED planted concepts whose matched concept's predicted member set is right."""
+    kind_membership: dict | None = None
+    """Kind -> membership accuracy over that kind's recovered concepts."""
 
 
-def recovery(model: USAE, truth: Truth, threshold: float = 0.9) -> Recovery:
-    """Best-match decoder cosine of every planted concept (universal: one concept for all models)."""
-    import torch
+def _unit(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float64)
+    return a / np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
 
-    pos = [model.spec.backbones.index(k) for k in truth.backbones]
-    u = truth.n_universal
-    with torch.no_grad():
-        learned = [model.decoder_weight(j).float().cpu().numpy() for j in pos]
-    cos_mu = [learned[i] @ truth.dictionaries[i][:u].T for i in range(len(pos))]  # (m, U) each
-    shared_mu = np.mean(cos_mu, axis=0)
+
+def _kind(n_members: int, n_models: int) -> str:
+    return "universal" if n_members == n_models else ("specific" if n_members == 1 else "subset")
+
+
+def recovery_from_decoders(decoders: list[np.ndarray], truth: Truth, threshold: float = 0.9,
+                           members_mk: np.ndarray | None = None) -> Recovery:
+    """:func:`recovery` from decoder matrices (m, d_i) in ``truth.backbones`` order (any row scale).
+
+    members_mk: (M, m) bool predicted member set of each learned concept (same model order).
+    """
+    n_models, u = len(truth.backbones), truth.n_universal
+    learned = [_unit(d) for d in decoders]
+    n_learn = learned[0].shape[0]
+    # --- original universal metric: rows [0, U) of each dictionary are the universal concepts
+    cos_mu = [learned[i] @ truth.dictionaries[i][:u].astype(np.float64).T for i in range(n_models)]
+    shared_mu = np.mean(cos_mu, axis=0) if u else np.zeros((n_learn, 0))
     match_u = shared_mu.argmax(axis=0) if u else np.zeros(0, np.int64)
     cos_u = shared_mu.max(axis=0) if u else np.zeros(0)
-    per_model = np.stack([c.max(axis=0) for c in cos_mu], axis=1) if u else np.zeros((0, len(pos)))
-    spec_hits = []
-    for i in range(len(pos)):
-        spec = truth.dictionaries[i][u:]
-        if len(spec):
-            spec_hits.append((learned[i] @ spec.T).max(axis=0) >= threshold)
-    spec_all = np.concatenate(spec_hits) if spec_hits else np.zeros(0, bool)
+    per_model = np.stack([c.max(axis=0) for c in cos_mu], axis=1) if u else np.zeros((0, n_models))
+    # --- every planted concept: min over member models
+    mem = truth.members
+    n_c = mem.shape[0]
+    worst_kc = np.full((n_learn, n_c), np.inf)
+    for i in range(n_models):
+        cos_kr = learned[i] @ truth.dictionaries[i].astype(np.float64).T
+        worst_kc[:, truth.concept_ids[i]] = np.minimum(worst_kc[:, truth.concept_ids[i]], cos_kr)
+    match_c = worst_kc.argmax(axis=0)
+    cos_c = worst_kc[match_c, np.arange(n_c)]
+    rec_c = cos_c >= threshold
+    sizes = mem.sum(1)
+    kinds = np.array([_kind(int(s), n_models) for s in sizes])
+    specific = kinds == "specific"
+
+    def share(mask: np.ndarray, ok: np.ndarray) -> float:
+        return float(ok[mask].mean()) if mask.any() else float("nan")
+
+    group_rate = {lab: share(truth.group_id == g, rec_c) for g, lab in enumerate(truth.group_labels)}
+    kind_rate = {k: share(kinds == k, rec_c) for k in ("universal", "subset", "specific")}
+    member_ok, acc, kind_mem = None, float("nan"), None
+    if members_mk is not None:
+        pred = np.asarray(members_mk, bool)
+        if pred.shape != (n_models, n_learn):
+            raise ValueError(f"members_mk must be (M={n_models}, m={n_learn}), got {pred.shape}")
+        member_ok = (pred[:, match_c].T == mem).all(axis=1)
+        acc = share(rec_c, member_ok)
+        kind_mem = {k: share(rec_c & (kinds == k), member_ok) for k in ("universal", "subset", "specific")}
     return Recovery(
         rate=float((cos_u >= threshold).mean()) if u else float("nan"),
         mean_cos=float(cos_u.mean()) if u else float("nan"),
         cos_u=cos_u,
         match_u=match_u,
         per_model_cos_ui=per_model,
-        specific_rate=float(spec_all.mean()) if len(spec_all) else float("nan"),
+        specific_rate=share(specific, rec_c),
         threshold=threshold,
+        cos_c=cos_c,
+        match_c=match_c,
+        recovered_c=rec_c,
+        group_rate=group_rate,
+        kind_rate=kind_rate,
+        member_ok_c=member_ok,
+        membership_accuracy=acc,
+        kind_membership=kind_mem,
     )
+
+
+def recovery(model: USAE, truth: Truth, threshold: float = 0.9, members_mk: np.ndarray | None = None) -> Recovery:
+    """Best-match decoder cosine of every planted concept (one learned concept for all its models).
+
+    members_mk: optional (M, m) predicted member sets, models in ``truth.backbones`` order.
+    """
+    import torch
+
+    pos = [model.spec.backbones.index(k) for k in truth.backbones]
+    with torch.no_grad():
+        learned = [model.decoder_weight(j).float().cpu().numpy() for j in pos]
+    return recovery_from_decoders(learned, truth, threshold, members_mk)
 
 
 # ---------------------------------------------------------------- CLI
@@ -450,6 +779,15 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     if not vals:
         raise typer.BadParameter(f"{what} is empty")
     return vals
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    import typer
+
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -475,6 +813,11 @@ def register(app: typer.Typer) -> None:
         chunk_images: int = typer.Option(d.chunk_images, help="Images per store chunk (0 = ~16 MB chunks)."),
         scale_offset: bool = typer.Option(d.scale_offset, help="Random per-model scalar scale and offset."),
         save_codes: bool = typer.Option(d.save_codes, help="Save per-token codes in the truth file."),
+        groups: str = typer.Option(d.groups, help="Concept groups SET:COUNT, e.g. all:32,0+1:12,only:12 (SET: all, only, or indices joined by +); empty = all:U,only:S."),
+        gain: str = typer.Option("", help="LO,HI: per-model concept gains log-uniform in [LO, HI] (empty = the 0.5-1.5 factors)."),
+        channel_offset: float = typer.Option(d.channel_offset, help="Per-channel offset std per model, relative to the signal RMS."),
+        zipf: float = typer.Option(d.zipf, help="Zipf exponent of concept frequencies (0 = uniform 0.5-1.5)."),
+        noise_decay: float = typer.Option(d.noise_decay, help="Anisotropic noise: power-law decay of the noise spectrum (0 = isotropic)."),
     ) -> None:
         """Write a planted-concept store with known universal/specific concepts (ground truth in _usae/)."""
         cfg = SynthConfig(
@@ -483,6 +826,8 @@ def register(app: typer.Typer) -> None:
             universal=universal, specific=specific, tokens=tokens, tokens_per_image=tokens_per_image,
             active=active, noise=noise, seed=seed, shuffle_alignment=shuffle_alignment,
             chunk_images=chunk_images, scale_offset=scale_offset, save_codes=save_codes,
+            groups=groups, gain=_floats(gain, "--gain") if gain.strip() else None,
+            channel_offset=channel_offset, zipf=zipf, noise_decay=noise_decay,
         )
         try:
             cfg.validate()
