@@ -25,8 +25,9 @@ from usae.pipeline.store import Store, convert_store
 from usae.trainer.inputs import image_masks
 from usae.trainer.loader import ChunkLoader
 from usae.trainer.model import load_run
-from usae.trainer.synth import SynthConfig, load_truth, recovery, run_synth
+from usae.trainer.synth import SynthConfig, run_synth
 from usae.trainer.train import TrainConfig, evaluate, run_train
+from usae.trainer.truth import load_truth, recovery
 
 
 def store_bytes(path: Path) -> int:

@@ -2,7 +2,7 @@
 update, the reference update, independent SAEs, and a TopK k well above the planted number of
 active concepts -> a table (recovery, best cosines, self/cross R2) and a JSON file.
 
-Recovery (usae.trainer.synth.recovery): a planted universal concept is recovered when ONE learned
+Recovery (usae.trainer.truth.recovery): a planted universal concept is recovered when ONE learned
 concept's decoder rows match its direction in every model (cosine averaged over models >= 0.9).
 "per-model" counts (concept, model) pairs matched by any learned concept of that model alone,
 which independent SAEs can reach without sharing concepts. R2 is the trainer's held-out R2
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from usae.trainer.model import load_run
-from usae.trainer.synth import SynthConfig, load_truth, recovery, run_synth
+from usae.trainer.synth import SynthConfig, run_synth
 from usae.trainer.train import TrainConfig, run_train
+from usae.trainer.truth import load_truth, recovery
 
 # name -> TrainConfig overrides; "k" None = the planted number of active concepts
 VARIANTS = {

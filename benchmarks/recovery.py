@@ -9,7 +9,7 @@ target model + 0.1 x aux (top m/2 non-selected positive pre-activations), AdamW 
 linear warm-up then cosine decay to 1e-6, global grad-norm clip 1.0, source model uniform per
 step, every decoder learns ("paper" update).
 
-Recovery (usae.trainer.synth.recovery_from_decoders): a planted concept is recovered when ONE
+Recovery (usae.trainer.truth.recovery_from_decoders): a planted concept is recovered when ONE
 learned concept's decoder rows reach cosine >= 0.9 with its direction in EVERY model it lives
 in (the min over member models). Member sets come from usae.analysis.membership.
 
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from usae.analysis.membership import member_matrix
 from usae.pipeline.store import Store
-from usae.trainer.synth import SynthConfig, load_truth, recovery_from_decoders, run_synth
+from usae.trainer.synth import SynthConfig, run_synth
+from usae.trainer.truth import load_truth, recovery_from_decoders
 
 
 # ---------------------------------------------------------------- recipes

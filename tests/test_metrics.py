@@ -431,7 +431,7 @@ def test_token_maps_match_codes(tmp_path):
 
 def oracle_run(tmp: Path, store_path: Path, k: int) -> Path:
     """A USAE whose decoders are a synth store's planted dictionaries (encoders: their pseudo-inverse)."""
-    from usae.trainer.synth import load_truth
+    from usae.trainer.truth import load_truth
 
     truth = load_truth(store_path)
     store = Store.open(store_path)
@@ -464,7 +464,8 @@ def oracle_run(tmp: Path, store_path: Path, k: int) -> Path:
 def test_synth_store_oracle(tmp_path):
     """On a `usae synth` store, the planted dictionaries as a USAE: FE ~1 for universal concepts,
     0 for specific ones, co-fires close to the planted co-occurrence."""
-    from usae.trainer.synth import SynthConfig, load_truth, run_synth
+    from usae.trainer.synth import SynthConfig, run_synth
+    from usae.trainer.truth import load_truth
 
     cfg = SynthConfig(
         store=tmp_path / "s.zarr",

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 from usae.trainer.model import USAE, load_run
-from usae.trainer.synth import SynthConfig, load_truth, recovery, run_synth
+from usae.trainer.synth import SynthConfig, run_synth
 from usae.trainer.train import TrainConfig, run_train
+from usae.trainer.truth import load_truth, recovery
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 from usae.pipeline.store import RunningStats, Store, StoreError
+from usae.trainer.cli import register_synth as register
 from usae.trainer.model import USAE, ModelSpec
-from usae.trainer.synth import SynthConfig, choose_grid, load_truth, recovery, register, run_synth
+from usae.trainer.synth import SynthConfig, choose_grid, run_synth
+from usae.trainer.truth import load_truth, recovery
 
 SMALL = dict(models=3, dims=(16, 24, 24), universal=6, specific=3, tokens=2400,
              tokens_per_image=6, active=3.0, noise=0.05, chunk_images=70)
@@ -210,7 +212,7 @@ def test_cli(tmp_path):
     assert r.exit_code != 0 and "--dims" in r.output
     args = ["synth", "--store", str(out), "--models", "2", "--dims", "8,12", "--tokens", "400"]
     r = runner.invoke(_cli(), args)  # same path, other settings: refused, not overwritten
-    assert r.exit_code == 1 and "different" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "different" in r.output and "Traceback" not in r.output
 
 
 def test_cli_options_mirror_config():
@@ -272,7 +274,8 @@ def test_recovery_metric(small):
 
 
 # ---------------------------------------------------------------- extended generator
-from usae.trainer.synth import make_groups, parse_groups, recovery_from_decoders  # noqa: E402
+from usae.trainer.synth import make_groups, parse_groups  # noqa: E402
+from usae.trainer.truth import recovery_from_decoders  # noqa: E402
 
 GROUPED = dict(models=3, dims=(20, 28, 24), groups="all:5,0+1:3,1+2:2,only:2", tokens=3200,
                tokens_per_image=8, active=3.0, noise=0.05, chunk_images=90, seed=7,
