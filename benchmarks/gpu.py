@@ -135,7 +135,7 @@ def bench_extract(dev: torch.device, a) -> dict:
     from usae.pipeline.extract import ExtractConfig, prepare, run_extract
     from usae.pipeline.extract_task import get_backbones
     from usae.pipeline.images import load_image
-    from usae.pipeline.registry import resize_square
+    from usae.pipeline.backbone import resize_square
 
     manifest = build_demo_images(a.tmp / "images", a.extract_images, seed=0, show_progress=False)
     base = ExtractConfig(manifest=manifest, store=a.tmp / "warm.zarr", backbones=("dinov2", "siglip", "vit"),
@@ -354,6 +354,7 @@ def bench_store(dev: torch.device, a) -> dict:
 # ---------------------------------------------------------------- 5. analysis
 def bench_analysis(dev: torch.device, a) -> dict:
     from usae.analysis import metrics as mx
+    from usae.trainer.evaluate import prepare_model
     from usae.pipeline.store import Store
     from usae.trainer.model import USAE, ModelSpec
 
@@ -365,7 +366,7 @@ def bench_analysis(dev: torch.device, a) -> dict:
     spec = ModelSpec(tuple(keys), tuple(widths), (0.0,) * 3, (1.0,) * 3, a.concepts, a.k)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    model = mx.prepare_model(USAE(spec), dtype, dev)
+    model = prepare_model(USAE(spec), dtype, dev)
     mask = st.valid
     mx.stream_sums(model, st, keys, mask, batch_tokens=a.tokens, device=dev, dtype=dtype)  # warm-up
     peak_reset(dev)

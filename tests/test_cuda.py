@@ -162,6 +162,7 @@ def test_resume_on_device(device, store, tmp_path):
 # ---------------------------------------------------------------- analysis
 def test_analysis_on_device_matches_cpu(device, store):
     from usae.analysis import metrics as mx
+    from usae.trainer.evaluate import prepare_model, reconstruction
 
     st = Store.open(store)
     keys = list(st.backbones)
@@ -171,9 +172,9 @@ def test_analysis_on_device_matches_cpu(device, store):
     base = USAE(spec)
     out = {}
     for d in ("cpu", device):
-        model = mx.prepare_model(copy.deepcopy(base), torch.float32, d)
+        model = prepare_model(copy.deepcopy(base), torch.float32, d)
         s = mx.stream_sums(model, st, keys, st.valid, batch_tokens=64, device=d)
-        out[d] = mx.reconstruction(s)
+        out[d] = reconstruction(s)
     a, b = out["cpu"], out[device]
     for f in a._fields:
         va, vb = np.asarray(getattr(a, f), float), np.asarray(getattr(b, f), float)
@@ -182,8 +183,11 @@ def test_analysis_on_device_matches_cpu(device, store):
 
 # ---------------------------------------------------------------- activation maximisation
 def test_maximize_step_on_device(device, tmp_path):
-    from usae.analysis.maximize import MaximizeConfig, Maximizer, Target
-    from usae.pipeline.registry import load_backbone, resolve
+    from usae.analysis.backbones import Target
+    from usae.analysis.maximize import MaximizeConfig
+    from usae.analysis.objective import Maximizer
+    from usae.pipeline.backbone import load_backbone
+    from usae.pipeline.registry import resolve
 
     dev = torch.device(device)
     bb = load_backbone(resolve("vit"), random_init=True, tiny=True, device=dev).eval()

@@ -208,21 +208,33 @@ def dead_aux(
 ) -> Tensor:
     """AuxK over dead concepts (Gao et al. 2024): the decode of the k_aux largest positive
     pre-activations among the concepts in `dead_m` (not selected by TopK), which the caller
-    fits to the DETACHED residual, so only those concepts learn from it. A sparse decode of
-    at most k_aux entries per token instead of the paper's dense half; zero when none is dead."""
+    fits to the DETACHED residual, so only those concepts learn from it. Only the dead
+    concepts' columns are read: one (b, n_dead) @ (n_dead, d) product (a top-k_aux among them
+    only when more than k_aux are dead), instead of the paper's masked dense decode over every
+    concept. Zero when none is dead."""
     n_dead = 0 if dead_m is None else int(dead_m.sum())
     if n_dead == 0:
         return torch.zeros(act_bm.shape[0], d_cat.shape[1], dtype=d_cat.dtype, device=act_bm.device)
-    cand = act_bm.masked_fill(~dead_m, 0).scatter(1, idx_bk, 0)
-    vals, idx = torch.topk(cand, min(k_aux, n_dead), dim=1, sorted=False)
-    return F.embedding_bag(idx, d_cat, per_sample_weights=vals.to(d_cat.dtype), mode="sum")
+    dead_c = dead_m.nonzero().squeeze(1)
+    selected = torch.zeros_like(act_bm, dtype=torch.bool).scatter_(1, idx_bk, True)
+    cand = act_bm.index_select(1, dead_c).masked_fill(selected.index_select(1, dead_c), 0)
+    if n_dead > k_aux:
+        vals, pos = torch.topk(cand, k_aux, dim=1, sorted=False)
+        cand = torch.zeros_like(cand).scatter(1, pos, vals)
+    return cand.to(d_cat.dtype) @ d_cat.index_select(0, dead_c)
 
 
 def merge_parts(parts: Sequence[LossParts], weights: Sequence[float]) -> LossParts:
     """Sources that each encoded a share of the batch -> one part over the whole batch (for the
     metrics line): losses weighted by the shares, R2 sums added, codes stacked."""
-    rec = [sum(w * p.rec_j[t] for p, w in zip(parts, weights, strict=True)) for t in range(len(parts[0].rec_j))]
-    aux = [sum(w * p.aux_j[t] for p, w in zip(parts, weights, strict=True)) for t in range(len(parts[0].aux_j))]
+    rec = [
+        sum(w * p.rec_j[t] for p, w in zip(parts, weights, strict=True))
+        for t in range(len(parts[0].rec_j))
+    ]
+    aux = [
+        sum(w * p.aux_j[t] for p, w in zip(parts, weights, strict=True))
+        for t in range(len(parts[0].aux_j))
+    ]
     r2 = None
     if parts[0].r2_j is not None:
         r2 = [sum(p.r2_j[t] for p in parts) for t in range(len(parts[0].r2_j))]
