@@ -131,11 +131,11 @@ def run_tests(dev: torch.device, a) -> dict:
 
 # ---------------------------------------------------------------- 2. extraction vs bare forward
 def bench_extract(dev: torch.device, a) -> dict:
+    from usae.pipeline.backbone import resize_square
     from usae.pipeline.demo_images import build_demo_images
     from usae.pipeline.extract import ExtractConfig, prepare, run_extract
     from usae.pipeline.extract_task import get_backbones
     from usae.pipeline.images import load_image
-    from usae.pipeline.backbone import resize_square
 
     manifest = build_demo_images(a.tmp / "images", a.extract_images, seed=0, show_progress=False)
     base = ExtractConfig(manifest=manifest, store=a.tmp / "warm.zarr", backbones=("dinov2", "siglip", "vit"),
@@ -354,8 +354,8 @@ def bench_store(dev: torch.device, a) -> dict:
 # ---------------------------------------------------------------- 5. analysis
 def bench_analysis(dev: torch.device, a) -> dict:
     from usae.analysis import metrics as mx
-    from usae.trainer.evaluate import prepare_model
     from usae.pipeline.store import Store
+    from usae.trainer.evaluate import prepare_model
     from usae.trainer.model import USAE, ModelSpec
 
     widths = PAPER["widths"]
