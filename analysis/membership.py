@@ -59,5 +59,35 @@ def member_matrix(
         score, thr = energy, energy_ratio
     live = fires.max(0) > 0
     rel = score / np.maximum(score.max(0, keepdims=True), 1e-30)
-    fired = fires >= fire_ratio * fires.max(0, keepdims=True) if fire_ratio > 0 else np.ones(fires.shape, bool)
+    fired = (
+        fires >= fire_ratio * fires.max(0, keepdims=True)
+        if fire_ratio > 0
+        else np.ones(fires.shape, bool)
+    )
     return (rel >= thr) & fired & live[None, :]
+
+
+def twin_agreement(
+    dec_i_md: np.ndarray,
+    dec_j_md: np.ndarray,
+    firing_entropy_m: np.ndarray,
+    dead_m: np.ndarray,
+    members_mk: np.ndarray,
+    i: int,
+    j: int,
+) -> dict:
+    """What two identical backbones i and j must show (the twins check): over the live concepts,
+    the share at firing entropy >= 0.9, the median cosine between each concept's two decoder
+    rows, and the share called a member of both."""
+    live = ~np.asarray(dead_m, bool)
+    a = dec_i_md / np.maximum(np.linalg.norm(dec_i_md, axis=1, keepdims=True), 1e-12)
+    b = dec_j_md / np.maximum(np.linalg.norm(dec_j_md, axis=1, keepdims=True), 1e-12)
+    cos = (a * b).sum(1)[live]
+    fe = np.asarray(firing_entropy_m)[live]
+    both = (np.asarray(members_mk)[i] & np.asarray(members_mk)[j])[live]
+    return {
+        "live": int(live.sum()),
+        "fe_share": float(np.mean(fe >= 0.9)) if live.any() else float("nan"),
+        "median_cos": float(np.median(cos)) if live.any() else float("nan"),
+        "both_share": float(np.mean(both)) if live.any() else float("nan"),
+    }
