@@ -91,3 +91,55 @@ def twin_agreement(
         "median_cos": float(np.median(cos)) if live.any() else float("nan"),
         "both_share": float(np.mean(both)) if live.any() else float("nan"),
     }
+
+
+def member_labels(members_mk: np.ndarray, keys) -> list[str]:
+    """Each concept's member set as text: "all", "dinov2+siglip", "vit", or "" (dead)."""
+    keys = list(keys)
+    out = []
+    for col in np.asarray(members_mk, bool).T:
+        if col.all() and len(keys) > 1:
+            out.append("all")
+        else:
+            out.append("+".join(k for k, b in zip(keys, col, strict=True) if b))
+    return out
+
+
+DUPLICATE_COSINE = 0.9
+"""Two concepts are the same direction when their decoder rows agree at this mean cosine."""
+
+
+def duplicates(
+    decoders: list[np.ndarray],
+    members_mk: np.ndarray,
+    fires_mk: np.ndarray,
+    cosine: float = DUPLICATE_COSINE,
+    block: int = 1024,
+) -> np.ndarray:
+    """Concepts learned twice: pairs (k, k2), k < k2, both live, whose decoder rows agree at mean
+    cosine >= `cosine` over the models where both are members, while they fire from different
+    models (their per-model firing profiles overlap by less than half: the same concept, reached
+    through one model's encoder as k and another's as k2). Returns an (n, 2) int array."""
+    members = np.asarray(members_mk, bool)
+    fires = np.asarray(fires_mk, np.float64)
+    live = fires.sum(0) > 0
+    unit = [d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12) for d in decoders]
+    prof = fires / np.maximum(fires.sum(0, keepdims=True), 1)  # (M, m) share of fires per model
+    m = members.shape[1]
+    out = []
+    for a in range(0, m, block):
+        b = min(a + block, m)
+        num = np.zeros((b - a, m))
+        den = np.zeros((b - a, m))
+        for i, u in enumerate(unit):
+            both = members[i, a:b, None] & members[i, None, :]
+            num += np.where(both, u[a:b] @ u.T, 0.0)
+            den += both
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_cos = np.where(den > 0, num / den, -1.0)
+        overlap = np.minimum(prof[:, a:b, None], prof[:, None, :]).sum(0)  # 1: same firing profile
+        hit = (mean_cos >= cosine) & (overlap < 0.5) & live[a:b, None] & live[None, :]
+        rows, cols = np.nonzero(hit)
+        keep = cols > rows + a
+        out.extend(zip((rows + a)[keep].tolist(), cols[keep].tolist(), strict=True))
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)

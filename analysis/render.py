@@ -112,6 +112,10 @@ def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int])
         _card(_fmt(corr["all"]["r"], 2), "r(log co-fires, log energy)"),
         _card(_fmt(corr["cofires_ge_1000"]["r"], 2), "same, >= 1000 co-fires"),
     ]
+    mem = m.get("membership")
+    if mem:
+        cards.append(_card(f"{mem['in_all']} / {m['concepts']}", "concepts in all backbones"))
+        cards.append(_card(str(len(mem["duplicate_pairs"])), "duplicated concepts (pairs)"))
     for k, v in (m["baseline_matching"] or {}).items():
         cards.append(_card(_fmt(v["all"]["share_matched"]), f"{k}: share matched at cos > 0.5"))
     warn = "".join(f'<div class="warn">{esc(w)}</div>' for w in m["warnings"])
@@ -178,15 +182,38 @@ def _concept_table(keys: Sequence[str], df: pd.DataFrame, pages: set[int]) -> st
         for k in keys
     ]
     cols += [(c, "{:.3f}") for c in df.columns if c.startswith("match_cosine_")]
-    head = "<th>concept</th>" + "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
+    has_members = "members" in df.columns
+    head = "<th>concept</th>" + ("<th>lives in</th>" if has_members else "")
+    head += "".join(f"<th>{html.escape(c)}</th>" for c, _ in cols)
     data = {c: df[c].to_numpy() for c, _ in cols}
     rows = []
     for r in range(len(df)):
         k = int(df["concept"].iat[r])
         cells = _td(k, "{:d}", f"concepts/{k}.html" if k in pages else None)
+        members = str(df["members"].iat[r]) if has_members else ""
+        if has_members:
+            cells += f"<td>{html.escape(members or '-')}</td>"
         cells += "".join(_td(_py(data[c][r]), f) for c, f in cols)
-        rows.append(f"<tr{' class=dead' if df['dead'].iat[r] else ''}>{cells}</tr>")
-    return f'<table class="sortable" id="concepts"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        attrs = (
+            " class=dead" if df["dead"].iat[r] else ""
+        ) + f' data-members="{html.escape(members)}"'
+        rows.append(f"<tr{attrs}>{cells}</tr>")
+    table = f'<table class="sortable" id="concepts"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return _member_filter(df) + table
+
+
+def _member_filter(df: pd.DataFrame) -> str:
+    """A select that shows only the concepts living in one member set ("all", "a+b", ...)."""
+    if "members" not in df.columns:
+        return ""
+    counts = df.loc[df["members"] != "", "members"].value_counts()
+    opts = '<option value="">every concept</option>' + "".join(
+        f'<option value="{html.escape(str(k))}">in {html.escape(str(k))} only ({int(v)})</option>'
+        if k != "all"
+        else f'<option value="all">in all backbones ({int(v)})</option>'
+        for k, v in counts.items()
+    )
+    return f'<label class="filter">lives in <select id="member-filter">{opts}</select></label>'
 
 
 def _py(v: Any) -> Any:
@@ -216,6 +243,10 @@ def _concept_body(
         _card(f"{_py(row['importance']):.4g}", "importance"),
         _card(f"#{int(row['importance_rank'])}", "importance rank"),
     ]
+    if "members" in row:
+        cards.insert(0, _card(str(row["members"]) or "-", "lives in"))
+        if int(row["duplicate_of"]) >= 0:
+            cards.append(_card(f"#{int(row['duplicate_of'])}", "same direction as (duplicate)"))
     parts = [
         f"<nav>{links}</nav><h1>Concept {k}</h1>",
         f'<div class="cards">{"".join(cards)}</div>',
@@ -269,6 +300,13 @@ def print_summary(m: dict) -> None:
         f"(>= 1000 co-fires: {_fmt(c['cofires_ge_1000']['r'])})",
         highlight=False,
     )
+    mem = m.get("membership")
+    if mem:
+        sets = ", ".join(f"{k} {v}" for k, v in mem["by_set"].items())
+        con.print(
+            f"lives in ({mem['rule']} rule): {sets}; duplicated pairs {len(mem['duplicate_pairs'])}",
+            highlight=False,
+        )
     lines: dict[tuple[str, str], list[str]] = {}
     for b in (m.get("layer_alignment") or {}).get("best", []):
         if b["model_a"] != b["model_b"]:

@@ -1,5 +1,5 @@
 // usae analyze report: click a column header to sort (first click: descending), and an
-// optional "hide dead concepts" switch. Vanilla JS, inlined: the report needs no network.
+// optional "hide dead concepts" switch, and a filter by the backbones a concept lives in. Vanilla JS, inlined: the report needs no network.
 (function () {
   "use strict";
   function key(td) {
@@ -30,11 +30,21 @@
       th.addEventListener("click", function () { sortBy(table, col, th); });
     });
   });
+  var filter = document.getElementById("member-filter");
+  if (filter) {  // show only the concepts living in one member set
+    filter.addEventListener("change", function () {
+      document.querySelectorAll("#concepts tbody tr").forEach(function (r) {
+        var want = filter.value;
+        r.setAttribute("data-filtered", want && r.getAttribute("data-members") !== want ? "1" : "");
+        r.style.display = r.getAttribute("data-filtered") || (hide && hide.checked && r.classList.contains("dead")) ? "none" : "";
+      });
+    });
+  }
   var hide = document.getElementById("hide-dead");
   if (hide) {
     hide.addEventListener("change", function () {
       document.querySelectorAll("tr.dead").forEach(function (r) {
-        r.style.display = hide.checked ? "none" : "";
+        r.style.display = hide.checked || r.getAttribute("data-filtered") ? "none" : "";
       });
     });
   }

@@ -831,3 +831,82 @@ def test_epochs_subset_and_split_holdout(tmp_path):
     assert cfg["steps"] == 2 * per_epoch == res.steps and cfg["warmup_steps"] == per_epoch
     assert cfg["backbones"] == ["b1"] and res.metrics["backbones"] == ["b1"]
     assert res.metrics["heldout_images"] == 6 and res.metrics["heldout_tokens"] == 48
+
+
+# ---------------------------------------------------------------- the fidelity recipe
+def slow_fidelity_loss(model: USAE, x_list, aux_weight=0.1):
+    """The fidelity recipe's loss written out densely: source i encodes rows i, i+M, ... (less
+    its decoder bias); decoder rows = unit rows x softplus gains, plus the bias; the loss of
+    each source is the MEAN over targets, weighted by the source's share of the rows."""
+    n, total = len(x_list), 0.0
+    for i in range(n):
+        xs = [x[i::n] for x in x_list]
+        pre = model.bns[i](model.encoders[i](xs[i] - model.dec_bias[i]))
+        act = F.relu(pre)
+        m = act.shape[1]
+        v, ix = torch.topk(act, model.spec.k, dim=1)
+        z = torch.zeros_like(act).scatter(1, ix, v)
+        av, ai = torch.topk(act - z, m // 2, dim=1)
+        a = torch.zeros_like(act).scatter(1, ai, av)
+        part = 0.0
+        for j in range(n):
+            d = F.normalize(model.decoders[j], dim=1) * F.softplus(model.gains[j])[:, None]
+            r = xs[j] - (z @ d + model.dec_bias[j])
+            part = part + r.abs().mean() + aux_weight * (r - a @ d).abs().mean()
+        total = total + part / n * (xs[0].shape[0] / x_list[0].shape[0])
+    return total
+
+
+def fidelity_model(widths=(6, 10, 8), m=24, k=3, seed=0):
+    torch.manual_seed(seed)
+    spec = ModelSpec(tuple(f"b{j}" for j in range(len(widths))), widths, (0.0,) * len(widths), (1.0,) * len(widths),
+                     m, k, decoder_init="unit", gains=True, decoder_bias=True)  # fmt: skip
+    model = USAE(spec).double().train()
+    with torch.no_grad():  # gains and biases away from their start, so the test sees them
+        for g in model.gains:
+            g.add_(torch.randn_like(g))
+        for b in model.dec_bias:
+            b.add_(0.3 * torch.randn_like(b))
+    return model
+
+
+def test_fidelity_init_is_unit_rows_and_gains_of_one():
+    model = USAE(ModelSpec(("a", "b"), (5, 7), (0.0, 0.0), (1.0, 1.0), 12, 2, decoder_init="unit", gains=True,
+                           decoder_bias=True))  # fmt: skip
+    for j in range(2):
+        assert torch.allclose(model.decoders[j].norm(dim=1), torch.ones(12))
+        assert torch.allclose(model.gain(j), torch.ones(12))
+        assert torch.allclose(model.decoder_weight(j).norm(dim=1), torch.ones(12))
+
+
+def test_fidelity_step_matches_slow_update():
+    model = fidelity_model()
+    slow = copy.deepcopy(model)
+    cfg = TrainConfig(lr=1e-2, grad_clip=0.5, recipe="fidelity")
+    st = _state(model, cfg)
+    x = batch(model.spec.widths, b=42)  # 42 rows: shares of 14 per source
+    out = train_step(st, _ctx(cfg), x)
+    assert sorted(out.sources) == [0, 1, 2]
+    ref = slow_fidelity_loss(slow, x)
+    assert out.loss == pytest.approx(float(ref.detach()), rel=1e-10)
+    opt = torch.optim.AdamW(
+        slow.parameters(),
+        lr=lr_at(0, 10, 3, 1e-2, cfg.lr_min, "tail"),
+        weight_decay=cfg.weight_decay,
+    )
+    ref.backward()
+    torch.nn.utils.clip_grad_norm_(
+        [p for p in slow.parameters() if p.grad is not None], cfg.grad_clip
+    )
+    opt.step()
+    for (name, pf), ps in zip(model.named_parameters(), slow.parameters(), strict=True):
+        assert torch.allclose(pf, ps, rtol=1e-7, atol=1e-9), name
+
+
+def test_tail_schedule():
+    assert lr_at(0, 100, 10, 1.0, 0.0, "tail") == pytest.approx(0.1)
+    assert (
+        lr_at(50, 100, 10, 1.0, 0.0, "tail") == 1.0 and lr_at(90, 100, 10, 1.0, 0.0, "tail") == 1.0
+    )
+    assert lr_at(95, 100, 10, 1.0, 0.0, "tail") == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0, 0.0, "tail") == 0.0
