@@ -1,0 +1,86 @@
+"""The demo's photos through one backbone stored twice (`dinov2` and `twin=dinov2`) -> what two
+identical models must give: firing entropy near 1 for live concepts, the two decoder rows of a
+concept at cosine near 1, and cross R2 equal to self R2 -> a table and a JSON file.
+
+The data of the two twins are identical, so every concept is shared by definition; a recipe
+that learns a concept twice (once per twin) or leaves one twin's decoder behind fails here.
+Full-size backbones: real weights when they are in the local cache, else random init (said so).
+
+    python benchmarks/twins.py                         # dinov2, 300 demo images, both recipes
+    python benchmarks/twins.py --backbone vit --steps 600 --recipes fidelity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from usae.analysis.membership import twin_agreement
+from usae.analysis.report import AnalyzeConfig, run_analyze
+from usae.pipeline.demo_images import build_demo_images
+from usae.pipeline.extract import ExtractConfig, run_extract
+from usae.pipeline.hub import cached_weights
+from usae.pipeline.registry import resolve
+from usae.trainer.model import load_run
+from usae.trainer.train import TrainConfig, run_train
+
+
+def twins_figures(run: Path, report: Path) -> dict:
+    """Twin agreement of a run over the backbones (a, b) = the first two, from its report."""
+    import pandas as pd
+
+    model, _ = load_run(run)
+    df = pd.read_parquet(report / "concepts.parquet")
+    keys = model.spec.backbones
+    members = np.stack([df[f"member_{k}"].to_numpy() for k in keys])
+    with torch.no_grad():
+        dec = [model.decoder_weight(j).double().numpy() for j in (0, 1)]
+    out = twin_agreement(*dec, df["firing_entropy"].to_numpy(), df["dead"].to_numpy(), members, 0, 1)
+    r2 = np.array(json.loads((report / "metrics.json").read_text())["r2"], dtype=float)
+    out.update(self_r2=float(np.mean(np.diag(r2))), cross_r2=float((r2[0, 1] + r2[1, 0]) / 2))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backbone", default="dinov2")
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--recipes", default="paper,fidelity")
+    ap.add_argument("--root", default="bench_out/twins")
+    ap.add_argument("--out", default="benchmarks/twins.json")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    root = Path(a.root)
+    spec = resolve(a.backbone)
+    hit = cached_weights(spec, verify=False)
+    weights = ((spec.key, str(hit.path)), ("twin", str(hit.path))) if hit else ()
+    print(f"{a.backbone}: {'pretrained weights from the cache' if hit else 'RANDOM-INIT (no cached weights)'}")
+    manifest = build_demo_images(root / "data", n=a.images, seed=0)
+    store = root / "store.zarr"
+    run_extract(ExtractConfig(manifest=manifest, store=store, backbones=(a.backbone, f"twin={a.backbone}"),
+                              weights=weights, random_init=not hit, chunk_images=32, progress=False))  # fmt: skip
+    rows = []
+    for recipe in a.recipes.split(","):
+        run, report = root / f"run_{recipe}", root / f"report_{recipe}"
+        t0 = time.perf_counter()
+        if not (run / "metrics.json").exists():
+            run_train(TrainConfig(store=str(store), out=str(run), recipe=recipe, concepts=1536, k=32, steps=a.steps,
+                                  batch_tokens=2048, lr=1e-3, holdout=0.2, log_every=100, ckpt_every=0,
+                                  warmup_steps=max(a.steps // 10, 1), buffer_chunks=2))  # fmt: skip
+        run_analyze(AnalyzeConfig(run=str(run), store=str(store), out=str(report), top_concepts=0), progress=False)
+        r = {"recipe": recipe, "pretrained": bool(hit), "steps": a.steps, "wall_s": time.perf_counter() - t0,
+             **twins_figures(run, report)}  # fmt: skip
+        rows.append(r)
+        print(f"{recipe:9} live {r['live']:5d}  FE>=0.9 {r['fe_share']:.2f}  median twin cosine {r['median_cos']:.2f}  "
+              f"in both {r['both_share']:.2f}  self R2 {r['self_r2']:.3f}  cross R2 {r['cross_r2']:.3f}", flush=True)  # fmt: skip
+    Path(a.out).write_text(json.dumps({"backbone": a.backbone, "images": a.images, "rows": rows}, indent=1))
+    print(f"written {a.out}")
+
+
+if __name__ == "__main__":
+    main()
