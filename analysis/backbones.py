@@ -35,16 +35,13 @@ class Target(NamedTuple):
 
 
 def parse_weights(items: Sequence[str]) -> dict[str, Path]:
-    """KEY=FILE pairs -> {key: path}."""
-    out = {}
-    for it in items:
-        key, sep, file = it.partition("=")
-        if not sep or not key or not file:
-            raise BackboneError(f"--weights expects KEY=FILE, got {it!r}")
-        if not Path(file).exists():
-            raise BackboneError(f"--weights {key}: file {file} does not exist")
-        out[key] = Path(file)
-    return out
+    """KEY=FILE pairs -> {key: path} (`usae.pipeline.weights.parse_weight_files`'s rules)."""
+    from usae.pipeline.weights import parse_weight_files
+
+    try:
+        return {k: Path(f) for k, f in parse_weight_files(items)}
+    except ValueError as e:
+        raise BackboneError(f"--weights: {e}") from None
 
 
 def _recorded(store, key: str) -> tuple[dict, dict]:

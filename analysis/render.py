@@ -278,18 +278,14 @@ def _concept_body(
 # ---------------------------------------------------------------- terminal
 def print_summary(m: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
+
+    from usae.runtime import matrix_table
 
     keys = m["backbones"]
-    tab = Table(
-        title=f"usae analyze: {m['n_images']} images ({m['images']}), {m['n_tokens']} tokens"
+    title = f"usae analyze: {m['n_images']} images ({m['images']}), {m['n_tokens']} tokens"
+    tab = matrix_table(
+        title, "codes from \\ R2 of", keys, m["r2"], {"L0": [_fmt(m["l0"][k]) for k in keys]}
     )
-    tab.add_column("codes from \\ R2 of")
-    for k in keys:
-        tab.add_column(k, justify="right")
-    tab.add_column("L0", justify="right")
-    for i, k in enumerate(keys):
-        tab.add_row(k, *[_fmt(v) for v in m["r2"][i]], _fmt(m["l0"][k]))
     con = Console()
     con.print(tab)
     c = m["cofire_vs_importance"]

@@ -17,7 +17,7 @@ from usae.pipeline.store import Store
 from usae.trainer.config import TrainConfig, TrainError
 from usae.trainer.model import WEIGHTS_FILE, ModelSpec
 
-from usae.runtime import atomic_write_json
+from usae.runtime import atomic_write_json, matrix_table
 
 CONFIG_SCHEMA_VERSION = 1
 
@@ -160,9 +160,9 @@ class MetricsLog:
                 for name in ("rec_j", "aux_j", "r2_j")
             }
             last = s.last_fired_mt
-            l0 = sum(float((p.codes.values_bk > 0).sum(1).float().mean()) for p in out.logged) / len(
-                out.logged
-            )
+            l0 = sum(
+                float((p.codes.values_bk > 0).sum(1).float().mean()) for p in out.logged
+            ) / len(out.logged)
         else:  # one source (or the sources' shares merged), every target
             p = out.logged[0]
             per = {
@@ -185,15 +185,6 @@ class MetricsLog:
 def print_metrics(metrics: dict) -> None:
     """The held-out cross-model R2 matrix as a table (rows: source codes, columns: target)."""
     from rich.console import Console
-    from rich.table import Table
 
-    keys = metrics["backbones"]
-    t = Table(
-        title=f"held-out R2 ({metrics['heldout_tokens']} tokens; row = codes from, column = reconstructed)"
-    )
-    t.add_column("from \\ to")
-    for k in keys:
-        t.add_column(k, justify="right")
-    for k, row in zip(keys, metrics["r2_matrix"], strict=True):
-        t.add_row(k, *("-" if v is None else f"{v:.3f}" for v in row))
-    Console().print(t)
+    title = f"held-out R2 ({metrics['heldout_tokens']} tokens; row = codes from, column = reconstructed)"
+    Console().print(matrix_table(title, "from \\ to", metrics["backbones"], metrics["r2_matrix"]))

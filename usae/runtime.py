@@ -179,3 +179,29 @@ def heldout_images(store, fraction: float) -> np.ndarray:
     if split is not None:
         return np.asarray(split != "train")
     return holdout_mask(list(store.image_ids), fraction)
+
+
+# ---------------------------------------------------------------- terminal tables
+def matrix_table(
+    title: str,
+    corner: str,
+    keys: Sequence[str],
+    rows: Sequence[Sequence[float | None]],
+    extra: dict[str, Sequence[str]] | None = None,
+):
+    """A rich table of a backbone x backbone matrix (R2 from codes of row i of backbone j), with
+    optional extra columns; None or NaN cells print as "-"."""
+    from rich.table import Table
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None or v != v else f"{v:.3f}"
+
+    t = Table(title=title)
+    t.add_column(corner)
+    for k in keys:
+        t.add_column(k, justify="right")
+    for name in extra or {}:
+        t.add_column(name, justify="right")
+    for n, (k, row) in enumerate(zip(keys, rows, strict=True)):
+        t.add_row(k, *(cell(v) for v in row), *(col[n] for col in (extra or {}).values()))
+    return t
