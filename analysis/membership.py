@@ -18,6 +18,8 @@ row and gain are right; a veto (``fire_ratio`` > 0) turned 100% into 85% correct
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 GAIN_RATIO = 0.25
@@ -143,3 +145,52 @@ def duplicates(
         keep = cols > rows + a
         out.extend(zip((rows + a)[keep].tolist(), cols[keep].tolist(), strict=True))
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+# ---------------------------------------------------------------- a trained model's sharing
+class Sharing(NamedTuple):
+    """Which backbones each concept lives in (`usae.analysis.membership`)."""
+
+    members_mk: np.ndarray
+    """(M, m) bool: concept k lives in backbone i."""
+    labels: list[str]
+    """Each concept's member set as text ("all", "dinov2+siglip", "" when dead)."""
+    duplicate_of: np.ndarray
+    """(m,) the concept learned as the same direction but firing from other backbones (-1: none)."""
+    pairs: np.ndarray
+    """(n, 2) the duplicate pairs."""
+
+
+def sharing(model, keys, t, gains: np.ndarray) -> Sharing:
+    """A trained USAE and its concept table (`usae.analysis.metrics.ConceptTable`) -> member
+    sets from the decoder gains (models that learn them) or the energies, and the concepts
+    learned twice (same decoder direction, firing from different backbones)."""
+    import torch
+
+    members = member_matrix(t.fires_mm, t.energy_mm, gains if model.spec.gains else None)
+    with torch.no_grad():
+        dec = [model.decoder_weight(j).float().cpu().numpy() for j in range(model.n_models)]
+    pairs = (
+        duplicates(dec, members, t.fires_mm)
+        if not model.spec.independent
+        else np.zeros((0, 2), int)
+    )
+    dup = np.full(members.shape[1], -1, dtype=np.int64)
+    for a, b in pairs:
+        dup[a] = b if dup[a] < 0 else dup[a]
+        dup[b] = a if dup[b] < 0 else dup[b]
+    return Sharing(members, member_labels(members, keys), dup, pairs)
+
+
+def membership_summary(sh: Sharing, rule: str) -> dict:
+    """metrics.json's ``membership``: concepts per member set, and the duplicate pairs."""
+    labels: dict[str, int] = {}
+    for lab in sh.labels:
+        if lab:
+            labels[lab] = labels.get(lab, 0) + 1
+    return {
+        "rule": rule,
+        "by_set": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
+        "in_all": int(sum(lab == "all" for lab in sh.labels)),
+        "duplicate_pairs": sh.pairs.tolist(),
+    }

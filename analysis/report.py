@@ -280,11 +280,13 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     base = baseline_matching(cfg, inp, table, notes)
     top = mx.select_top_concepts(table, cfg.top_concepts)
     shown = list(dict.fromkeys(top["importance"] + top["universality"]))
-    shared = sharing(inp, table, gains)
+    shared = membership.sharing(inp.model, inp.keys, table, gains)
     df = concept_frame(inp.keys, table, base, shared)
     tops = top_images(inp, sums, shown, out / "images", dtype, device, paths)
     metrics = summary_metrics(cfg, inp, which, sums, rec, table, base, top, tops, notes)
-    metrics["membership"] = membership_summary(shared, "gain" if inp.model.spec.gains else "energy")
+    metrics["membership"] = membership.membership_summary(
+        shared, "gain" if inp.model.spec.gains else "energy"
+    )
     figures.write_figures(out / "figures", inp.keys, rec, table, metrics)
     layer_png = out / "figures" / "layer_alignment.png"
     if metrics["layer_alignment"] is not None:
@@ -338,51 +340,8 @@ def baseline_matching(
     return out
 
 
-class Sharing(NamedTuple):
-    """Which backbones each concept lives in (`usae.analysis.membership`)."""
-
-    members_mk: np.ndarray
-    """(M, m) bool: concept k lives in backbone i."""
-    labels: list[str]
-    """Each concept's member set as text ("all", "dinov2+siglip", "" when dead)."""
-    duplicate_of: np.ndarray
-    """(m,) the concept learned as the same direction but firing from other backbones (-1: none)."""
-    pairs: np.ndarray
-    """(n, 2) the duplicate pairs."""
-
-
-def sharing(inp: Inputs, t: mx.ConceptTable, gains: np.ndarray) -> Sharing:
-    """Member sets from the decoder gains (models that learn them) or the energies, and the
-    concepts learned twice (same decoder direction, firing from different backbones)."""
-    model = inp.model
-    members = membership.member_matrix(t.fires_mm, t.energy_mm, gains if model.spec.gains else None)
-    with torch.no_grad():
-        dec = [model.decoder_weight(j).float().cpu().numpy() for j in range(model.n_models)]
-    pairs = (
-        membership.duplicates(dec, members, t.fires_mm)
-        if not model.spec.independent
-        else np.zeros((0, 2), int)
-    )
-    dup = np.full(members.shape[1], -1, dtype=np.int64)
-    for a, b in pairs:
-        dup[a] = b if dup[a] < 0 else dup[a]
-        dup[b] = a if dup[b] < 0 else dup[b]
-    return Sharing(members, membership.member_labels(members, inp.keys), dup, pairs)
-
-
-def membership_summary(sh: Sharing, rule: str) -> dict:
-    """metrics.json's ``membership``: concepts per member set, and the duplicate pairs."""
-    labels = pd.Series([lab for lab in sh.labels if lab], dtype=object)
-    return {
-        "rule": rule,
-        "by_set": {str(k): int(v) for k, v in labels.value_counts().items()},
-        "in_all": int(sum(lab == "all" for lab in sh.labels)),
-        "duplicate_pairs": sh.pairs.tolist(),
-    }
-
-
 def concept_frame(
-    keys: Sequence[str], t: mx.ConceptTable, base: dict | None, sh: Sharing | None = None
+    keys: Sequence[str], t: mx.ConceptTable, base: dict | None, sh: membership.Sharing | None = None
 ) -> pd.DataFrame:
     """One row per concept with every per-backbone statistic."""
     rank = np.empty_like(t.importance_m, dtype=np.int64)

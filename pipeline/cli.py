@@ -176,7 +176,8 @@ def register(app: typer.Typer) -> None:
 # ---------------------------------------------------------------- weights (usae weights fetch/list)
 def weights_fetch(cfg) -> None:
     """Fetch the weights, then show what the cache holds for them (failures: the table, exit 2)."""
-    from usae.pipeline.hub import WeightsUnavailable, run_weights_fetch, weights_table
+    from usae.pipeline.weights import WeightsUnavailable
+    from usae.pipeline.weights_cmd import run_weights_fetch, weights_table
 
     try:
         rows = run_weights_fetch(cfg)
@@ -188,7 +189,8 @@ def weights_fetch(cfg) -> None:
 
 def weights_list(cfg) -> None:
     """Show what the local cache holds for each backbone (JSON with ``--json``)."""
-    from usae.pipeline.hub import hub_cache_dir, run_weights_list, weights_table
+    from usae.pipeline.hub import hub_cache_dir
+    from usae.pipeline.weights_cmd import run_weights_list, weights_table
 
     rows = run_weights_list(cfg)
     if cfg.json:
@@ -203,7 +205,7 @@ def weights_list(cfg) -> None:
 
 def register_weights(app: typer.Typer) -> None:
     """Add `usae weights fetch` and `usae weights list` (a `weights` sub-command group)."""
-    from usae.pipeline.hub import WeightsFetchConfig, WeightsListConfig
+    from usae.pipeline.weights_cmd import WeightsFetchConfig, WeightsListConfig
 
     sub = typer.Typer(
         name="weights",

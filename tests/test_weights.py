@@ -24,16 +24,11 @@ from typer.testing import CliRunner
 from usae.pipeline.backbone import load_backbone
 from usae.pipeline.cli import register_weights
 from usae.pipeline.extract import ExtractConfig, run_extract
-from usae.pipeline.hub import (
-    WeightsListConfig,
-    cached_weights,
-    fetch_weights,
-    hub_source,
-    run_weights_list,
-)
+from usae.pipeline.hub import cached_weights, fetch_weights, hub_source
 from usae.pipeline.registry import resolve
 from usae.pipeline.store import Store
 from usae.pipeline.weights import WeightsUnavailable
+from usae.pipeline.weights_cmd import WeightsListConfig, run_weights_list
 
 from usae.errors import USER_ERROR_EXIT
 
