@@ -47,18 +47,40 @@ def loader_rows_per_s(path: Path, batch_tokens: int, batches: int) -> float:
 
 
 def train(store: Path, out: Path, a) -> dict:
-    cfg = TrainConfig(store=str(store), out=str(out), concepts=a.concepts, k=int(round(a.active)), lr=a.lr,
-                      lr_min=a.lr / 10, batch_tokens=a.batch_tokens, steps=a.steps, warmup_steps=100, holdout=0.1,
-                      dtype="fp32", device="cpu", log_every=500, ckpt_every=0, seed=a.seed)
+    cfg = TrainConfig(
+        store=str(store),
+        out=str(out),
+        concepts=a.concepts,
+        k=int(round(a.active)),
+        lr=a.lr,
+        lr_min=a.lr / 10,
+        batch_tokens=a.batch_tokens,
+        steps=a.steps,
+        warmup_steps=100,
+        holdout=0.1,
+        dtype="fp32",
+        device="cpu",
+        log_every=500,
+        ckpt_every=0,
+        seed=a.seed,
+    )
     t0 = time.perf_counter()
     res = run_train(cfg)
     model, _ = load_run(res.run_dir)
     rec = recovery(model, load_truth(store))
-    r2 = np.array([[np.nan if v is None else v for v in row] for row in res.metrics["r2_matrix"]], float)
-    return {"train_s": time.perf_counter() - t0, "universal_rate": rec.rate, "mean_best_cos": rec.mean_cos,
-            "specific_rate": rec.specific_rate, "self_r2": float(np.nanmean(np.diag(r2))),
-            "cross_r2": float(np.nanmean(r2[~np.eye(len(r2), dtype=bool)])), "r2_matrix": r2.tolist(),
-            "model": model}
+    r2 = np.array(
+        [[np.nan if v is None else v for v in row] for row in res.metrics["r2_matrix"]], float
+    )
+    return {
+        "train_s": time.perf_counter() - t0,
+        "universal_rate": rec.rate,
+        "mean_best_cos": rec.mean_cos,
+        "specific_rate": rec.specific_rate,
+        "self_r2": float(np.nanmean(np.diag(r2))),
+        "cross_r2": float(np.nanmean(r2[~np.eye(len(r2), dtype=bool)])),
+        "r2_matrix": r2.tolist(),
+        "model": model,
+    }
 
 
 def main() -> None:
@@ -81,8 +103,20 @@ def main() -> None:
     dims = tuple(int(d) for d in a.dims.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         f16 = Path(tmp) / "f16.zarr"
-        run_synth(SynthConfig(store=f16, models=len(dims), dims=dims, universal=a.universal, specific=a.specific,
-                              tokens=a.tokens, active=a.active, seed=a.seed, save_codes=False), progress=False)
+        run_synth(
+            SynthConfig(
+                store=f16,
+                models=len(dims),
+                dims=dims,
+                universal=a.universal,
+                specific=a.specific,
+                tokens=a.tokens,
+                active=a.active,
+                seed=a.seed,
+                save_codes=False,
+            ),
+            progress=False,
+        )
         q8 = convert_store(f16, Path(tmp) / "int8.zarr").path
         s16, s8 = Store.open(f16), Store.open(q8)
         assert all(s16.stats(k) == s8.stats(k) for k in s16.backbones)
@@ -90,25 +124,46 @@ def main() -> None:
         for _ in range(a.repeats):  # side by side
             for name, p in (("float16", f16), ("int8", q8)):
                 rates[name].append(loader_rows_per_s(p, a.batch_tokens, 40))
-        runs = {name: train(p, Path(tmp) / f"run_{name}", a) for name, p in (("float16", f16), ("int8", q8))}
+        runs = {
+            name: train(p, Path(tmp) / f"run_{name}", a)
+            for name, p in (("float16", f16), ("int8", q8))
+        }
         _, held = image_masks(s16, 0.1)
         ev = evaluate(runs["int8"].pop("model"), s16, s16.backbones, held, a.batch_tokens)
         runs["float16"].pop("model")
         runs["int8"]["self_r2_on_fp16_rows"] = float(np.nanmean(np.diag(ev.r2_ij)))
-        rows = {name: {"bytes": store_bytes(p), "loader_rows_per_s": statistics.median(rates[name]),
-                       "loader_rows_per_s_all": rates[name], **runs[name]}
-                for name, p in (("float16", f16), ("int8", q8))}
-    d = {k: rows["int8"][k] - rows["float16"][k] for k in ("self_r2", "cross_r2", "universal_rate", "mean_best_cos")}
-    print(f"\nint8 vs float16 store: dims {a.dims}, {a.tokens} tokens, m={a.concepts}, {a.steps} steps x "
-          f"{a.batch_tokens} tokens, paper mode, fp32 training")
-    print(f"{'store':8} {'bytes':>10} {'rows/s':>9} {'self R2':>8} {'cross R2':>8} {'universal':>9} {'mean cos':>8}")
+        rows = {
+            name: {
+                "bytes": store_bytes(p),
+                "loader_rows_per_s": statistics.median(rates[name]),
+                "loader_rows_per_s_all": rates[name],
+                **runs[name],
+            }
+            for name, p in (("float16", f16), ("int8", q8))
+        }
+    d = {
+        k: rows["int8"][k] - rows["float16"][k]
+        for k in ("self_r2", "cross_r2", "universal_rate", "mean_best_cos")
+    }
+    print(
+        f"\nint8 vs float16 store: dims {a.dims}, {a.tokens} tokens, m={a.concepts}, {a.steps} steps x "
+        f"{a.batch_tokens} tokens, paper mode, fp32 training"
+    )
+    print(
+        f"{'store':8} {'bytes':>10} {'rows/s':>9} {'self R2':>8} {'cross R2':>8} {'universal':>9} {'mean cos':>8}"
+    )
     for name, r in rows.items():
-        print(f"{name:8} {r['bytes']:10d} {r['loader_rows_per_s']:9.0f} {r['self_r2']:8.4f} {r['cross_r2']:8.4f} "
-              f"{r['universal_rate']:9.2f} {r['mean_best_cos']:8.4f}")
-    print("int8 - float16: " + ", ".join(f"{k} {v:+.4f}" for k, v in d.items())
-          + f"; int8 model on fp16 held-out rows: self R2 {rows['int8']['self_r2_on_fp16_rows']:.4f}; "
-          f"bytes x{rows['int8']['bytes'] / rows['float16']['bytes']:.3f}, rows/s x"
-          f"{rows['int8']['loader_rows_per_s'] / rows['float16']['loader_rows_per_s']:.2f}")
+        print(
+            f"{name:8} {r['bytes']:10d} {r['loader_rows_per_s']:9.0f} {r['self_r2']:8.4f} {r['cross_r2']:8.4f} "
+            f"{r['universal_rate']:9.2f} {r['mean_best_cos']:8.4f}"
+        )
+    print(
+        "int8 - float16: "
+        + ", ".join(f"{k} {v:+.4f}" for k, v in d.items())
+        + f"; int8 model on fp16 held-out rows: self R2 {rows['int8']['self_r2_on_fp16_rows']:.4f}; "
+        f"bytes x{rows['int8']['bytes'] / rows['float16']['bytes']:.3f}, rows/s x"
+        f"{rows['int8']['loader_rows_per_s'] / rows['float16']['loader_rows_per_s']:.2f}"
+    )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "rows": rows, "int8_minus_fp16": d}, indent=1))

@@ -60,18 +60,29 @@ from usae.trainer.train import StepContext, train_step
 from usae.runtime import autocast_dtype
 
 
-def make_store(path: Path, n_images: int, widths: tuple[int, ...], tpi: int, chunk_images: int) -> Store:
+def make_store(
+    path: Path, n_images: int, widths: tuple[int, ...], tpi: int, chunk_images: int
+) -> Store:
     """A store of random float16 tokens (content is irrelevant to reading speed)."""
     keys = [f"m{j}" for j in range(len(widths))]
     side = int(np.sqrt(tpi))
-    st = Store.create(path, [f"i{i}" for i in range(n_images)], [BackboneLayout(k, d) for k, d in zip(keys, widths, strict=True)],
-                      grid=(side, tpi // side), chunk_images=chunk_images, source="synth",
-                      fingerprint_of={"bench": n_images, "w": widths, "t": tpi})
+    st = Store.create(
+        path,
+        [f"i{i}" for i in range(n_images)],
+        [BackboneLayout(k, d) for k, d in zip(keys, widths, strict=True)],
+        grid=(side, tpi // side),
+        chunk_images=chunk_images,
+        source="synth",
+        fingerprint_of={"bench": n_images, "w": widths, "t": tpi},
+    )
     rng = np.random.default_rng(0)
     for c in range(st.n_chunks):
         r0, r1 = st.chunk_rows(c)
         a, b = st.chunk_images_range(c)
-        toks = {k: rng.standard_normal((r1 - r0, d), dtype=np.float32).astype(np.float16) for k, d in zip(keys, widths, strict=True)}
+        toks = {
+            k: rng.standard_normal((r1 - r0, d), dtype=np.float32).astype(np.float16)
+            for k, d in zip(keys, widths, strict=True)
+        }
         st.write_chunk(c, toks, np.ones(b - a, bool))
     st.finalize()
     return Store.open(path)
@@ -107,7 +118,9 @@ def numpy_read(st: Store, seed: int, passes: int = 1) -> Rate:
     for _ in range(passes):
         for c in rng.permutation(st.n_chunks):
             for k in st.backbones:
-                x = np.fromfile(st.chunk_file(k, int(c)), dtype=np.float16).reshape(-1, st.widths[k])
+                x = np.fromfile(st.chunk_file(k, int(c)), dtype=np.float16).reshape(
+                    -1, st.widths[k]
+                )
                 assert x.shape[0] > 0
     n = st.n_rows * passes
     return Rate(n / (time.perf_counter() - t0), n / (time.process_time() - c0))
@@ -139,8 +152,16 @@ def make_loader(a, st: Store, variant: str, seed: int) -> ChunkLoader:
     "images/hold" (see `loader_epoch`), with the command line's batch, block and prefetch (0 for
     blocks or threads: the loader's default)."""
     mode, _, threads = variant.split("/")[0].partition(":")
-    return ChunkLoader(st, st.backbones, a.batch_tokens, seed=seed, buffer_chunks=a.buffer_chunks or None,
-                       prefetch=a.prefetch, shuffle=mode, gather_threads=int(threads or a.gather_threads) or None)
+    return ChunkLoader(
+        st,
+        st.backbones,
+        a.batch_tokens,
+        seed=seed,
+        buffer_chunks=a.buffer_chunks or None,
+        prefetch=a.prefetch,
+        shuffle=mode,
+        gather_threads=int(threads or a.gather_threads) or None,
+    )
 
 
 def loader_epoch(ld: ChunkLoader, passes: int = 1, hold: bool = False) -> tuple[Rate, float]:
@@ -171,7 +192,9 @@ def loader_epoch(ld: ChunkLoader, passes: int = 1, hold: bool = False) -> tuple[
 
 def train_setup(st: Store, concepts: int, k: int, batch_tokens: int):
     widths = tuple(st.widths[key] for key in st.backbones)
-    spec = ModelSpec(tuple(st.backbones), widths, (0.0,) * len(widths), (1.0,) * len(widths), concepts, k)
+    spec = ModelSpec(
+        tuple(st.backbones), widths, (0.0,) * len(widths), (1.0,) * len(widths), concepts, k
+    )
     cfg = TrainConfig(lr=3e-4, batch_tokens=batch_tokens, recipe="paper")
     amp = autocast_dtype("bf16", "cpu")
     torch.manual_seed(0)
@@ -199,29 +222,53 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512, help="images in the store")
     ap.add_argument("--tokens-per-image", type=int, default=196)
     ap.add_argument("--widths", default="384,768,768")
-    ap.add_argument("--chunk-images", type=int, default=32, help="images per chunk (~10 MB at width 768)")
+    ap.add_argument(
+        "--chunk-images", type=int, default=32, help="images per chunk (~10 MB at width 768)"
+    )
     ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--buffer-chunks", type=int, default=0, help="0: the loader's default for each read mode")
+    ap.add_argument(
+        "--buffer-chunks", type=int, default=0, help="0: the loader's default for each read mode"
+    )
     ap.add_argument("--prefetch", type=int, default=2)
-    ap.add_argument("--gather-threads", type=int, default=0, help="0: the loader's default (2 where there are 2 cores)")
+    ap.add_argument(
+        "--gather-threads",
+        type=int,
+        default=0,
+        help="0: the loader's default (2 where there are 2 cores)",
+    )
     ap.add_argument("--concepts", type=int, default=6144)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--train-steps", type=int, default=4, help="timed training steps per repeat")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--passes", type=int, default=4, help="passes over the store per timed read (numpy and loader)")
+    ap.add_argument(
+        "--passes",
+        type=int,
+        default=4,
+        help="passes over the store per timed read (numpy and loader)",
+    )
     ap.add_argument("--store", default="", help="reuse/create the store here (default: a temp dir)")
-    ap.add_argument("--no-reread", dest="reread", action="store_false",
-                    help="skip the second round on the store evicted from the page cache and read back")
-    ap.add_argument("--shuffles", default="images,images/hold,tokens",
-                    help="loader variants to measure side by side: a shuffle mode, mode:threads (e.g. images:1), "
-                         "and /hold for a consumer that holds the previous batch (e.g. images/hold)")
+    ap.add_argument(
+        "--no-reread",
+        dest="reread",
+        action="store_false",
+        help="skip the second round on the store evicted from the page cache and read back",
+    )
+    ap.add_argument(
+        "--shuffles",
+        default="images,images/hold,tokens",
+        help="loader variants to measure side by side: a shuffle mode, mode:threads (e.g. images:1), "
+        "and /hold for a consumer that holds the previous batch (e.g. images/hold)",
+    )
     ap.add_argument("--out", default="benchmarks/loader.json")
     a = ap.parse_args()
     widths = tuple(int(w) for w in a.widths.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(a.store) if a.store else Path(tmp) / "bench.zarr"
-        st = Store.open(path) if (path / "zarr.json").exists() else make_store(
-            path, a.images, widths, a.tokens_per_image, a.chunk_images)
+        st = (
+            Store.open(path)
+            if (path / "zarr.json").exists()
+            else make_store(path, a.images, widths, a.tokens_per_image, a.chunk_images)
+        )
         numpy_read(st, 0)  # page cache warm-up
         res = measure(a, st)
         if a.reread and hasattr(os, "posix_fadvise"):
@@ -261,9 +308,20 @@ def measure_reads(a, st: Store, suffix: str) -> dict[str, list[float]]:
 
 def measure(a, st: Store) -> dict[str, list[float]]:
     modes = a.shuffles.split(",")
-    out: dict[str, list[float]] = {"numpy": [], "numpy_cpu": [], "fromfile": [], "two_buffers": [], "train": []}
+    out: dict[str, list[float]] = {
+        "numpy": [],
+        "numpy_cpu": [],
+        "fromfile": [],
+        "two_buffers": [],
+        "train": [],
+    }
     for m in modes:
-        out |= {f"loader_{m}": [], f"loader_{m}_cpu": [], f"loader_{m}_cold": [], f"train_fed_{m}": []}
+        out |= {
+            f"loader_{m}": [],
+            f"loader_{m}_cpu": [],
+            f"loader_{m}_cold": [],
+            f"train_fed_{m}": [],
+        }
     state, ctx, amp = train_setup(st, a.concepts, a.k, a.batch_tokens)
     warm = ChunkLoader(st, st.backbones, a.batch_tokens, seed=99)
     mem_batches = [b.acts for _, b in zip(range(a.train_steps + 1), warm, strict=False)]
@@ -280,12 +338,16 @@ def measure(a, st: Store) -> dict[str, list[float]]:
             out[f"loader_{m}"].append(steady.wall)
             out[f"loader_{m}_cpu"].append(steady.cpu)
             out[f"loader_{m}_cold"].append(cold)
-        out["train"].append(a.batch_tokens * a.train_steps / train_steps(state, ctx, mem_batches[1:]))
+        out["train"].append(
+            a.batch_tokens * a.train_steps / train_steps(state, ctx, mem_batches[1:])
+        )
         for m in modes:
             ld = make_loader(a, st, m, r)
             it = iter(ld)
             next(it)  # threads started, first block read
-            out[f"train_fed_{m}"].append(a.batch_tokens * a.train_steps / train_from_loader(state, ctx, it, a.train_steps))
+            out[f"train_fed_{m}"].append(
+                a.batch_tokens * a.train_steps / train_from_loader(state, ctx, it, a.train_steps)
+            )
             ld.close()
     out["amp"] = [str(amp)]  # type: ignore[list-item]
     return out
@@ -295,23 +357,31 @@ def report(a, st: Store, res: dict) -> None:
     modes = a.shuffles.split(",")
     med = {k: statistics.median(v) for k, v in res.items() if k != "amp"}
 
-    def paired(a: str, b: str) -> float:  # each repeat measures both side by side: robust to drift between repeats
+    def paired(
+        a: str, b: str
+    ) -> float:  # each repeat measures both side by side: robust to drift between repeats
         return statistics.median(x / y for x, y in zip(res[a], res[b], strict=True))
 
-    rows = [("numpy, all chunk files into a reused array", med["numpy"], "rows/s"),
-            ("  per CPU second of the process", med["numpy_cpu"], "rows/cpu-s"),
-            ("numpy np.fromfile (a new array per chunk)", med["fromfile"], "rows/s"),
-            ("whole chunks into 2 batch-sized buffers", med["two_buffers"], "rows/s"),
-            ("training step (in-memory batches)", med["train"], "tokens/s")]
-    ratios = {"np.fromfile / numpy into a reused array": med["fromfile"] / med["numpy"],
-              "whole chunks into 2 batch-sized buffers / numpy": med["two_buffers"] / med["numpy"]}
+    rows = [
+        ("numpy, all chunk files into a reused array", med["numpy"], "rows/s"),
+        ("  per CPU second of the process", med["numpy_cpu"], "rows/cpu-s"),
+        ("numpy np.fromfile (a new array per chunk)", med["fromfile"], "rows/s"),
+        ("whole chunks into 2 batch-sized buffers", med["two_buffers"], "rows/s"),
+        ("training step (in-memory batches)", med["train"], "tokens/s"),
+    ]
+    ratios = {
+        "np.fromfile / numpy into a reused array": med["fromfile"] / med["numpy"],
+        "whole chunks into 2 batch-sized buffers / numpy": med["two_buffers"] / med["numpy"],
+    }
     for m in modes:
         ld = make_loader(a, st, m, 0)
         how = f"{ld.read_mode}, {ld.buffer_chunks}-chunk blocks, {ld.gather_threads} threads"
-        rows += [(f"ChunkLoader shuffle={m} ({how})", med[f"loader_{m}"], "rows/s"),
-                 ("  1st epoch (thread start, paging in buffers)", med[f"loader_{m}_cold"], "rows/s"),
-                 ("  per CPU second (all threads)", med[f"loader_{m}_cpu"], "rows/cpu-s"),
-                 ("  training step fed by it", med[f"train_fed_{m}"], "tokens/s")]
+        rows += [
+            (f"ChunkLoader shuffle={m} ({how})", med[f"loader_{m}"], "rows/s"),
+            ("  1st epoch (thread start, paging in buffers)", med[f"loader_{m}_cold"], "rows/s"),
+            ("  per CPU second (all threads)", med[f"loader_{m}_cpu"], "rows/cpu-s"),
+            ("  training step fed by it", med[f"train_fed_{m}"], "tokens/s"),
+        ]
         ratios |= {
             f"{m}: loader / numpy (target >= 0.8)": med[f"loader_{m}"] / med["numpy"],
             f"{m}:   median of the per-repeat ratios": paired(f"loader_{m}", "numpy"),
@@ -322,25 +392,35 @@ def report(a, st: Store, res: dict) -> None:
         }
     if "numpy_reread" in med:
         rows.append(("store read back into the page cache: numpy", med["numpy_reread"], "rows/s"))
-        ratios["read back: 2-buffer bound / numpy"] = med["two_buffers_reread"] / med["numpy_reread"]
+        ratios["read back: 2-buffer bound / numpy"] = (
+            med["two_buffers_reread"] / med["numpy_reread"]
+        )
         for m in modes:
             rows.append((f"  ChunkLoader shuffle={m}", med[f"loader_{m}_reread"], "rows/s"))
-            ratios[f"read back: {m}: loader / numpy (target >= 0.8)"] = med[f"loader_{m}_reread"] / med["numpy_reread"]
-            ratios[f"read back: {m}:   median of the per-repeat ratios"] = paired(f"loader_{m}_reread", "numpy_reread")
+            ratios[f"read back: {m}: loader / numpy (target >= 0.8)"] = (
+                med[f"loader_{m}_reread"] / med["numpy_reread"]
+            )
+            ratios[f"read back: {m}:   median of the per-repeat ratios"] = paired(
+                f"loader_{m}_reread", "numpy_reread"
+            )
     if {"tokens", "images"} <= set(modes):
         ratios["images / tokens loader"] = med["loader_images"] / med["loader_tokens"]
     gib = st.n_rows * sum(st.widths.values()) * 2 / 2**30
-    print(f"\nloader benchmark (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): {st.n_images} images x {st.tokens_per_image} tokens, widths "
-          f"{[st.widths[k] for k in st.backbones]} ({gib:.2f} GiB), {st.n_chunks} chunks, batch "
-          f"{a.batch_tokens}, buffer {a.buffer_chunks}, prefetch {a.prefetch}; train m={a.concepts} "
-          f"k={a.k} amp={res['amp'][0]}; median of {a.repeats}, {torch.get_num_threads()} torch threads")
+    print(
+        f"\nloader benchmark (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): {st.n_images} images x {st.tokens_per_image} tokens, widths "
+        f"{[st.widths[k] for k in st.backbones]} ({gib:.2f} GiB), {st.n_chunks} chunks, batch "
+        f"{a.batch_tokens}, buffer {a.buffer_chunks}, prefetch {a.prefetch}; train m={a.concepts} "
+        f"k={a.k} amp={res['amp'][0]}; median of {a.repeats}, {torch.get_num_threads()} torch threads"
+    )
     for name, v, unit in rows:
         print(f"  {name:46} {v:14,.0f} {unit}")
     for name, v in ratios.items():
         print(f"  {name:46} {v:14.2f}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "median": med, "ratios": ratios, "raw": res}, indent=1))
+    out.write_text(
+        json.dumps({"args": vars(a), "median": med, "ratios": ratios, "raw": res}, indent=1)
+    )
     print(f"written {out}")
 
 

@@ -149,7 +149,9 @@ def main() -> None:
         a.concepts,
         a.k,
     )
-    cfg = TrainConfig(lr=3e-4, recipe="paper")  # the paper's step; constant lr (no schedule) in both
+    cfg = TrainConfig(
+        lr=3e-4, recipe="paper"
+    )  # the paper's step; constant lr (no schedule) in both
     torch.manual_seed(0)
     init = USAE(spec).train()
     batches = make_batches(widths, a.tokens, a.steps + 1)

@@ -39,7 +39,9 @@ def twins_figures(run: Path, report: Path) -> dict:
     members = np.stack([df[f"member_{k}"].to_numpy() for k in keys])
     with torch.no_grad():
         dec = [model.decoder_weight(j).double().numpy() for j in (0, 1)]
-    out = twin_agreement(*dec, df["firing_entropy"].to_numpy(), df["dead"].to_numpy(), members, 0, 1)
+    out = twin_agreement(
+        *dec, df["firing_entropy"].to_numpy(), df["dead"].to_numpy(), members, 0, 1
+    )
     r2 = np.array(json.loads((report / "metrics.json").read_text())["r2"], dtype=float)
     out.update(self_r2=float(np.mean(np.diag(r2))), cross_r2=float((r2[0, 1] + r2[1, 0]) / 2))
     return out
@@ -59,7 +61,9 @@ def main() -> None:
     spec = resolve(a.backbone)
     hit = cached_weights(spec, verify=False)
     weights = ((spec.key, str(hit.path)), ("twin", str(hit.path))) if hit else ()
-    print(f"{a.backbone}: {'pretrained weights from the cache' if hit else 'RANDOM-INIT (no cached weights)'}")
+    print(
+        f"{a.backbone}: {'pretrained weights from the cache' if hit else 'RANDOM-INIT (no cached weights)'}"
+    )
     manifest = build_demo_images(root / "data", n=a.images, seed=0)
     store = root / "store.zarr"
     run_extract(ExtractConfig(manifest=manifest, store=store, backbones=(a.backbone, f"twin={a.backbone}"),
@@ -72,13 +76,18 @@ def main() -> None:
             run_train(TrainConfig(store=str(store), out=str(run), recipe=recipe, concepts=1536, k=32, steps=a.steps,
                                   batch_tokens=2048, lr=1e-3, holdout=0.2, log_every=100, ckpt_every=0,
                                   warmup_steps=max(a.steps // 10, 1), buffer_chunks=2))  # fmt: skip
-        run_analyze(AnalyzeConfig(run=str(run), store=str(store), out=str(report), top_concepts=0), progress=False)
+        run_analyze(
+            AnalyzeConfig(run=str(run), store=str(store), out=str(report), top_concepts=0),
+            progress=False,
+        )
         r = {"recipe": recipe, "pretrained": bool(hit), "steps": a.steps, "wall_s": time.perf_counter() - t0,
              **twins_figures(run, report)}  # fmt: skip
         rows.append(r)
         print(f"{recipe:9} live {r['live']:5d}  FE>=0.9 {r['fe_share']:.2f}  median twin cosine {r['median_cos']:.2f}  "
               f"in both {r['both_share']:.2f}  self R2 {r['self_r2']:.3f}  cross R2 {r['cross_r2']:.3f}", flush=True)  # fmt: skip
-    Path(a.out).write_text(json.dumps({"backbone": a.backbone, "images": a.images, "rows": rows}, indent=1))
+    Path(a.out).write_text(
+        json.dumps({"backbone": a.backbone, "images": a.images, "rows": rows}, indent=1)
+    )
     print(f"written {a.out}")
 
 

@@ -39,6 +39,8 @@ from urllib.parse import urlsplit
 
 from usae.pipeline.weights import WeightsUnavailable
 
+from usae.runtime import atomic_path, atomic_write
+
 if TYPE_CHECKING:
     from usae.pipeline.registry import BackboneSpec
 
@@ -346,9 +348,7 @@ def _download(
         if src.revision != commit:
             ref = storage / "refs" / src.revision
             ref.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-            tmp.write_text(commit)
-            os.replace(tmp, ref)
+            atomic_write(ref, commit)
     sha = expect_sha or file_sha256(blob)
     return WeightsFile(
         pointer, "hf-hub", src.repo_id, commit, fname, blob.stat().st_size, sha, downloaded
@@ -447,10 +447,9 @@ def _link(blob: Path, pointer: Path) -> None:
     if pointer.exists():
         return
     pointer.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.symlink(os.path.relpath(blob, pointer.parent), tmp)
-    except OSError:
-        shutil.copyfile(blob, tmp)
-    os.replace(tmp, pointer)
+    with atomic_path(pointer) as tmp:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.symlink(os.path.relpath(blob, pointer.parent), tmp)
+        except OSError:
+            shutil.copyfile(blob, tmp)

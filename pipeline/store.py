@@ -93,7 +93,9 @@ def quantize_int8(x_nd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.astype(np.int8), scale
 
 
-def dequantize_int8(q_nd: np.ndarray, scale_d: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def dequantize_int8(
+    q_nd: np.ndarray, scale_d: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
     """float32 rows of int8 codes: code * scale (per channel)."""
     return np.multiply(q_nd, np.asarray(scale_d, np.float32), out=out, dtype=np.float32)
 
@@ -199,7 +201,9 @@ class Store:
             k: int(g.attrs.get("prefix_tokens", 0)) for k, g in self._groups.items()
         }
         self._direct = {k: chunk_files.is_raw(self._groups[k]["tokens"]) for k in self.backbones}
-        self.dtypes: dict[str, np.dtype] = {k: np.dtype(self._groups[k]["tokens"].dtype) for k in self.backbones}
+        self.dtypes: dict[str, np.dtype] = {
+            k: np.dtype(self._groups[k]["tokens"].dtype) for k in self.backbones
+        }
         """Token dtype per backbone as stored: float16, or int8 (codes; see `scales`)."""
         self._scales: dict[str, np.ndarray] = {}
         self._chunk_dirs = {
@@ -235,7 +239,9 @@ class Store:
         zarr = _zarr()
         path = Path(path)
         if store_dtype not in STORE_DTYPES:
-            raise StoreError(f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}")
+            raise StoreError(
+                f"store dtype must be one of {', '.join(STORE_DTYPES)}, got {store_dtype!r}"
+            )
         if store_dtype != "float16":
             fingerprint_of = {"content": fingerprint_of, "store_dtype": store_dtype}
         fp = fingerprint(fingerprint_of)
@@ -304,8 +310,12 @@ class Store:
                     config={"write_empty_chunks": True},
                 )
             g.attrs.update(
-                {"width": b.width, "prefix_tokens": b.prefix_tokens, "spec": dict(b.spec or {}),
-                 "store_dtype": store_dtype}
+                {
+                    "width": b.width,
+                    "prefix_tokens": b.prefix_tokens,
+                    "spec": dict(b.spec or {}),
+                    "store_dtype": store_dtype,
+                }
             )
         root.attrs.update(
             {
@@ -393,13 +403,17 @@ class Store:
     @property
     def store_dtype(self) -> str:
         """ "int8" when every backbone is stored as int8 codes, else "float16"."""
-        return "int8" if self.backbones and all(self.is_int8(k) for k in self.backbones) else "float16"
+        return (
+            "int8" if self.backbones and all(self.is_int8(k) for k in self.backbones) else "float16"
+        )
 
     def scales(self, key: str) -> np.ndarray:
         """(n_chunks, width) float32 scales of an int8 backbone (chunk c's row = code * scales[c]);
         zeros for a chunk never written. Read once, then cached."""
         if not self.is_int8(key):
-            raise StoreError(f"backbone {key!r} of {self.path} is stored as {self.dtypes[key]}, it has no scales")
+            raise StoreError(
+                f"backbone {key!r} of {self.path} is stored as {self.dtypes[key]}, it has no scales"
+            )
         if key not in self._scales:
             d, arr = self.widths[key], self._groups[key]["scale"]
             if chunk_files.is_raw(arr):
@@ -411,7 +425,9 @@ class Store:
                         continue
                     if size < 4 * d:
                         os.close(fd)
-                        raise StoreError(f"scale file of chunk {i} of {key!r} in {self.path} is truncated")
+                        raise StoreError(
+                            f"scale file of chunk {i} of {key!r} in {self.path} is truncated"
+                        )
                     chunk_files.read_into(fd, out[i], 4 * d)
             else:
                 out = np.asarray(arr[:], np.float32)
@@ -438,7 +454,9 @@ class Store:
     def _chunk_path(self, key: str, i: int) -> str:
         return os.path.join(self._chunk_dirs[key], str(i), "0")
 
-    def read_chunk(self, key: str, i: int, out: np.ndarray | None = None, *, codes: bool = False) -> np.ndarray:
+    def read_chunk(
+        self, key: str, i: int, out: np.ndarray | None = None, *, codes: bool = False
+    ) -> np.ndarray:
         """Token rows of chunk i of one backbone (rows, d); direct file read when raw.
 
         float16 for a float16 store; for an int8 store, the dequantised rows in float32, or with
@@ -505,7 +523,10 @@ class Store:
                 f"backbone {key!r} of {self.path} is not stored raw: read its chunks with read_chunk"
             )
         r0, r1 = self.chunk_rows(i)
-        nbytes, f = (r1 - r0) * self.widths[key] * self.dtypes[key].itemsize, self._chunk_path(key, i)
+        nbytes, f = (
+            (r1 - r0) * self.widths[key] * self.dtypes[key].itemsize,
+            self._chunk_path(key, i),
+        )
         fd, size = chunk_files.open_file(f)
         if fd is not None and size < nbytes:
             os.close(fd)
@@ -695,7 +716,9 @@ class Store:
         return out
 
 
-def convert_store(src: str | os.PathLike, dst: str | os.PathLike, store_dtype: str = "int8") -> Store:
+def convert_store(
+    src: str | os.PathLike, dst: str | os.PathLike, store_dtype: str = "int8"
+) -> Store:
     """Copy a complete store into a new one holding `store_dtype` tokens: the same images,
     chunks, attributes and ground truth, each chunk re-encoded from the source's rows (an
     int8 source is dequantised first). The statistics are the source's, carried over from its

@@ -61,8 +61,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_extraction_on_device_matches_cpu_fp32(device, shared_image_set, tmp_path):
     from usae.pipeline.extract import ExtractConfig, run_extract
 
-    kw = dict(manifest=shared_image_set.manifest, backbones=("vit", "dinov2"), tiny=True, random_init=True,
-              progress=False, chunk_images=4, batch_size=4)
+    kw = dict(
+        manifest=shared_image_set.manifest,
+        backbones=("vit", "dinov2"),
+        tiny=True,
+        random_init=True,
+        progress=False,
+        chunk_images=4,
+        batch_size=4,
+    )
     run_extract(ExtractConfig(store=tmp_path / "cpu.zarr", dtype="fp32", device="cpu", **kw))
     run_extract(ExtractConfig(store=tmp_path / "dev.zarr", dtype="bf16", device=device, **kw))
     a, b = Store.open(tmp_path / "cpu.zarr"), Store.open(tmp_path / "dev.zarr")
@@ -76,14 +83,22 @@ def test_extraction_on_device_matches_cpu_fp32(device, shared_image_set, tmp_pat
 
 # ---------------------------------------------------------------- one training step
 def _spec(widths=(16, 24), m=64, k=4) -> ModelSpec:
-    return ModelSpec(tuple(f"b{j}" for j in range(len(widths))), widths, (0.0,) * len(widths),
-                     (1.0,) * len(widths), m, k)
+    return ModelSpec(
+        tuple(f"b{j}" for j in range(len(widths))),
+        widths,
+        (0.0,) * len(widths),
+        (1.0,) * len(widths),
+        m,
+        k,
+    )
 
 
 def _batch(widths, b=256, seed=1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lat = torch.relu(torch.randn(b, 8, generator=g))
-    return [lat @ torch.randn(8, d, generator=g) + 0.1 * torch.randn(b, d, generator=g) for d in widths]
+    return [
+        lat @ torch.randn(8, d, generator=g) + 0.1 * torch.randn(b, d, generator=g) for d in widths
+    ]
 
 
 @pytest.mark.parametrize("aux", ["paper", "dead"])
@@ -104,10 +119,26 @@ def test_train_step_on_device_matches_cpu_step(device, aux):
         s.model.zero_grad(set_to_none=True)
         xs = [t.to(d) for t in x]
         dead_m = torch.ones(spec.concepts, dtype=torch.bool, device=d) if aux == "dead" else None
-        p = source_loss(s.model, 0, xs, [0, 1], detach=(), dead_m=dead_m, loss=cfg.loss,
-                        aux_weight=cfg.aux_weight, bn_fn=batch_norm_local, amp=amp[d], with_r2=True, aux=aux)
+        p = source_loss(
+            s.model,
+            0,
+            xs,
+            [0, 1],
+            detach=(),
+            dead_m=dead_m,
+            loss=cfg.loss,
+            aux_weight=cfg.aux_weight,
+            bn_fn=batch_norm_local,
+            amp=amp[d],
+            with_r2=True,
+            aux=aux,
+        )
         p.loss.backward()
-        g[d] = {n: q.grad.detach().cpu().clone() for n, q in s.model.named_parameters() if q.grad is not None}
+        g[d] = {
+            n: q.grad.detach().cpu().clone()
+            for n, q in s.model.named_parameters()
+            if q.grad is not None
+        }
         g[d]["loss"] = p.loss.detach().cpu().reshape(1)
     assert g["cpu"].keys() == g[device].keys()
     for n in g["cpu"]:
@@ -119,7 +150,10 @@ def test_train_step_on_device_matches_cpu_step(device, aux):
     for d, s in states.items():
         s.model.zero_grad(set_to_none=True)
         ctx = StepContext(cfg, 100, 0, 1, amp[d])
-        outs[d] = [train_step(s, ctx, [t.to(d) for t in _batch(widths, seed=i)], with_r2=True) for i in range(3)]
+        outs[d] = [
+            train_step(s, ctx, [t.to(d) for t in _batch(widths, seed=i)], with_r2=True)
+            for i in range(3)
+        ]
     for a, b in zip(outs["cpu"], outs[device], strict=True):
         assert a.sources == b.sources
         assert b.loss == pytest.approx(a.loss, rel=3e-2)
@@ -131,7 +165,10 @@ def test_train_step_on_device_matches_cpu_step(device, aux):
     for n in ("decoders.0", "decoders.1", "encoders.0.weight", "encoders.1.weight"):
         da, db = wa[n] - w0[n], wb[n].cpu() - w0[n]
         cos = float((da * db).sum() / (da.norm() * db.norm()))
-        assert cos > 0.8, (n, cos)  # Adam's first steps ~ lr * sign(grad): bf16 flips a few small ones
+        assert cos > 0.8, (
+            n,
+            cos,
+        )  # Adam's first steps ~ lr * sign(grad): bf16 flips a few small ones
 
 
 # ---------------------------------------------------------------- resume
@@ -166,8 +203,14 @@ def test_analysis_on_device_matches_cpu(device, store):
 
     st = Store.open(store)
     keys = list(st.backbones)
-    spec = ModelSpec(tuple(keys), tuple(st.widths[k] for k in keys),
-                     tuple(st.stats(k)["scalar_mean"] for k in keys), tuple(st.stats(k)["scalar_std"] for k in keys), 32, 3)
+    spec = ModelSpec(
+        tuple(keys),
+        tuple(st.widths[k] for k in keys),
+        tuple(st.stats(k)["scalar_mean"] for k in keys),
+        tuple(st.stats(k)["scalar_std"] for k in keys),
+        32,
+        3,
+    )
     torch.manual_seed(0)
     base = USAE(spec)
     out = {}
@@ -199,7 +242,16 @@ def test_maximize_step_on_device(device, tmp_path):
     model = USAE(spec).to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    cfg = MaximizeConfig(run=tmp_path, out=tmp_path / "mx", steps=3, canvas=64, crops=2, device=device, lr=0.5, concepts=(3,))
+    cfg = MaximizeConfig(
+        run=tmp_path,
+        out=tmp_path / "mx",
+        steps=3,
+        canvas=64,
+        crops=2,
+        device=device,
+        lr=0.5,
+        concepts=(3,),
+    )
     m = Maximizer(model, [Target("vit", 0, bb)], 3, cfg, (2, 2))
     before = m.canvases()[0].copy()
     curve = np.array([m.step() for _ in range(cfg.steps)])
@@ -251,11 +303,32 @@ def test_torchrun_one_process(device, store, tmp_path):
     process group: its DDP path with NCCL needs two GPUs.)"""
     script = tmp_path / "one.py"
     script.write_text(_TORCHRUN_SCRIPT)
-    cfg = dict(store=str(store), out=str(tmp_path / "run"), batch_tokens=32, steps=6, concepts=16, k=3, lr=3e-3,
-               log_every=3, ckpt_every=3, holdout=0.2, dtype="bf16", device=device, warmup_steps=2)
+    cfg = dict(
+        store=str(store),
+        out=str(tmp_path / "run"),
+        batch_tokens=32,
+        steps=6,
+        concepts=16,
+        k=3,
+        lr=3e-3,
+        log_every=3,
+        ckpt_every=3,
+        holdout=0.2,
+        dtype="bf16",
+        device=device,
+        warmup_steps=2,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           str(script), json.dumps(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        str(script),
+        json.dumps(cfg),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -289,15 +362,23 @@ def test_device_feed_equals_host_batches(device, store, int8_store, dtype, shuff
     pinned = []
     if not torch.cuda.is_available():  # the pinned-buffer path, with plain memory standing in
         monkeypatch.setattr(loader_mod, "_can_pin", lambda: True)
-        monkeypatch.setattr(loader_mod, "_pinned_empty", lambda shape, dt: pinned.append(shape) or np.empty(shape, dt))
-    with ChunkLoader(path, ["b0", "b1"], 48, shuffle=shuffle, seed=2, device=device, pin_memory=True) as ld:
+        monkeypatch.setattr(
+            loader_mod,
+            "_pinned_empty",
+            lambda shape, dt: pinned.append(shape) or np.empty(shape, dt),
+        )
+    with ChunkLoader(
+        path, ["b0", "b1"], 48, shuffle=shuffle, seed=2, device=device, pin_memory=True
+    ) as ld:
         assert ld.pinned_buffers
         it = iter(ld)
         kept = []
         for _ in range(n):
             b = next(it)
             assert all(a.device.type == torch.device(device).type for a in b.acts)
-            assert all(a.dtype == (torch.float32 if dtype == "int8" else torch.float16) for a in b.acts)
+            assert all(
+                a.dtype == (torch.float32 if dtype == "int8" else torch.float16) for a in b.acts
+            )
             kept.append(b)
         for i, b in enumerate(kept):  # kept batches are intact, equal to the host loader's
             for a, r in zip(b.acts, ref[i], strict=True):
@@ -308,7 +389,9 @@ def test_device_feed_equals_host_batches(device, store, int8_store, dtype, shuff
         n_sets = len(pinned) // (3 if dtype == "int8" else 2)
         assert n_sets <= n + 3  # kept batches: new sets; no more than that
         pinned.clear()
-        with ChunkLoader(path, ["b0", "b1"], 48, shuffle=shuffle, seed=2, device=device, pin_memory=True) as ld:
+        with ChunkLoader(
+            path, ["b0", "b1"], 48, shuffle=shuffle, seed=2, device=device, pin_memory=True
+        ) as ld:
             it = iter(ld)
             for _ in range(3 * n):  # a consumer that drops each batch: the sets are recycled
                 b = next(it)

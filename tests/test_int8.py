@@ -23,9 +23,19 @@ from usae.pipeline.store import (
 from usae.trainer.loader import ChunkLoader
 
 
-def _write(path: Path, x: dict[str, np.ndarray], n: int, t: int, chunk: int, dtype: str, valid=None) -> Store:
-    st = Store.create(path, [f"i{i}" for i in range(n)], [BackboneLayout(k, v.shape[1]) for k, v in x.items()],
-                      grid=(1, t), chunk_images=chunk, source="synth", fingerprint_of={"n": n}, store_dtype=dtype)
+def _write(
+    path: Path, x: dict[str, np.ndarray], n: int, t: int, chunk: int, dtype: str, valid=None
+) -> Store:
+    st = Store.create(
+        path,
+        [f"i{i}" for i in range(n)],
+        [BackboneLayout(k, v.shape[1]) for k, v in x.items()],
+        grid=(1, t),
+        chunk_images=chunk,
+        source="synth",
+        fingerprint_of={"n": n},
+        store_dtype=dtype,
+    )
     valid = np.ones(n, bool) if valid is None else valid
     for c in range(st.n_chunks):
         (r0, r1), (a, b) = st.chunk_rows(c), st.chunk_images_range(c)
@@ -35,10 +45,19 @@ def _write(path: Path, x: dict[str, np.ndarray], n: int, t: int, chunk: int, dty
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=hst.integers(1, 9), t=hst.integers(1, 5), chunk=hst.integers(1, 4), d=hst.integers(1, 7),
-       scale=hst.floats(1e-3, 1e3), seed=hst.integers(0, 2**16), zero_channel=hst.booleans(),
-       outlier=hst.floats(1, 1e3))
-def test_int8_round_trip_within_half_a_step_and_exact_stats(n, t, chunk, d, scale, seed, zero_channel, outlier):
+@given(
+    n=hst.integers(1, 9),
+    t=hst.integers(1, 5),
+    chunk=hst.integers(1, 4),
+    d=hst.integers(1, 7),
+    scale=hst.floats(1e-3, 1e3),
+    seed=hst.integers(0, 2**16),
+    zero_channel=hst.booleans(),
+    outlier=hst.floats(1, 1e3),
+)
+def test_int8_round_trip_within_half_a_step_and_exact_stats(
+    n, t, chunk, d, scale, seed, zero_channel, outlier
+):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n * t, d)) * scale * rng.uniform(0.1, 2, d)
     x[rng.integers(n * t), rng.integers(d)] *= outlier  # a massive activation
@@ -64,14 +83,18 @@ def test_int8_round_trip_within_half_a_step_and_exact_stats(n, t, chunk, d, scal
             assert codes.dtype == np.int8 and np.abs(codes.astype(int)).max() <= 127
             np.testing.assert_array_equal(q.map_chunk("k", c), codes)
             np.testing.assert_array_equal(got, codes * s)
-        np.testing.assert_array_equal(q.read_rows("k", 0, q.n_rows),
-                                      np.concatenate([q.read_chunk("k", c) for c in range(q.n_chunks)]))
+        np.testing.assert_array_equal(
+            q.read_rows("k", 0, q.n_rows),
+            np.concatenate([q.read_chunk("k", c) for c in range(q.n_chunks)]),
+        )
         # converting the float16 store gives the same store
         v = convert_store(a.path, Path(tmp) / "v.zarr")
         np.testing.assert_array_equal(v.scales("k"), scales)
         assert v.stats("k") == a.stats("k")
         for c in range(q.n_chunks):
-            np.testing.assert_array_equal(v.read_chunk("k", c, codes=True), q.read_chunk("k", c, codes=True))
+            np.testing.assert_array_equal(
+                v.read_chunk("k", c, codes=True), q.read_chunk("k", c, codes=True)
+            )
 
 
 def test_non_finite_channel_dequantises_non_finite():
@@ -93,8 +116,16 @@ def test_int8_fingerprint_differs_and_bad_dtype_refused(tmp_path):
     with pytest.raises(StoreError, match="no scales"):
         a.scales("k")
     with pytest.raises(StoreError, match="store dtype"):
-        Store.create(tmp_path / "b.zarr", ["a"], [BackboneLayout("k", 2)], grid=(1, 1), chunk_images=1,
-                     source="synth", fingerprint_of={}, store_dtype="int4")
+        Store.create(
+            tmp_path / "b.zarr",
+            ["a"],
+            [BackboneLayout("k", 2)],
+            grid=(1, 1),
+            chunk_images=1,
+            source="synth",
+            fingerprint_of={},
+            store_dtype="int4",
+        )
 
 
 @pytest.mark.parametrize("shuffle", ["images", "tokens"])
@@ -105,8 +136,10 @@ def test_loader_dequantised_batches_equal_reference(tmp_path, shuffle, device):
     dequantisation (its chunk's codes times its chunk's scales) and tagged with its chunk."""
     n, t, chunk = 40, 6, 7
     rng = np.random.default_rng(0)
-    x = {"a": (rng.standard_normal((n * t, 5)) * 3).astype(np.float16),
-         "b": (rng.standard_normal((n * t, 9)) * 0.2 + 1).astype(np.float16)}
+    x = {
+        "a": (rng.standard_normal((n * t, 5)) * 3).astype(np.float16),
+        "b": (rng.standard_normal((n * t, 9)) * 0.2 + 1).astype(np.float16),
+    }
     valid = np.ones(n, bool)
     valid[[3, 17]] = False
     f16 = _write(tmp_path / "f.zarr", x, n, t, chunk, "float16", valid)
@@ -114,16 +147,26 @@ def test_loader_dequantised_batches_equal_reference(tmp_path, shuffle, device):
     ref = {}
     for k in x:
         s = q8.scales(k)
-        ref[k] = np.concatenate([q8.read_chunk(k, c, codes=True).astype(np.float32) * s[c] for c in range(q8.n_chunks)])
+        ref[k] = np.concatenate(
+            [q8.read_chunk(k, c, codes=True).astype(np.float32) * s[c] for c in range(q8.n_chunks)]
+        )
     where = {x["a"][r].tobytes() + x["b"][r].tobytes(): r for r in range(n * t)}
     assert len(where) == n * t
     held = np.zeros(n, bool)
     held[::5] = True
     kw = dict(images=~held, seed=4, shuffle=shuffle, buffer_chunks=2)
-    with ChunkLoader(f16, ["a", "b"], 30, **kw) as l16, ChunkLoader(q8, ["a", "b"], 30, device=device, **kw) as l8:
+    with (
+        ChunkLoader(f16, ["a", "b"], 30, **kw) as l16,
+        ChunkLoader(q8, ["a", "b"], 30, device=device, **kw) as l8,
+    ):
         assert l8.int8 and not l16.int8
         for b16, b8 in zip(iter(l16), iter(l8), strict=False):
-            rows = np.array([where[u.tobytes() + v.tobytes()] for u, v in zip(b16.acts[0].numpy(), b16.acts[1].numpy(), strict=True)])
+            rows = np.array(
+                [
+                    where[u.tobytes() + v.tobytes()]
+                    for u, v in zip(b16.acts[0].numpy(), b16.acts[1].numpy(), strict=True)
+                ]
+            )
             assert (b16.epoch, b16.step) == (b8.epoch, b8.step)
             np.testing.assert_array_equal(b8.chunks.numpy(), rows // (chunk * t))
             for j, k in enumerate(["a", "b"]):

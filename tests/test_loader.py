@@ -23,8 +23,15 @@ WIDTHS = {"a": 3, "b": 5}
 def _make_store(path, n_images, tpi, chunk_images, valid=None, widths=WIDTHS):
     """Row r holds (r % 1024, r // 1024, backbone index, ...) exactly in float16."""
     layouts = [BackboneLayout(k, d) for k, d in widths.items()]
-    s = Store.create(path, [f"i{i}" for i in range(n_images)], layouts, grid=(1, tpi),
-                     chunk_images=chunk_images, source="synth", fingerprint_of={"n": n_images})
+    s = Store.create(
+        path,
+        [f"i{i}" for i in range(n_images)],
+        layouts,
+        grid=(1, tpi),
+        chunk_images=chunk_images,
+        source="synth",
+        fingerprint_of={"n": n_images},
+    )
     valid = np.ones(n_images, bool) if valid is None else valid
     for c in range(s.n_chunks):
         r0, r1 = s.chunk_rows(c)
@@ -74,8 +81,15 @@ def _reference_blocks(store, images, seed, buffer_chunks, epoch):
     counts = [sel[slice(*store.chunk_images_range(c))].sum() for c in range(store.n_chunks)]
     active = [c for c in range(store.n_chunks) if counts[c]]
     order = np.random.default_rng([seed, 0, epoch]).permutation(np.array(active, dtype=np.int64))
-    return [[i for c in order[b0 : b0 + buffer_chunks] for i in range(*store.chunk_images_range(int(c))) if sel[i]]
-            for b0 in range(0, len(order), buffer_chunks)]
+    return [
+        [
+            i
+            for c in order[b0 : b0 + buffer_chunks]
+            for i in range(*store.chunk_images_range(int(c)))
+            if sel[i]
+        ]
+        for b0 in range(0, len(order), buffer_chunks)
+    ]
 
 
 def _slow_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
@@ -122,7 +136,11 @@ def test_every_row_once_per_epoch_and_aligned(store):
         got = np.concatenate([b.acts[j].numpy() for b in batches])
         np.testing.assert_array_equal(got, store.read_rows(k, 0, store.n_rows)[ids_a])
     b0 = batches[0]
-    assert b0.acts[0].dtype == torch.float16 and b0.acts[0].shape == (12, 5) and b0.acts[1].shape == (12, 3)
+    assert (
+        b0.acts[0].dtype == torch.float16
+        and b0.acts[0].shape == (12, 5)
+        and b0.acts[1].shape == (12, 3)
+    )
     assert [(b.epoch, b.step) for b in batches] == [(0, i) for i in range(21)]
 
 
@@ -167,8 +185,10 @@ def test_resume_equals_uninterrupted(store, stop_at):
 
 def test_rank_slices_concatenate_to_global_batch(store):
     full = _epoch(_tokens(store, ["a", "b"], 14, seed=4, buffer_chunks=2))
-    parts = [_epoch(_tokens(store, ["a", "b"], 14, seed=4, buffer_chunks=2, rank=r, world_size=2))
-             for r in range(2)]
+    parts = [
+        _epoch(_tokens(store, ["a", "b"], 14, seed=4, buffer_chunks=2, rank=r, world_size=2))
+        for r in range(2)
+    ]
     assert len(parts[0]) == len(parts[1]) == len(full)
     for g, r0, r1 in zip(full, *parts, strict=True):
         assert r0.acts[0].shape[0] == 7
@@ -176,14 +196,35 @@ def test_rank_slices_concatenate_to_global_batch(store):
             assert torch.equal(torch.cat([r0.acts[j], r1.acts[j]]), g.acts[j])
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    n_images=st.integers(1, 14), tpi=st.integers(1, 4), chunk=st.integers(1, 5), bsz=st.integers(1, 20),
-    buffer_chunks=st.integers(1, 4), prefetch=st.integers(0, 2), seed=st.integers(0, 99),
-    direct=st.booleans(), threads=st.integers(1, 3), data=st.data(),
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-def test_property_matches_slow_reference(tmp_path_factory, split_small_gathers, n_images, tpi, chunk, bsz,
-                                         buffer_chunks, prefetch, seed, direct, threads, data):
+@given(
+    n_images=st.integers(1, 14),
+    tpi=st.integers(1, 4),
+    chunk=st.integers(1, 5),
+    bsz=st.integers(1, 20),
+    buffer_chunks=st.integers(1, 4),
+    prefetch=st.integers(0, 2),
+    seed=st.integers(0, 99),
+    direct=st.booleans(),
+    threads=st.integers(1, 3),
+    data=st.data(),
+)
+def test_property_matches_slow_reference(
+    tmp_path_factory,
+    split_small_gathers,
+    n_images,
+    tpi,
+    chunk,
+    bsz,
+    buffer_chunks,
+    prefetch,
+    seed,
+    direct,
+    threads,
+    data,
+):
     valid = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
     images = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
     store = _make_store(tmp_path_factory.mktemp("p") / "s.zarr", n_images, tpi, chunk, valid)
@@ -196,10 +237,22 @@ def test_property_matches_slow_reference(tmp_path_factory, split_small_gathers, 
         return
     ws = data.draw(st.sampled_from([w for w in (1, 2, 3) if bsz % w == 0]))
     rank = data.draw(st.integers(0, ws - 1))
-    ld = _tokens(store, ["a", "b"], bsz, images=images, seed=seed, buffer_chunks=buffer_chunks,
-                 prefetch=prefetch, rank=rank, world_size=ws, gather_threads=threads)
+    ld = _tokens(
+        store,
+        ["a", "b"],
+        bsz,
+        images=images,
+        seed=seed,
+        buffer_chunks=buffer_chunks,
+        prefetch=prefetch,
+        rank=rank,
+        world_size=ws,
+        gather_threads=threads,
+    )
     assert ld.read_mode == ("map" if direct else "pool")
-    _assert_two_epochs_match(ld, lambda e: _slow_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e))
+    _assert_two_epochs_match(
+        ld, lambda e: _slow_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e)
+    )
 
 
 def _peak_bytes(store, **kw):
@@ -268,13 +321,20 @@ def test_default_shuffle_block_by_read_mode(store, tmp_path):
     assert ChunkLoader(store, ["a"], 8).buffer_chunks == DEFAULT_BUFFER_CHUNKS["pread"] == 64
     assert _tokens(store, ["a"], 8).buffer_chunks == DEFAULT_BUFFER_CHUNKS["map"]
     pooled = _undirect(_make_store(tmp_path / "p.zarr", 20, 4, 5))
-    assert _tokens(pooled, ["a"], 8).buffer_chunks == ChunkLoader(pooled, ["a"], 8).buffer_chunks == 4
+    assert (
+        _tokens(pooled, ["a"], 8).buffer_chunks == ChunkLoader(pooled, ["a"], 8).buffer_chunks == 4
+    )
     assert ChunkLoader(store, ["a"], 8, buffer_chunks=3).buffer_chunks == 3
     # images of a class-sorted store (10 chunks of 5): the default block mixes every chunk into a batch
     big = _make_store(tmp_path / "b.zarr", 50, 2, 5)
-    chunks_per_batch = [len(set(_ids(b.acts[0]) // 10)) for b in _epoch(ChunkLoader(big, ["a"], 20, seed=1))]
+    chunks_per_batch = [
+        len(set(_ids(b.acts[0]) // 10)) for b in _epoch(ChunkLoader(big, ["a"], 20, seed=1))
+    ]
     assert np.mean(chunks_per_batch) > 5, chunks_per_batch
-    few = [len(set(_ids(b.acts[0]) // 10)) for b in _epoch(ChunkLoader(big, ["a"], 20, seed=1, buffer_chunks=1))]
+    few = [
+        len(set(_ids(b.acts[0]) // 10))
+        for b in _epoch(ChunkLoader(big, ["a"], 20, seed=1, buffer_chunks=1))
+    ]
     assert max(few) <= 2, few
 
 
@@ -309,13 +369,17 @@ def test_batch_buffers_recycled_only_when_dropped(store):
 def test_reiterating_same_loader_continues_the_stream(store):
     full = [torch.cat(b.acts, 1) for b in _epoch(_tokens(store, ["a", "b"], 10, seed=8), 40)]
     ld = _tokens(store, ["a", "b"], 10, seed=8, buffer_chunks=2, prefetch=1)
-    ref = [torch.cat(b.acts, 1) for b in _epoch(_tokens(store, ["a", "b"], 10, seed=8, buffer_chunks=2,
-                                                            prefetch=1), 40)]
+    ref = [
+        torch.cat(b.acts, 1)
+        for b in _epoch(_tokens(store, ["a", "b"], 10, seed=8, buffer_chunks=2, prefetch=1), 40)
+    ]
     got = []
     for n in (3, 11, 1, 25):  # stop and restart; buffers of the stopped iteration are reused
         got += [torch.cat(b.acts, 1) for b in islice(iter(ld), n)]
     assert len(got) == 40 and all(torch.equal(x, y) for x, y in zip(ref, got, strict=True))
-    assert not all(torch.equal(x, y) for x, y in zip(full, got, strict=True))  # buffer_chunks matters
+    assert not all(
+        torch.equal(x, y) for x, y in zip(full, got, strict=True)
+    )  # buffer_chunks matters
 
 
 # ---------------------------------------------------------------- shuffle="images"
@@ -327,7 +391,10 @@ def _slow_image_stream(store, keys, bsz, images, seed, buffer_chunks, epoch):
         for p in np.random.default_rng([seed, 2, epoch, bi]).permutation(len(imgs)):
             for k in keys:
                 stream[k].append(store.read_rows(k, imgs[p] * t, (imgs[p] + 1) * t))
-    cat = {k: np.concatenate(v) if v else np.zeros((0, store.widths[k]), np.float16) for k, v in stream.items()}
+    cat = {
+        k: np.concatenate(v) if v else np.zeros((0, store.widths[k]), np.float16)
+        for k, v in stream.items()
+    }
     n = len(cat[keys[0]]) // bsz
     return [[cat[k][i * bsz : (i + 1) * bsz] for k in keys] for i in range(n)]
 
@@ -355,7 +422,9 @@ def test_images_every_row_once_whole_images_in_order(store):
         np.testing.assert_array_equal(per_img, per_img[:, :1] + np.arange(6))
         assert (per_img[:, 0] % 6 == 0).all()
         imgs = per_img[:, 0] // 6
-        assert len(set(imgs)) == 40 and not (held | ~store.valid)[imgs].any()  # 42 selected, 2 in the dropped tail
+        assert (
+            len(set(imgs)) == 40 and not (held | ~store.valid)[imgs].any()
+        )  # 42 selected, 2 in the dropped tail
         assert not np.array_equal(imgs, np.sort(imgs))  # shuffled
         for j, k in enumerate(["b", "a"]):
             got = np.concatenate([b.acts[j].numpy() for b in batches])
@@ -369,8 +438,12 @@ def test_images_deterministic_and_not_the_token_stream(store):
 
     a, b = ids(seed=5, shuffle="images"), ids(seed=5, shuffle="images", prefetch=0)
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, ids(seed=6, shuffle="images"), strict=True))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, ids(seed=5, shuffle="tokens"), strict=True))
+    assert not all(
+        np.array_equal(x, y) for x, y in zip(a, ids(seed=6, shuffle="images"), strict=True)
+    )
+    assert not all(
+        np.array_equal(x, y) for x, y in zip(a, ids(seed=5, shuffle="tokens"), strict=True)
+    )
     with pytest.raises(ValueError, match="shuffle must be"):
         ChunkLoader(store, ["a"], 8, shuffle="rows")
 
@@ -395,14 +468,18 @@ def test_images_resume_equals_uninterrupted(store, stop_at):
 def test_images_rank_slices_concatenate_and_reiteration_continues(store):
     kw = dict(seed=4, buffer_chunks=2, shuffle="images")
     full = _epoch(ChunkLoader(store, ["a", "b"], 14, **kw), 30)
-    parts = [_epoch(ChunkLoader(store, ["a", "b"], 14, rank=r, world_size=2, **kw), 30) for r in range(2)]
+    parts = [
+        _epoch(ChunkLoader(store, ["a", "b"], 14, rank=r, world_size=2, **kw), 30) for r in range(2)
+    ]
     for g, r0, r1 in zip(full, *parts, strict=True):
         assert r0.acts[0].shape[0] == 7
         assert all(torch.equal(torch.cat([r0.acts[j], r1.acts[j]]), g.acts[j]) for j in range(2))
     ld, got = ChunkLoader(store, ["a", "b"], 14, **kw), []
     for n in (3, 11, 16):  # stop and restart the same loader
         got += list(islice(iter(ld), n))
-    assert all(torch.equal(x.acts[j], y.acts[j]) for x, y in zip(full, got, strict=True) for j in range(2))
+    assert all(
+        torch.equal(x.acts[j], y.acts[j]) for x, y in zip(full, got, strict=True) for j in range(2)
+    )
 
 
 def test_images_truncated_chunk_file_is_an_error(tmp_path):
@@ -418,7 +495,9 @@ def test_images_truncated_chunk_file_is_an_error(tmp_path):
 def test_errors_in_a_gather_thread_reach_the_trainer(store, split_small_gathers, monkeypatch):
     real = loader_module.os.preadv
 
-    def short_in_helpers(fd, bufs, offset, *flags):  # a short read, as from a file cut while being read
+    def short_in_helpers(
+        fd, bufs, offset, *flags
+    ):  # a short read, as from a file cut while being read
         n = real(fd, bufs, offset, *flags)
         return n - 1 if threading.current_thread().name.startswith("usae-loader-gather") else n
 
@@ -437,20 +516,41 @@ def test_no_file_left_open(store, shuffle):
     it = iter(ld)
     for _ in range(ld.batches_per_epoch + 3):  # into the second epoch, chunks opened ahead
         next(it)
-    assert len(os.listdir("/proc/self/fd")) > before or shuffle == "tokens"  # chunk files are open meanwhile
+    assert (
+        len(os.listdir("/proc/self/fd")) > before or shuffle == "tokens"
+    )  # chunk files are open meanwhile
     ld.close()
     del it
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
-    n_images=st.integers(1, 14), tpi=st.integers(1, 4), chunk=st.integers(1, 5), bsz=st.integers(1, 20),
-    buffer_chunks=st.integers(1, 4), seed=st.integers(0, 99), direct=st.booleans(), threads=st.integers(1, 3),
+    n_images=st.integers(1, 14),
+    tpi=st.integers(1, 4),
+    chunk=st.integers(1, 5),
+    bsz=st.integers(1, 20),
+    buffer_chunks=st.integers(1, 4),
+    seed=st.integers(0, 99),
+    direct=st.booleans(),
+    threads=st.integers(1, 3),
     data=st.data(),
 )
-def test_property_images_match_slow_reference(tmp_path_factory, split_small_gathers, n_images, tpi, chunk, bsz,
-                                              buffer_chunks, seed, direct, threads, data):
+def test_property_images_match_slow_reference(
+    tmp_path_factory,
+    split_small_gathers,
+    n_images,
+    tpi,
+    chunk,
+    bsz,
+    buffer_chunks,
+    seed,
+    direct,
+    threads,
+    data,
+):
     valid = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
     images = np.array(data.draw(st.lists(st.booleans(), min_size=n_images, max_size=n_images)))
     store = _make_store(tmp_path_factory.mktemp("p") / "s.zarr", n_images, tpi, chunk, valid)
@@ -460,10 +560,22 @@ def test_property_images_match_slow_reference(tmp_path_factory, split_small_gath
         return
     ws = data.draw(st.sampled_from([w for w in (1, 2, 3) if bsz % w == 0]))
     rank = data.draw(st.integers(0, ws - 1))
-    ld = ChunkLoader(store, ["a", "b"], bsz, images=images, seed=seed, buffer_chunks=buffer_chunks,
-                     rank=rank, world_size=ws, shuffle="images", gather_threads=threads)
+    ld = ChunkLoader(
+        store,
+        ["a", "b"],
+        bsz,
+        images=images,
+        seed=seed,
+        buffer_chunks=buffer_chunks,
+        rank=rank,
+        world_size=ws,
+        shuffle="images",
+        gather_threads=threads,
+    )
     assert ld.read_mode == ("pread" if direct else "pool")
-    _assert_two_epochs_match(ld, lambda e: _slow_image_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e))
+    _assert_two_epochs_match(
+        ld, lambda e: _slow_image_stream(store, ["a", "b"], bsz, images, seed, buffer_chunks, e)
+    )
 
 
 def test_images_direct_reads_need_no_chunk_pool(tmp_path):
@@ -471,7 +583,9 @@ def test_images_direct_reads_need_no_chunk_pool(tmp_path):
     big = _make_store(tmp_path / "b.zarr", 800, 16, 10, widths=widths)
     chunk_bytes, batch_bytes = 10 * 16 * 160 * 2, 64 * 160 * 2
     peak = _peak_bytes(big, shuffle="images", buffer_chunks=3)
-    assert peak < chunk_bytes + 12 * batch_bytes + 64 * 1024, peak  # a few batches, never a chunk pool
+    assert peak < chunk_bytes + 12 * batch_bytes + 64 * 1024, (
+        peak
+    )  # a few batches, never a chunk pool
 
 
 def test_train_end_to_end_with_image_batches(tmp_path):
@@ -482,9 +596,33 @@ def test_train_end_to_end_with_image_batches(tmp_path):
     from usae.cli import app
 
     store = _make_store(tmp_path / "s.zarr", 40, 4, 5, widths={"a": 6, "b": 8})
-    args = ["train", "--store", str(store.path), "--out", str(tmp_path / "r"), "--batch-tokens", "24", "--steps", "6",
-            "--concepts", "16", "--k", "2", "--holdout", "0.2", "--dtype", "fp32", "--device", "cpu",
-            "--log-every", "2", "--warmup-steps", "1", "--shuffle", "images"]
+    args = [
+        "train",
+        "--store",
+        str(store.path),
+        "--out",
+        str(tmp_path / "r"),
+        "--batch-tokens",
+        "24",
+        "--steps",
+        "6",
+        "--concepts",
+        "16",
+        "--k",
+        "2",
+        "--holdout",
+        "0.2",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--log-every",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--shuffle",
+        "images",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["shuffle"] == "images"
@@ -494,7 +632,10 @@ def test_train_end_to_end_with_image_batches(tmp_path):
 
 def test_images_batch_buffers_never_overwritten_while_referenced(store):
     ld = ChunkLoader(store, ["a", "b"], 8, seed=0, shuffle="images")
-    ref = [[a.clone() for a in b.acts] for b in _epoch(ChunkLoader(store, ["a", "b"], 8, seed=0, shuffle="images"), 60)]
+    ref = [
+        [a.clone() for a in b.acts]
+        for b in _epoch(ChunkLoader(store, ["a", "b"], 8, seed=0, shuffle="images"), 60)
+    ]
     kept, ptrs = {}, set()
     for n, b in enumerate(islice(iter(ld), 60)):
         ptrs.add(b.acts[1].data_ptr())
@@ -548,7 +689,9 @@ def test_shared_units_stop_at_the_first_error_and_wait_raises_it():
     share = loader_module._Share([(i,) for i in range(100)])
     with pytest.raises(StoreError, match="unit 5"):
         _share_in_threads(share, unit, 2)
-    assert 5 in ran and len(ran) < 100  # no unit is taken once one has failed (a few may be in flight)
+    assert (
+        5 in ran and len(ran) < 100
+    )  # no unit is taken once one has failed (a few may be in flight)
 
 
 @pytest.mark.parametrize("drop", [True, False])
@@ -556,7 +699,10 @@ def test_a_trainer_faster_than_the_loader_gets_its_dropped_buffer_back(store, mo
     """A trainer waiting for each batch that drops it before asking for the next gets the same
     (cache-warm) buffers back every time; one that still holds it gets the other set, and the
     batch it holds is never overwritten."""
-    ref = [[a.clone() for a in b.acts] for b in _epoch(ChunkLoader(store, ["a", "b"], 8, seed=3, shuffle="images"), 12)]
+    ref = [
+        [a.clone() for a in b.acts]
+        for b in _epoch(ChunkLoader(store, ["a", "b"], 8, seed=3, shuffle="images"), 12)
+    ]
     real = loader_module._Workers._copy
 
     def slow_copy(self, *args):  # the loader is the slower side: the trainer always waits for it
@@ -564,7 +710,9 @@ def test_a_trainer_faster_than_the_loader_gets_its_dropped_buffer_back(store, mo
         return real(self, *args)
 
     monkeypatch.setattr(loader_module._Workers, "_copy", slow_copy)
-    monkeypatch.setattr(loader_module, "_AGAIN_S", 30.0)  # however late the trainer's next request comes
+    monkeypatch.setattr(
+        loader_module, "_AGAIN_S", 30.0
+    )  # however late the trainer's next request comes
     it = iter(ChunkLoader(store, ["a", "b"], 8, seed=3, shuffle="images", gather_threads=1))
     ptrs, held = [], None
     for n in range(12):

@@ -19,8 +19,17 @@ from usae.trainer.model import USAE, ModelSpec
 from usae.trainer.synth import SynthConfig, choose_grid, run_synth
 from usae.trainer.truth import load_truth, recovery
 
-SMALL = dict(models=3, dims=(16, 24, 24), universal=6, specific=3, tokens=2400,
-             tokens_per_image=6, active=3.0, noise=0.05, chunk_images=70)
+SMALL = dict(
+    models=3,
+    dims=(16, 24, 24),
+    universal=6,
+    specific=3,
+    tokens=2400,
+    tokens_per_image=6,
+    active=3.0,
+    noise=0.05,
+    chunk_images=70,
+)
 
 
 def _dense(truth, i, n_rows):
@@ -28,7 +37,9 @@ def _dense(truth, i, n_rows):
     indptr, concept, value = truth.codes[i]
     z = np.zeros((n_rows, len(truth.rate)), np.float64)
     for r in range(n_rows):
-        for c, v in zip(concept[indptr[r]:indptr[r + 1]], value[indptr[r]:indptr[r + 1]], strict=True):
+        for c, v in zip(
+            concept[indptr[r] : indptr[r + 1]], value[indptr[r] : indptr[r + 1]], strict=True
+        ):
             z[r, c] += v
     return z
 
@@ -146,20 +157,40 @@ def test_resume_after_interruption(tmp_path, small):
     assert load_truth(path).codes[1][1].tolist() == load_truth(small).codes[1][1].tolist()
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
-    models=st.integers(1, 3), d=st.integers(2, 12), u=st.integers(0, 5), s=st.integers(0, 4),
-    tokens=st.integers(1, 300), tpi=st.integers(1, 12), chunk=st.integers(0, 9),
-    shuffle=st.booleans(), seed=st.integers(0, 1000),
+    models=st.integers(1, 3),
+    d=st.integers(2, 12),
+    u=st.integers(0, 5),
+    s=st.integers(0, 4),
+    tokens=st.integers(1, 300),
+    tpi=st.integers(1, 12),
+    chunk=st.integers(0, 9),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 1000),
 )
 def test_property_any_config(tmp_path_factory, models, d, u, s, tokens, tpi, chunk, shuffle, seed):
     if u + s == 0:
         u = 1
     tokens = max(tokens, tpi)
     path = tmp_path_factory.mktemp("p") / "s.zarr"
-    cfg = SynthConfig(store=path, models=models, dims=(d,), universal=u, specific=s, tokens=tokens,
-                      tokens_per_image=tpi, active=min(2.0, u + s), noise=0.0, seed=seed,
-                      shuffle_alignment=shuffle, chunk_images=chunk, scale_offset=False)
+    cfg = SynthConfig(
+        store=path,
+        models=models,
+        dims=(d,),
+        universal=u,
+        specific=s,
+        tokens=tokens,
+        tokens_per_image=tpi,
+        active=min(2.0, u + s),
+        noise=0.0,
+        seed=seed,
+        shuffle_alignment=shuffle,
+        chunk_images=chunk,
+        scale_offset=False,
+    )
     res = run_synth(cfg, progress=False)
     st_, truth = Store.open(path), load_truth(path)
     assert st_.n_images == -(-tokens // tpi) == res.n_images
@@ -176,8 +207,13 @@ def test_choose_grid():
 
 
 def test_config_validation():
-    bad = [dict(dims=(8, 8)), dict(names=("a", "a", "b")), dict(tokens=3, tokens_per_image=4),
-           dict(active=0.0), dict(universal=0, specific=0)]
+    bad = [
+        dict(dims=(8, 8)),
+        dict(names=("a", "a", "b")),
+        dict(tokens=3, tokens_per_image=4),
+        dict(active=0.0),
+        dict(universal=0, specific=0),
+    ]
     for kw in bad:
         with pytest.raises(ValueError):
             SynthConfig(store=Path("x"), **kw).validate()
@@ -197,10 +233,33 @@ def _cli():
 def test_cli(tmp_path):
     runner = CliRunner()
     out = tmp_path / "c.zarr"
-    r = runner.invoke(_cli(), ["synth", "--store", str(out), "--models", "2", "--dims", "8,12",
-                               "--names", "a,b", "--universal", "4", "--specific", "2",
-                               "--tokens", "400", "--tokens-per-image", "4", "--active", "2",
-                               "--shuffle-alignment", "--seed", "3"])
+    r = runner.invoke(
+        _cli(),
+        [
+            "synth",
+            "--store",
+            str(out),
+            "--models",
+            "2",
+            "--dims",
+            "8,12",
+            "--names",
+            "a,b",
+            "--universal",
+            "4",
+            "--specific",
+            "2",
+            "--tokens",
+            "400",
+            "--tokens-per-image",
+            "4",
+            "--active",
+            "2",
+            "--shuffle-alignment",
+            "--seed",
+            "3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     st_ = Store.open(out)
     assert st_.backbones == ["a", "b"] and st_.widths == {"a": 8, "b": 12}
@@ -241,8 +300,14 @@ def _slow_recovery(model, truth, thr):
 
 def _model_for(truth, concepts, k=3):
     widths = tuple(d.shape[1] for d in truth.dictionaries)
-    spec = ModelSpec(backbones=tuple(reversed(truth.backbones)), widths=tuple(reversed(widths)),
-                     mu=(0.0,) * len(widths), sigma=(1.0,) * len(widths), concepts=concepts, k=k)
+    spec = ModelSpec(
+        backbones=tuple(reversed(truth.backbones)),
+        widths=tuple(reversed(widths)),
+        mu=(0.0,) * len(widths),
+        sigma=(1.0,) * len(widths),
+        concepts=concepts,
+        k=k,
+    )
     torch.manual_seed(0)
     return USAE(spec)
 
@@ -277,9 +342,21 @@ def test_recovery_metric(small):
 from usae.trainer.synth import make_groups, parse_groups  # noqa: E402
 from usae.trainer.truth import recovery_from_decoders  # noqa: E402
 
-GROUPED = dict(models=3, dims=(20, 28, 24), groups="all:5,0+1:3,1+2:2,only:2", tokens=3200,
-               tokens_per_image=8, active=3.0, noise=0.05, chunk_images=90, seed=7,
-               gain=(0.5, 2.0), channel_offset=1.0, zipf=0.8, noise_decay=0.7)
+GROUPED = dict(
+    models=3,
+    dims=(20, 28, 24),
+    groups="all:5,0+1:3,1+2:2,only:2",
+    tokens=3200,
+    tokens_per_image=8,
+    active=3.0,
+    noise=0.05,
+    chunk_images=90,
+    seed=7,
+    gain=(0.5, 2.0),
+    channel_offset=1.0,
+    zipf=0.8,
+    noise_decay=0.7,
+)
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +367,12 @@ def grouped(tmp_path_factory):
 
 
 def test_parse_groups():
-    assert parse_groups("all:32, 0+1:12,2+1:4,only:12") == [("all", 32), ("0+1", 12), ("1+2", 4), ("only", 12)]
+    assert parse_groups("all:32, 0+1:12,2+1:4,only:12") == [
+        ("all", 32),
+        ("0+1", 12),
+        ("1+2", 4),
+        ("only", 12),
+    ]
     assert parse_groups("ALL:3,") == [("all", 3)]
     for bad in ["", "all", "all:x", "all:-1", "0+0:3", "a+b:2", ":3", "0+-1:2"]:
         with pytest.raises(ValueError):
@@ -305,13 +387,23 @@ def test_parse_groups():
 
 
 def test_extended_validation():
-    bad = [dict(groups="0+5:3"), dict(groups="all:x"), dict(gain=(2.0, 1.0)), dict(gain=(0.0, 1.0)),
-           dict(channel_offset=-1.0), dict(zipf=-0.5), dict(noise_decay=-1.0),
-           dict(groups="all:0,only:0"), dict(groups="all:2", active=3.0)]
+    bad = [
+        dict(groups="0+5:3"),
+        dict(groups="all:x"),
+        dict(gain=(2.0, 1.0)),
+        dict(gain=(0.0, 1.0)),
+        dict(channel_offset=-1.0),
+        dict(zipf=-0.5),
+        dict(noise_decay=-1.0),
+        dict(groups="all:0,only:0"),
+        dict(groups="all:2", active=3.0),
+    ]
     for kw in bad:
         with pytest.raises(ValueError):
             SynthConfig(store=Path("x"), **kw).validate()
-    SynthConfig(store=Path("x"), models=8, dims=(8,), groups="all:4,0+7:2,only:1", active=2.0).validate()
+    SynthConfig(
+        store=Path("x"), models=8, dims=(8,), groups="all:4,0+7:2,only:1", active=2.0
+    ).validate()
 
 
 def test_grouped_truth_round_trip(grouped):
@@ -323,7 +415,7 @@ def test_grouped_truth_round_trip(grouped):
     expect[5:8, [0, 1]] = True
     expect[8:10, [1, 2]] = True
     for i in range(3):
-        expect[10 + 2 * i:12 + 2 * i, i] = True
+        expect[10 + 2 * i : 12 + 2 * i, i] = True
     np.testing.assert_array_equal(members, expect)
     assert truth.group_labels == ("all", "0+1", "1+2", "0", "1", "2")
     np.testing.assert_array_equal(truth.group_id, [0] * 5 + [1] * 3 + [2] * 2 + [3, 3, 4, 4, 5, 5])
@@ -336,7 +428,9 @@ def test_grouped_truth_round_trip(grouped):
         assert (f >= 0.5 - 1e-6).all() and (f <= 2.0 + 1e-6).all() and f.max() / f.min() > 1.5
         assert truth.channel_offsets[i].shape == (st_.widths[truth.backbones[i]],)
         assert np.abs(truth.channel_offsets[i]).max() > 0
-        np.testing.assert_allclose(truth.direction(int(truth.concept_ids[i][-1]), i), truth.dictionaries[i][-1])
+        np.testing.assert_allclose(
+            truth.direction(int(truth.concept_ids[i][-1]), i), truth.dictionaries[i][-1]
+        )
     with pytest.raises(KeyError):
         truth.direction(8, 0)  # concept 8 lives in models 1, 2
     assert truth.config["groups"] == GROUPED["groups"] and truth.config["gain"] == [0.5, 2.0]
@@ -360,7 +454,9 @@ def test_grouped_tokens_and_cofiring(grouped):
     for i, k in enumerate(truth.backbones):
         z = dense[i][:, truth.concept_ids[i]]
         o = truth.channel_offsets[i].astype(np.float64)
-        clean = (z @ truth.dictionaries[i].astype(np.float64) + o) * truth.scale[i] + truth.offset[i]
+        clean = (z @ truth.dictionaries[i].astype(np.float64) + o) * truth.scale[i] + truth.offset[
+            i
+        ]
         resid = (_all_rows(st_, k) - clean) / truth.scale[i]
         signal_rms = np.sqrt(((z @ truth.dictionaries[i].astype(np.float64)) ** 2).mean())
         # anisotropic noise keeps its total power (~5% of the signal RMS) but not its shape
@@ -381,8 +477,11 @@ def test_version1_truth_still_loads(tmp_path, small):
     f = path / "_usae" / "truth.safetensors"
     with safe_open(str(f), framework="np") as h:
         meta = dict(h.metadata())
-    t = {k: v for k, v in load_file(str(f)).items()
-         if k not in ("members", "gain", "group_id") and not k.startswith("channel_offset.")}
+    t = {
+        k: v
+        for k, v in load_file(str(f)).items()
+        if k not in ("members", "gain", "group_id") and not k.startswith("channel_offset.")
+    }
     meta["version"] = "1"
     meta.pop("groups")
     save_file(t, str(f), metadata=meta)
@@ -415,7 +514,10 @@ def test_recovery_groups_and_membership(grouped):
     bad[:, perm[8:10]] = True
     rec_b = recovery_from_decoders(decs, truth, members_mk=bad)
     assert rec_b.membership_accuracy == pytest.approx(1 - 2 / n_c)
-    assert rec_b.kind_membership["subset"] == pytest.approx(3 / 5) and rec_b.kind_membership["universal"] == 1.0
+    assert (
+        rec_b.kind_membership["subset"] == pytest.approx(3 / 5)
+        and rec_b.kind_membership["universal"] == 1.0
+    )
     # a concept matched in only one of its two models is not recovered (min over members)
     decs[2][perm[9]] = rng.standard_normal(decs[2].shape[1])
     rec_c = recovery_from_decoders(decs, truth)
@@ -440,10 +542,14 @@ def test_extended_defaults_keep_the_first_generator(tmp_path, small):
     """Extended options at their defaults leave store, fingerprint and truth as before."""
     from usae.pipeline.store import fingerprint
 
-    first = dataclasses.asdict(SynthConfig(store=small, **SMALL))  # the first generator's fingerprint dict
+    first = dataclasses.asdict(
+        SynthConfig(store=small, **SMALL)
+    )  # the first generator's fingerprint dict
     for f in ("store", "groups", "gain", "channel_offset", "zipf", "noise_decay"):
         first.pop(f)
-    assert Store.open(small).attrs["fingerprint"] == fingerprint({**first, "generator": "usae-synth-1"})
+    assert Store.open(small).attrs["fingerprint"] == fingerprint(
+        {**first, "generator": "usae-synth-1"}
+    )
     same = tmp_path / "same.zarr"
     run_synth(SynthConfig(store=same, **{**SMALL, "groups": "all:6,only:3"}), progress=False)
     a, b = load_truth(small), load_truth(same)
@@ -453,21 +559,45 @@ def test_extended_defaults_keep_the_first_generator(tmp_path, small):
     np.testing.assert_array_equal(a.rate, b.rate)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    models=st.integers(2, 8), d=st.integers(3, 10), n_all=st.integers(0, 3), n_only=st.integers(0, 2),
-    n_sub=st.integers(0, 3), seed=st.integers(0, 1000), shuffle=st.booleans(),
-    offset=st.sampled_from([0.0, 0.5]), zipf=st.sampled_from([0.0, 1.0]),
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-def test_property_grouped(tmp_path_factory, models, d, n_all, n_only, n_sub, seed, shuffle, offset, zipf):
+@given(
+    models=st.integers(2, 8),
+    d=st.integers(3, 10),
+    n_all=st.integers(0, 3),
+    n_only=st.integers(0, 2),
+    n_sub=st.integers(0, 3),
+    seed=st.integers(0, 1000),
+    shuffle=st.booleans(),
+    offset=st.sampled_from([0.0, 0.5]),
+    zipf=st.sampled_from([0.0, 1.0]),
+)
+def test_property_grouped(
+    tmp_path_factory, models, d, n_all, n_only, n_sub, seed, shuffle, offset, zipf
+):
     sub = "+".join(str(i) for i in range(0, models, 2))
     groups = f"all:{n_all},{sub}:{n_sub},only:{n_only}"
     if n_all + n_only + n_sub == 0:
         groups = "all:1"
     path = tmp_path_factory.mktemp("pg") / "s.zarr"
-    cfg = SynthConfig(store=path, models=models, dims=(d,), groups=groups, tokens=120, tokens_per_image=4,
-                      active=0.5, noise=0.0, seed=seed, shuffle_alignment=shuffle, chunk_images=7,
-                      scale_offset=False, gain=(0.5, 2.0), channel_offset=offset, zipf=zipf)
+    cfg = SynthConfig(
+        store=path,
+        models=models,
+        dims=(d,),
+        groups=groups,
+        tokens=120,
+        tokens_per_image=4,
+        active=0.5,
+        noise=0.0,
+        seed=seed,
+        shuffle_alignment=shuffle,
+        chunk_images=7,
+        scale_offset=False,
+        gain=(0.5, 2.0),
+        channel_offset=offset,
+        zipf=zipf,
+    )
     run_synth(cfg, progress=False)
     st_, truth = Store.open(path), load_truth(path)
     assert truth.members.shape == (len(truth.rate), models)
@@ -475,15 +605,40 @@ def test_property_grouped(tmp_path_factory, models, d, n_all, n_only, n_sub, see
     for i, k in enumerate(st_.backbones):
         z = _dense(truth, i, st_.n_rows)[:, truth.concept_ids[i]]
         expect = z @ truth.dictionaries[i].astype(np.float64) + truth.channel_offsets[i]
-        np.testing.assert_allclose(_all_rows(st_, k), expect.astype(np.float16), atol=3e-3, rtol=3e-3)
+        np.testing.assert_allclose(
+            _all_rows(st_, k), expect.astype(np.float16), atol=3e-3, rtol=3e-3
+        )
 
 
 def test_cli_extended(tmp_path):
     runner = CliRunner()
     out = tmp_path / "e.zarr"
-    r = runner.invoke(_cli(), ["synth", "--store", str(out), "--models", "4", "--dims", "8",
-                               "--groups", "all:3,0+3:2,only:1", "--gain", "0.5,2", "--channel-offset", "0.5",
-                               "--zipf", "1", "--noise-decay", "0.5", "--tokens", "320", "--active", "1.5"])
+    r = runner.invoke(
+        _cli(),
+        [
+            "synth",
+            "--store",
+            str(out),
+            "--models",
+            "4",
+            "--dims",
+            "8",
+            "--groups",
+            "all:3,0+3:2,only:1",
+            "--gain",
+            "0.5,2",
+            "--channel-offset",
+            "0.5",
+            "--zipf",
+            "1",
+            "--noise-decay",
+            "0.5",
+            "--tokens",
+            "320",
+            "--active",
+            "1.5",
+        ],
+    )
     assert r.exit_code == 0, r.output
     truth = load_truth(out)
     assert truth.group_labels == ("all", "0+3", "0", "1", "2", "3")

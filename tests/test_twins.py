@@ -29,7 +29,10 @@ def twins(tmp_path_factory):
     run_train(TrainConfig(store=str(store), out=str(run), concepts=128, k=8, steps=1200, batch_tokens=512, lr=3e-3,
                           warmup_steps=40, holdout=0.2, dtype="fp32", device="cpu", log_every=200, ckpt_every=0))  # fmt: skip
     report = root / "report"
-    run_analyze(AnalyzeConfig(run=str(run), store=str(store), out=str(report), top_concepts=0), progress=False)
+    run_analyze(
+        AnalyzeConfig(run=str(run), store=str(store), out=str(report), top_concepts=0),
+        progress=False,
+    )
     return run, report
 
 
@@ -37,7 +40,9 @@ def test_identical_backbones_give_identical_concepts(twins):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("twins_bench", Path(__file__).parents[1] / "benchmarks" / "twins.py")
+    spec = importlib.util.spec_from_file_location(
+        "twins_bench", Path(__file__).parents[1] / "benchmarks" / "twins.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     got = bench.twins_figures(*twins)

@@ -39,7 +39,9 @@ def _gain(text: str | None) -> tuple[float, float] | None:
 
 def register_synth(app: typer.Typer) -> None:
     """Add ``usae synth`` (options generated from `SynthConfig`)."""
-    config_command(app, "synth", SynthConfig, synth, opts={"gain": Opt(parse=_gain, metavar="LO,HI")})
+    config_command(
+        app, "synth", SynthConfig, synth, opts={"gain": Opt(parse=_gain, metavar="LO,HI")}
+    )
 
 
 def register(app: typer.Typer) -> None:

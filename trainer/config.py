@@ -131,7 +131,9 @@ class TrainConfig:
         kw = {k: v for k, v in d.items() if k in names}
         if "mode" not in d:
             kw["mode"] = "independent" if d.get("independent") else d.get("update", "paper")
-        kw.setdefault("recipe", "paper")  # runs written before recipes were trained with the paper's
+        kw.setdefault(
+            "recipe", "paper"
+        )  # runs written before recipes were trained with the paper's
         kw["backbones"] = tuple(kw.get("backbones", ()))
         return cls(**kw)
 

@@ -150,7 +150,9 @@ class ReconstructionAccumulator:
         self.bias_cat = None
         if spec.decoder_bias:  # x_hat_j = Z D_j + b_j
             with torch.no_grad():
-                self.bias_cat = [torch.cat([model.bias(j).detach().to(compute) for j in t]) for t in self.targets]
+                self.bias_cat = [
+                    torch.cat([model.bias(j).detach().to(compute) for j in t]) for t in self.targets
+                ]
         f64 = dict(dtype=torch.float64, device=device)
         self.n_tokens = 0
         self.sum_x = torch.zeros(sum(self.widths), **f64)

@@ -95,8 +95,12 @@ from usae.pipeline.store import Store, StoreError
 
 _ROTATION = 2  # batch buffers in rotation: one with the trainer, one being filled (see the module docstring)
 _SPARE_BATCHES = 6  # batch buffers kept for reuse once the trainer drops them
-_AGAIN_S = 2e-3  # how long the batcher waits for a fast trainer to ask for its next batch (see `_new_out`)
-_MIN_SPLIT_BYTES = 4 << 20  # a window of fewer bytes is gathered by the batcher alone (waking a helper costs
+_AGAIN_S = (
+    2e-3  # how long the batcher waits for a fast trainer to ask for its next batch (see `_new_out`)
+)
+_MIN_SPLIT_BYTES = (
+    4 << 20
+)  # a window of fewer bytes is gathered by the batcher alone (waking a helper costs
 # more than it gains there: with the work split in even halves, 2 threads on 2048-token batches were 0.9x of 1)
 # chunks per shuffle block when not given: a block is what a batch is drawn from, so the more chunks
 # the closer batches are to a uniform sample of the store (a store keeps its manifest's order, often
@@ -160,10 +164,15 @@ class ChunkLoader:
         self.store = store if isinstance(store, Store) else Store.open(store)
         self.backbones = list(backbones)
         self.batch_tokens, self.seed = int(batch_tokens), int(seed)
-        self.buffer_chunks, self.prefetch = int(buffer_chunks or 0), int(prefetch)  # 0: chosen by read_mode
+        self.buffer_chunks, self.prefetch = (
+            int(buffer_chunks or 0),
+            int(prefetch),
+        )  # 0: chosen by read_mode
         self.rank, self.world_size, self.pin_memory = int(rank), int(world_size), bool(pin_memory)
         self.shuffle = shuffle
-        self.gather_threads = min(2, os.cpu_count() or 1) if gather_threads is None else int(gather_threads)
+        self.gather_threads = (
+            min(2, os.cpu_count() or 1) if gather_threads is None else int(gather_threads)
+        )
         self.device = None if device is None else torch.device(device)
         """Where batches are delivered (the device feed, module docstring); None: on the host."""
         self._check_args()
@@ -176,7 +185,9 @@ class ChunkLoader:
         self.int8 = any(st.is_int8(k) for k in self.backbones)
         """Whether batches are gathered as int8 codes (and dequantised by the loader)."""
         if self.int8 and not all(st.is_int8(k) for k in self.backbones):
-            raise ValueError("the backbones mix int8 and float16 tokens: convert the store to one dtype")
+            raise ValueError(
+                "the backbones mix int8 and float16 tokens: convert the store to one dtype"
+            )
         self._scales = [torch.from_numpy(st.scales(k)) for k in self.backbones] if self.int8 else []
         self._dev_scales: list[Tensor] | None = None
         self._t = st.tokens_per_image
@@ -185,11 +196,16 @@ class ChunkLoader:
         if images is not None:
             images = np.asarray(images, dtype=bool)
             if images.shape != (st.n_images,):
-                raise ValueError(f"images mask has shape {images.shape}, the store has {st.n_images} images")
+                raise ValueError(
+                    f"images mask has shape {images.shape}, the store has {st.n_images} images"
+                )
             selected = selected & images
         self._selected = selected
         self._count = np.array(
-            [int(selected[slice(*st.chunk_images_range(c))].sum()) * self._t for c in range(st.n_chunks)],
+            [
+                int(selected[slice(*st.chunk_images_range(c))].sum()) * self._t
+                for c in range(st.n_chunks)
+            ],
             dtype=np.int64,
         )
         self._active = np.flatnonzero(self._count)
@@ -202,18 +218,26 @@ class ChunkLoader:
             )
         self._epoch, self._step = 0, 0
         self._workers: _Workers | None = None
-        self._buffers: tuple[dict, list] | None = None  # (chunk pool, spare batches) of a finished iteration
+        self._buffers: tuple[dict, list] | None = (
+            None  # (chunk pool, spare batches) of a finished iteration
+        )
 
     def _check_args(self) -> None:
         missing = [k for k in self.backbones if k not in self.store.backbones]
         if missing or not self.backbones:
-            raise ValueError(f"backbones {missing or '[]'} not in the store (it has {self.store.backbones})")
+            raise ValueError(
+                f"backbones {missing or '[]'} not in the store (it has {self.store.backbones})"
+            )
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
         if self.batch_tokens < 1 or self.batch_tokens % self.world_size:
-            raise ValueError(f"batch_tokens {self.batch_tokens} must be a positive multiple of world_size {self.world_size}")
+            raise ValueError(
+                f"batch_tokens {self.batch_tokens} must be a positive multiple of world_size {self.world_size}"
+            )
         if self.buffer_chunks < 0 or self.prefetch < 0:
-            raise ValueError("buffer_chunks must be >= 0 (0 or None: chosen by the read mode) and prefetch >= 0")
+            raise ValueError(
+                "buffer_chunks must be >= 0 (0 or None: chosen by the read mode) and prefetch >= 0"
+            )
         if self.gather_threads < 1:
             raise ValueError(f"gather_threads must be >= 1, got {self.gather_threads}")
         if self.shuffle not in SHUFFLES:
@@ -309,9 +333,13 @@ class ChunkLoader:
         try:
             for batch in feed:
                 nxt = batch.step + 1
-                self._epoch, self._step = (batch.epoch + 1, 0) if nxt == self.batches_per_epoch else (batch.epoch, nxt)
+                self._epoch, self._step = (
+                    (batch.epoch + 1, 0) if nxt == self.batches_per_epoch else (batch.epoch, nxt)
+                )
                 yield batch
-                del batch  # the trainer holds the only reference: its buffer can be reused once it drops it
+                del (
+                    batch
+                )  # the trainer holds the only reference: its buffer can be reused once it drops it
         finally:
             feed.close()  # drops the batch it holds ahead (after its copy) before the workers stop
             if self._workers is workers:
@@ -344,7 +372,9 @@ def _host_batches(next_batch: Callable[[], Batch]) -> Iterator[Batch]:
         yield next_batch()
 
 
-def _device_batches(next_batch: Callable[[], Batch], device: torch.device, scales: list[Tensor]) -> Iterator[Batch]:
+def _device_batches(
+    next_batch: Callable[[], Batch], device: torch.device, scales: list[Tensor]
+) -> Iterator[Batch]:
     """Host batches -> batches on `device`, one ahead (module docstring, "The device feed").
 
     The copy of batch n+1 (and its dequantisation) is issued on a side stream before batch n is
@@ -359,7 +389,9 @@ def _device_batches(next_batch: Callable[[], Batch], device: torch.device, scale
             acts = [a.to(device, non_blocking=True) for a in hb.acts]
             chunks = None
             if hb.chunks is not None:
-                chunks = hb.chunks.to(device, non_blocking=True, copy=True)  # the host buffer goes back
+                chunks = hb.chunks.to(
+                    device, non_blocking=True, copy=True
+                )  # the host buffer goes back
                 acts = _dequantize(acts, chunks, scales)
             event = None
             if cuda:
@@ -414,8 +446,12 @@ def _pin_copy(t: Tensor) -> Tensor:
     return t.pin_memory()
 
 
-_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.int8): torch.int8,
-                 np.dtype(np.int32): torch.int32, np.dtype(np.float32): torch.float32}
+_TORCH_DTYPES = {
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.int8): torch.int8,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.float32): torch.float32,
+}
 _CHUNK = "\0chunk"  # batch buffer key of the rows' store chunks (int8 stores)
 
 
@@ -522,18 +558,29 @@ class _Workers:
     ``gather_threads`` threads (`_Share`).
     """
 
-    def __init__(self, loader: ChunkLoader, epoch: int, step: int, buffers: tuple[dict, list] | None):
+    def __init__(
+        self, loader: ChunkLoader, epoch: int, step: int, buffers: tuple[dict, list] | None
+    ):
         self.ld = loader
         st = loader.store
         self.how = loader.read_mode
-        n_slots = loader.chunks_out  # a mapped or opened chunk costs no memory until read: more are ahead
+        n_slots = (
+            loader.chunks_out
+        )  # a mapped or opened chunk costs no memory until read: more are ahead
         if buffers is None:
             buffers = ({}, [])
         self.pool: dict[str, np.ndarray] = buffers[0]
         if self.how == "pool" and not self.pool:
-            self.pool = {k: np.empty((n_slots, loader._chunk_rows, st.widths[k]), st.dtypes[k]) for k in loader.backbones}
-        self._spare: list[tuple[dict[str, np.ndarray], int]] = buffers[1]  # (buffers, idle refcount)
-        self.free: queue.Queue = queue.Queue()  # slots back from the batcher, with the chunk the reader releases
+            self.pool = {
+                k: np.empty((n_slots, loader._chunk_rows, st.widths[k]), st.dtypes[k])
+                for k in loader.backbones
+            }
+        self._spare: list[tuple[dict[str, np.ndarray], int]] = buffers[
+            1
+        ]  # (buffers, idle refcount)
+        self.free: queue.Queue = (
+            queue.Queue()
+        )  # slots back from the batcher, with the chunk the reader releases
         for s in range(n_slots):
             self.free.put(_Source(s, -1, {}))
         self.ready: queue.Queue = queue.Queue()
@@ -542,12 +589,27 @@ class _Workers:
         self._n_put = 0  # batches handed to the queue
         self._taken = 0  # batches the trainer has taken
         self._waiting_for = -1  # the batch the trainer waits for (or last waited for)
-        self._asked = threading.Condition(threading.Lock())  # notified when the trainer asks for a batch
-        self._helpers = (ThreadPoolExecutor(loader.gather_threads - 1, thread_name_prefix="usae-loader-gather")
-                         if loader.gather_threads > 1 else None)
+        self._asked = threading.Condition(
+            threading.Lock()
+        )  # notified when the trainer asks for a batch
+        self._helpers = (
+            ThreadPoolExecutor(loader.gather_threads - 1, thread_name_prefix="usae-loader-gather")
+            if loader.gather_threads > 1
+            else None
+        )
         self.threads = [
-            threading.Thread(target=self._guard, args=(self._read, self.ready, epoch, step), daemon=True, name="usae-loader-read"),
-            threading.Thread(target=self._guard, args=(self._batch, self.out, epoch, step), daemon=True, name="usae-loader-batch"),
+            threading.Thread(
+                target=self._guard,
+                args=(self._read, self.ready, epoch, step),
+                daemon=True,
+                name="usae-loader-read",
+            ),
+            threading.Thread(
+                target=self._guard,
+                args=(self._batch, self.out, epoch, step),
+                daemon=True,
+                name="usae-loader-batch",
+            ),
         ]
         for t in self.threads:
             t.start()
@@ -586,7 +648,9 @@ class _Workers:
 
     def next_batch(self) -> Batch:
         with self._asked:  # the batcher may be waiting to see whether the previous batch comes back
-            self._waiting_for = self._taken  # not yet put: the batcher must not wait for a buffer to come back
+            self._waiting_for = (
+                self._taken
+            )  # not yet put: the batcher must not wait for a buffer to come back
             self._asked.notify()
         batch = self._get(self.out)
         self._taken += 1
@@ -604,7 +668,11 @@ class _Workers:
             self._helpers.shutdown(wait=True)
         done = not any(t.is_alive() for t in self.threads)
         if done:
-            for q in (self.free, self.ready, self.out):  # chunks read or mapped, batches nobody will take
+            for q in (
+                self.free,
+                self.ready,
+                self.out,
+            ):  # chunks read or mapped, batches nobody will take
                 while not q.empty():
                     item = q.get_nowait()
                     if isinstance(item, _Source):
@@ -641,7 +709,9 @@ class _Workers:
                                 src.data[k] = st.map_chunk(k, c)
                             else:
                                 r0, r1 = st.chunk_rows(c)
-                                src.data[k] = st.read_chunk(k, c, out=self.pool[k][slot, : r1 - r0], codes=True)
+                                src.data[k] = st.read_chunk(
+                                    k, c, out=self.pool[k][slot, : r1 - r0], codes=True
+                                )
                         self._put(self.ready, src)
                     except BaseException:
                         src.release()
@@ -669,10 +739,17 @@ class _Workers:
                         take = min(bsz - filled, blk.rows - off)
                         w0, w1 = max(lo, filled), min(hi, filled + take)
                         if w1 > w0:  # part of this rank's window
-                            self._fill(ctx, self._segment(ctx, off, off + take)[w0 - filled : w1 - filled], out, w0 - lo)
+                            self._fill(
+                                ctx,
+                                self._segment(ctx, off, off + take)[w0 - filled : w1 - filled],
+                                out,
+                                w0 - lo,
+                            )
                         filled, off = filled + take, off + take
                         if filled == bsz:
-                            eager = self._waiting_for >= self._n_put  # the trainer waits for this batch
+                            eager = (
+                                self._waiting_for >= self._n_put
+                            )  # the trainer waits for this batch
                             self._put(self.out, self._finish(out, ep, pos // bsz))
                             self._n_put += 1
                             pos, filled, out = pos + bsz, 0, self._new_out(out if eager else None)
@@ -687,20 +764,32 @@ class _Workers:
         try:
             for _ in blk.chunks:
                 sources.append(self._get(self.ready))
-        except BaseException:  # stopped while the block was arriving: nobody else will release these
+        except (
+            BaseException
+        ):  # stopped while the block was arriving: nobody else will release these
             for src in sources:
                 src.release()
             raise
         ld = self.ld
         if ld.shuffle == "images":  # per image, in stream order: its chunk and first row
             st = ld.store
-            imgs = [np.flatnonzero(ld._selected[slice(*st.chunk_images_range(c))]) for c in blk.chunks.tolist()]
+            imgs = [
+                np.flatnonzero(ld._selected[slice(*st.chunk_images_range(c))])
+                for c in blk.chunks.tolist()
+            ]
             chunk_of = np.repeat(np.arange(len(imgs)), [len(i) for i in imgs])
             perm = ld.block_image_permutation(epoch, bi, len(chunk_of))
-            return _Open(sources, chunk_of[perm].tolist(), (np.concatenate(imgs)[perm] * ld._t).tolist(), None)
+            return _Open(
+                sources,
+                chunk_of[perm].tolist(),
+                (np.concatenate(imgs)[perm] * ld._t).tolist(),
+                None,
+            )
         rows = [ld.chunk_selected_rows(int(c)) for c in blk.chunks]
         chunk_of = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-        return _Open(sources, chunk_of, np.concatenate(rows), ld.block_permutation(epoch, bi, blk.rows))
+        return _Open(
+            sources, chunk_of, np.concatenate(rows), ld.block_permutation(epoch, bi, blk.rows)
+        )
 
     def _segment(self, ctx: _Open, s0: int, s1: int) -> np.ndarray | range:
         """Stream rows [s0, s1) of a block in batch order: for shuffle="tokens", the block's
@@ -709,7 +798,9 @@ class _Workers:
             return range(s0, s1)
         return np.sort(ctx.order[s0:s1])
 
-    def _fill(self, ctx: _Open, rows: np.ndarray | range, out: dict[str, np.ndarray], o: int) -> None:
+    def _fill(
+        self, ctx: _Open, rows: np.ndarray | range, out: dict[str, np.ndarray], o: int
+    ) -> None:
         """Gather block rows `rows` (see `_segment`) into batch rows o.. of `out`, run by run and
         backbone by backbone, the runs shared out to the gather threads as each becomes free."""
         runs = self._runs(ctx, rows, o)
@@ -750,7 +841,16 @@ class _Workers:
             runs.append((int(chunk[a]), o + a, o + b, r0 if int(r[-1]) - r0 == b - a - 1 else r))
         return runs
 
-    def _copy(self, ctx: _Open, out: dict[str, np.ndarray], k: str, j: int, a: int, b: int, r: int | np.ndarray) -> None:
+    def _copy(
+        self,
+        ctx: _Open,
+        out: dict[str, np.ndarray],
+        k: str,
+        j: int,
+        a: int,
+        b: int,
+        r: int | np.ndarray,
+    ) -> None:
         """Rows `r` of block chunk j of backbone k (see `_runs`) into batch rows [a, b) of out[k]."""
         dst, src = out[k][a:b], ctx.sources[j].data[k]
         if src is None:  # a chunk never written: zeros
@@ -759,7 +859,9 @@ class _Workers:
             rb = dst.shape[1] * dst.itemsize
             if os.preadv(src, (dst,), r * rb) != (b - a) * rb:
                 f = self.ld.store.chunk_file(k, ctx.sources[j].chunk)
-                raise StoreError(f"chunk file {f} is truncated (rows {r}..{r + b - a} not all there)")
+                raise StoreError(
+                    f"chunk file {f} is truncated (rows {r}..{r + b - a} not all there)"
+                )
         elif isinstance(r, int):  # contiguous rows: a plain copy
             dst[:] = src[r : r + b - a]
         else:  # mode="clip": no bounds-checking copy of the output (3-4x slower)
@@ -778,8 +880,12 @@ class _Workers:
         """
         if again is not None:
             with self._asked:
-                self._asked.wait_for(lambda: self._waiting_for >= self._n_put or self._stop.is_set(), _AGAIN_S)
-            idle = next((i for bufs, i in self._spare if bufs is again), 0)  # 0: not a spare, never reused
+                self._asked.wait_for(
+                    lambda: self._waiting_for >= self._n_put or self._stop.is_set(), _AGAIN_S
+                )
+            idle = next(
+                (i for bufs, i in self._spare if bufs is again), 0
+            )  # 0: not a spare, never reused
             if all(_refs(a) <= idle for a in again.values()):
                 return again
         delay = 2e-5

@@ -109,7 +109,9 @@ class USAE(nn.Module):
             rows = [F.normalize(r, dim=1) for r in rows]
         self.decoders = nn.ParameterList(nn.Parameter(r) for r in rows)
         if spec.gains:  # softplus(GAIN0) = 1: every concept starts at full strength everywhere
-            self.gains = nn.ParameterList(nn.Parameter(torch.full((m,), GAIN0)) for _ in spec.widths)
+            self.gains = nn.ParameterList(
+                nn.Parameter(torch.full((m,), GAIN0)) for _ in spec.widths
+            )
         if spec.decoder_bias:
             self.dec_bias = nn.ParameterList(nn.Parameter(torch.zeros(d)) for d in spec.widths)
         self.register_buffer("mu", torch.tensor(spec.mu, dtype=torch.float32), persistent=True)

@@ -53,7 +53,9 @@ def make_optimizer(model: USAE, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def lr_at(t: int, total: int, warmup: int, lr: float, lr_min: float, schedule: str = "cosine") -> float:
+def lr_at(
+    t: int, total: int, warmup: int, lr: float, lr_min: float, schedule: str = "cosine"
+) -> float:
     """Linear warm-up over `warmup` steps, then
     cosine: cosine decay from lr to lr_min at step `total` (the paper's);
     tail: constant lr, then a linear decay to 0 over the last 10% of the steps (short runs:

@@ -73,6 +73,8 @@ import numpy as np
 from usae.pipeline.store import BackboneLayout, Store
 from usae.trainer.truth import TRUTH_FILE, TRUTH_FORMAT, TRUTH_VERSION, group_label
 
+from usae.runtime import atomic_path, progress_bar
+
 if TYPE_CHECKING:
     pass
 
@@ -138,12 +140,21 @@ class SynthConfig:
 
     def group_items(self) -> list[tuple[str, int]]:
         """The group spec as (SET, COUNT) items; the legacy spec when ``groups`` is empty."""
-        return parse_groups(self.groups) if self.groups.strip() else [("all", self.universal), ("only", self.specific)]
+        return (
+            parse_groups(self.groups)
+            if self.groups.strip()
+            else [("all", self.universal), ("only", self.specific)]
+        )
 
     def is_legacy(self) -> bool:
         """True when no option of the extended generator is used (then the store is the first generator's)."""
-        return (not self.groups.strip() and self.gain is None and self.channel_offset == 0
-                and self.zipf == 0 and self.noise_decay == 0)
+        return (
+            not self.groups.strip()
+            and self.gain is None
+            and self.channel_offset == 0
+            and self.zipf == 0
+            and self.noise_decay == 0
+        )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,9 +164,13 @@ class SynthConfig:
         if self.models < 1:
             raise ValueError("--models must be >= 1")
         if len(self.dims) not in (1, self.models):
-            raise ValueError(f"--dims has {len(self.dims)} values, expected 1 or --models={self.models}")
+            raise ValueError(
+                f"--dims has {len(self.dims)} values, expected 1 or --models={self.models}"
+            )
         if self.names is not None and len(self.names) != self.models:
-            raise ValueError(f"--names has {len(self.names)} values, expected --models={self.models}")
+            raise ValueError(
+                f"--names has {len(self.names)} values, expected --models={self.models}"
+            )
         if self.names is not None and len(set(self.names)) != len(self.names):
             raise ValueError("--names must be distinct")
         if min(self.widths()) < 1 or self.universal < 0 or self.specific < 0:
@@ -163,7 +178,9 @@ class SynthConfig:
         groups = make_groups(self.group_items(), self.models)  # raises on a bad spec
         n_c = sum(len(g.ids) for g in groups)
         if n_c < 1:
-            raise ValueError("need at least one concept (--universal + --specific >= 1, or --groups)")
+            raise ValueError(
+                "need at least one concept (--universal + --specific >= 1, or --groups)"
+            )
         if self.tokens_per_image < 1 or self.tokens < self.tokens_per_image:
             raise ValueError("need --tokens >= --tokens-per-image >= 1")
         per_model = [sum(len(g.ids) for g in groups if i in g.members) for i in range(self.models)]
@@ -193,6 +210,7 @@ class SynthResult(NamedTuple):
     chunk_images: int
     """Images per chunk."""
 
+
 # ---------------------------------------------------------------- group spec
 class Group(NamedTuple):
     """One concept group: the models its concepts live in and their global ids."""
@@ -217,7 +235,9 @@ def parse_groups(text: str) -> list[tuple[str, int]]:
         head, sep, count = item.rpartition(":")
         head = head.strip().lower()
         if not sep or not head:
-            raise ValueError(f"--groups item {item!r} must be SET:COUNT (SET = all, only or indices like 0+1)")
+            raise ValueError(
+                f"--groups item {item!r} must be SET:COUNT (SET = all, only or indices like 0+1)"
+            )
         try:
             n = int(count)
         except ValueError:
@@ -228,7 +248,9 @@ def parse_groups(text: str) -> list[tuple[str, int]]:
             try:
                 idx = [int(x) for x in head.split("+")]
             except ValueError:
-                raise ValueError(f"--groups item {item!r}: SET must be all, only or model indices joined by +") from None
+                raise ValueError(
+                    f"--groups item {item!r}: SET must be all, only or model indices joined by +"
+                ) from None
             if len(set(idx)) != len(idx) or min(idx) < 0:
                 raise ValueError(f"--groups item {item!r}: model indices must be distinct and >= 0")
             head = "+".join(str(i) for i in sorted(idx))
@@ -245,7 +267,11 @@ def make_groups(items: list[tuple[str, int]], n_models: int) -> list[Group]:
         if head not in ("all", "only") and max(int(x) for x in head.split("+")) >= n_models:
             raise ValueError(f"--groups set {head!r} names a model >= --models={n_models}")
     ordered = [(every, n, False) for h, n in items if h == "all"]
-    ordered += [(tuple(int(x) for x in h.split("+")), n, False) for h, n in items if h not in ("all", "only")]
+    ordered += [
+        (tuple(int(x) for x in h.split("+")), n, False)
+        for h, n in items
+        if h not in ("all", "only")
+    ]
     n_only = sum(n for h, n in items if h == "only")
     ordered += [((i,), n_only, True) for i in range(n_models)] if n_only else []
     groups, c = [], 0
@@ -298,7 +324,7 @@ def _extra_rng(cfg: SynthConfig, what: int) -> np.random.Generator:
 def _zipf_weights(cfg: SynthConfig, n: int) -> np.ndarray:
     """Weights ~ 1/rank^zipf over a random ranking, normalised to mean 1."""
     rank = _extra_rng(cfg, 0).permutation(n) + 1.0
-    w = rank ** -cfg.zipf
+    w = rank**-cfg.zipf
     return w / w.mean()
 
 
@@ -335,7 +361,9 @@ def make_plan(cfg: SynthConfig) -> _Plan:
         ids.append(np.flatnonzero(members[:, i]).astype(np.int64))
         dicts.append(_unit_rows(rng, len(ids[-1]), d).astype(np.float32))
         n_sh = int(shared[ids[-1]].sum())  # shared rows come first (canonical order)
-        f = np.concatenate([rng.uniform(0.5, 1.5, size=n_sh), np.ones(len(ids[-1]) - n_sh)]).astype(np.float32)
+        f = np.concatenate([rng.uniform(0.5, 1.5, size=n_sh), np.ones(len(ids[-1]) - n_sh)]).astype(
+            np.float32
+        )
         if cfg.gain is not None:
             lo, hi = math.log(cfg.gain[0]), math.log(cfg.gain[1])
             f = np.exp(gain_rng.uniform(lo, hi, size=len(ids[-1]))).astype(np.float32)
@@ -345,7 +373,11 @@ def make_plan(cfg: SynthConfig) -> _Plan:
     for i, d in enumerate(cfg.widths()):
         signal_ms = float((rate[ids[i]] * e_mag2 * factors[i].astype(np.float64) ** 2).sum()) / d
         noise_std.append(cfg.noise * math.sqrt(signal_ms))
-        o = off_rng.standard_normal(d) * cfg.channel_offset * math.sqrt(signal_ms) if cfg.channel_offset else np.zeros(d)
+        o = (
+            off_rng.standard_normal(d) * cfg.channel_offset * math.sqrt(signal_ms)
+            if cfg.channel_offset
+            else np.zeros(d)
+        )
         offsets.append(o.astype(np.float32))
         bases.append(_noise_basis(basis_rng, d, cfg.noise_decay) if cfg.noise_decay else None)
     if cfg.scale_offset:
@@ -353,9 +385,20 @@ def make_plan(cfg: SynthConfig) -> _Plan:
         offset = rng.uniform(-0.5, 0.5, size=m)
     else:
         scale, offset = np.ones(m), np.zeros(m)
-    return _Plan(dicts, ids, factors, rate.astype(np.float32), scale.astype(np.float32),
-                 offset.astype(np.float32), np.asarray(noise_std, np.float32), groups,
-                 np.flatnonzero(shared), members, offsets, bases)
+    return _Plan(
+        dicts,
+        ids,
+        factors,
+        rate.astype(np.float32),
+        scale.astype(np.float32),
+        offset.astype(np.float32),
+        np.asarray(noise_std, np.float32),
+        groups,
+        np.flatnonzero(shared),
+        members,
+        offsets,
+        bases,
+    )
 
 
 class _ChunkCodes(NamedTuple):
@@ -374,7 +417,7 @@ def chunk_codes(cfg: SynthConfig, plan: _Plan, chunk: int, rows: int) -> _ChunkC
     for i in range(cfg.models):
         ids = plan.concept_ids[i]
         own_sh = [col_of[int(c)] for c in ids if int(c) in col_of]
-        spec_ids = ids[len(own_sh):]
+        spec_ids = ids[len(own_sh) :]
         fire_s = rng.random((rows, len(spec_ids))) < plan.rate[spec_ids]
         mag_s = np.where(fire_s, rng.lognormal(0.0, _MAG_SIGMA, size=(rows, len(spec_ids))), 0.0)
         mine = mag_u if len(own_sh) == len(sh) else mag_u[:, own_sh]
@@ -437,22 +480,29 @@ def _config_json(cfg: SynthConfig) -> dict:
 
 def run_synth(cfg: SynthConfig, progress: bool = True) -> SynthResult:
     """Write the planted-concept store chunk by chunk (resumable), finalize it, save the truth."""
-    from rich.progress import Progress
 
     cfg.validate()
     keys, widths = cfg.keys(), cfg.widths()
     n_images, ci = cfg.n_images(), _chunk_images(cfg)
     grid = choose_grid(cfg.tokens_per_image)
-    layouts = [BackboneLayout(k, d, 0, {"source": "synth", "width": d, "model_index": i})
-               for i, (k, d) in enumerate(zip(keys, widths, strict=True))]
+    layouts = [
+        BackboneLayout(k, d, 0, {"source": "synth", "width": d, "model_index": i})
+        for i, (k, d) in enumerate(zip(keys, widths, strict=True))
+    ]
     st = Store.create(
-        cfg.store, [f"synth{i:08d}" for i in range(n_images)], layouts, grid=grid, chunk_images=ci,
-        source="synth", fingerprint_of=_fingerprint_of(cfg), extra={"synth": _config_json(cfg)},
+        cfg.store,
+        [f"synth{i:08d}" for i in range(n_images)],
+        layouts,
+        grid=grid,
+        chunk_images=ci,
+        source="synth",
+        fingerprint_of=_fingerprint_of(cfg),
+        extra={"synth": _config_json(cfg)},
     )
     plan = make_plan(cfg)
     done = st.committed_chunks()
     csr: list[list[tuple]] = [[] for _ in keys]
-    with Progress(disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("synth: writing chunks", total=st.n_chunks)
         for c in range(st.n_chunks):
             r0, r1 = st.chunk_rows(c)
@@ -468,7 +518,9 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> SynthResult:
     if not st.complete:
         st.finalize()
     truth_path = _save_truth(cfg, plan, csr if cfg.save_codes else None)
-    return SynthResult(Path(cfg.store), truth_path, n_images, n_images * cfg.tokens_per_image, grid, ci)
+    return SynthResult(
+        Path(cfg.store), truth_path, n_images, n_images * cfg.tokens_per_image, grid, ci
+    )
 
 
 def _save_truth(cfg: SynthConfig, plan: _Plan, csr: list[list[tuple]] | None) -> Path:
@@ -503,7 +555,10 @@ def _save_truth(cfg: SynthConfig, plan: _Plan, csr: list[list[tuple]] | None) ->
     t["gain"] = torch.from_numpy(gain)
     every = tuple(range(m))
     n_univ = sum(len(g.ids) for g in plan.groups if g.members == every and not g.per_model)
-    n_spec = [sum(len(g.ids) for g in plan.groups if g.members == (i,) and (g.per_model or m > 1)) for i in range(m)]
+    n_spec = [
+        sum(len(g.ids) for g in plan.groups if g.members == (i,) and (g.per_model or m > 1))
+        for i in range(m)
+    ]
     meta = {
         "format": TRUTH_FORMAT,
         "version": str(TRUTH_VERSION),
@@ -514,7 +569,6 @@ def _save_truth(cfg: SynthConfig, plan: _Plan, csr: list[list[tuple]] | None) ->
         "groups": json.dumps([{"label": g.label, "members": list(g.members)} for g in plan.groups]),
     }
     path = Path(cfg.store) / "_usae" / TRUTH_FILE
-    tmp = path.with_name(f".{TRUTH_FILE}.tmp")
-    save_file(t, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(t, str(tmp), metadata=meta)
     return path

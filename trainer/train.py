@@ -116,7 +116,9 @@ def train_step(
     shares = [[x[i :: plan.n] for x in x_list] if plan.split_batch else x_list for i in sources]
     weights = [xs[0].shape[0] / x_list[0].shape[0] for xs in shares]
     parts = [
-        source_loss(model, i, xs, plan.targets(i), detach=plan.detached(i), dead_m=dead(st, cfg, i), **kw)
+        source_loss(
+            model, i, xs, plan.targets(i), detach=plan.detached(i), dead_m=dead(st, cfg, i), **kw
+        )
         for i, xs in zip(sources, shares, strict=True)
     ]
     loss = torch.stack([p.loss * w for p, w in zip(parts, weights, strict=True)]).sum()
@@ -132,7 +134,9 @@ def train_step(
     st.tokens += cfg.batch_tokens
     logged = None
     if with_r2:
-        logged = reduce_metrics([merge_parts(parts, weights)] if plan.split_batch else parts, ctx.world)
+        logged = reduce_metrics(
+            [merge_parts(parts, weights)] if plan.split_batch else parts, ctx.world
+        )
         parts = reduce_metrics(parts, ctx.world) if plan.split_batch else logged
     record(st, parts, sources, loss_f, plan)
     return StepOut(loss_f, sources, parts, lrs, logged)
@@ -166,7 +170,14 @@ def set_lrs(st: TrainState, ctx: StepContext, plan: Plan, sources: list[int]) ->
     lrs = []
     for j, g in enumerate(st.opt.param_groups):
         t = st.group_steps[j] if plan.schedule_per_group else st.step
-        g["lr"] = lr_at(t, ctx.total_steps, ctx.warmup, ctx.cfg.lr, ctx.cfg.lr_min, RECIPES[ctx.cfg.recipe].schedule)
+        g["lr"] = lr_at(
+            t,
+            ctx.total_steps,
+            ctx.warmup,
+            ctx.cfg.lr,
+            ctx.cfg.lr_min,
+            RECIPES[ctx.cfg.recipe].schedule,
+        )
         lrs.append(g["lr"])
     for j in plan.stepping(sources):
         st.group_steps[j] += 1

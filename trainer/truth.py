@@ -87,13 +87,17 @@ def load_truth(store_path: str | Path) -> Truth:
 
     path = Path(store_path) / "_usae" / TRUTH_FILE
     if not path.exists():
-        raise StoreError(f"{store_path} has no ground truth ({path.name}); is it a `usae synth` store?")
+        raise StoreError(
+            f"{store_path} has no ground truth ({path.name}); is it a `usae synth` store?"
+        )
     with safe_open(str(path), framework="np") as f:
         meta = f.metadata() or {}
         if meta.get("format") != TRUTH_FORMAT:
             raise StoreError(f"{path} is not a usae synth truth file")
         if int(meta.get("version", "1")) > TRUTH_VERSION:
-            raise StoreError(f"{path} has truth version {meta['version']}; this usae reads <= {TRUTH_VERSION}")
+            raise StoreError(
+                f"{path} has truth version {meta['version']}; this usae reads <= {TRUTH_VERSION}"
+            )
         keys = tuple(json.loads(meta["backbones"]))
         names = set(f.keys())
         get = f.get_tensor
@@ -119,8 +123,12 @@ def load_truth(store_path: str | Path) -> Truth:
             rate=rate,
             scale=get("scale"),
             offset=get("offset"),
-            codes=[(get(f"codes.{k}.indptr"), get(f"codes.{k}.concept"), get(f"codes.{k}.value"))
-                   for k in keys] if has_codes else None,
+            codes=[
+                (get(f"codes.{k}.indptr"), get(f"codes.{k}.concept"), get(f"codes.{k}.value"))
+                for k in keys
+            ]
+            if has_codes
+            else None,
             config=json.loads(meta["config"]),
             members=members,
             gains=gains,
@@ -130,7 +138,9 @@ def load_truth(store_path: str | Path) -> Truth:
         )
 
 
-def _members_from_rows(ids: list[np.ndarray], factors: list[np.ndarray], n_c: int) -> tuple[np.ndarray, np.ndarray]:
+def _members_from_rows(
+    ids: list[np.ndarray], factors: list[np.ndarray], n_c: int
+) -> tuple[np.ndarray, np.ndarray]:
     members, gains = np.zeros((n_c, len(ids)), bool), np.zeros((n_c, len(ids)), np.float32)
     for i, (c, f) in enumerate(zip(ids, factors, strict=True)):
         members[c, i], gains[c, i] = True, f
@@ -198,8 +208,12 @@ def _kind(n_members: int, n_models: int) -> str:
     return "universal" if n_members == n_models else ("specific" if n_members == 1 else "subset")
 
 
-def recovery_from_decoders(decoders: list[np.ndarray], truth: Truth, threshold: float = 0.9,
-                           members_mk: np.ndarray | None = None) -> Recovery:
+def recovery_from_decoders(
+    decoders: list[np.ndarray],
+    truth: Truth,
+    threshold: float = 0.9,
+    members_mk: np.ndarray | None = None,
+) -> Recovery:
     """:func:`recovery` from decoder matrices (m, d_i) in ``truth.backbones`` order (any row scale).
 
     members_mk: (M, m) bool predicted member set of each learned concept (same model order).
@@ -230,7 +244,9 @@ def recovery_from_decoders(decoders: list[np.ndarray], truth: Truth, threshold: 
     def share(mask: np.ndarray, ok: np.ndarray) -> float:
         return float(ok[mask].mean()) if mask.any() else float("nan")
 
-    group_rate = {lab: share(truth.group_id == g, rec_c) for g, lab in enumerate(truth.group_labels)}
+    group_rate = {
+        lab: share(truth.group_id == g, rec_c) for g, lab in enumerate(truth.group_labels)
+    }
     kind_rate = {k: share(kinds == k, rec_c) for k in ("universal", "subset", "specific")}
     member_ok, acc, kind_mem = None, float("nan"), None
     if members_mk is not None:
@@ -239,7 +255,9 @@ def recovery_from_decoders(decoders: list[np.ndarray], truth: Truth, threshold: 
             raise ValueError(f"members_mk must be (M={n_models}, m={n_learn}), got {pred.shape}")
         member_ok = (pred[:, match_c].T == mem).all(axis=1)
         acc = share(rec_c, member_ok)
-        kind_mem = {k: share(rec_c & (kinds == k), member_ok) for k in ("universal", "subset", "specific")}
+        kind_mem = {
+            k: share(rec_c & (kinds == k), member_ok) for k in ("universal", "subset", "specific")
+        }
     return Recovery(
         rate=float((cos_u >= threshold).mean()) if u else float("nan"),
         mean_cos=float(cos_u.mean()) if u else float("nan"),
@@ -259,7 +277,9 @@ def recovery_from_decoders(decoders: list[np.ndarray], truth: Truth, threshold: 
     )
 
 
-def recovery(model: USAE, truth: Truth, threshold: float = 0.9, members_mk: np.ndarray | None = None) -> Recovery:
+def recovery(
+    model: USAE, truth: Truth, threshold: float = 0.9, members_mk: np.ndarray | None = None
+) -> Recovery:
     """Best-match decoder cosine of every planted concept (one learned concept for all its models).
 
     members_mk: optional (M, m) predicted member sets, models in ``truth.backbones`` order.
