@@ -95,13 +95,11 @@ from usae.pipeline.store import Store, StoreError
 
 _ROTATION = 2  # batch buffers in rotation: one with the trainer, one being filled (see the module docstring)
 _SPARE_BATCHES = 6  # batch buffers kept for reuse once the trainer drops them
-_AGAIN_S = (
-    2e-3  # how long the batcher waits for a fast trainer to ask for its next batch (see `_new_out`)
-)
-_MIN_SPLIT_BYTES = (
-    4 << 20
-)  # a window of fewer bytes is gathered by the batcher alone (waking a helper costs
+# how long the batcher waits for a fast trainer to ask for its next batch (see `_new_out`)
+_AGAIN_S = 2e-3
+# a window of fewer bytes is gathered by the batcher alone (waking a helper costs
 # more than it gains there: with the work split in even halves, 2 threads on 2048-token batches were 0.9x of 1)
+_MIN_SPLIT_BYTES = 4 << 20
 # chunks per shuffle block when not given: a block is what a batch is drawn from, so the more chunks
 # the closer batches are to a uniform sample of the store (a store keeps its manifest's order, often
 # sorted by folder, i.e. by class); they cost memory only when decoded into a pool
@@ -325,13 +323,16 @@ class ChunkLoader:
         workers = _Workers(self, self._epoch, self._step, self._buffers)
         self._workers, self._buffers = workers, None
         if self.device is None:
-            feed = _host_batches(workers.next_batch)
+            feed = None
         else:
             if self._dev_scales is None:
                 self._dev_scales = [s.to(self.device) for s in self._scales]
             feed = _device_batches(workers.next_batch, self.device, self._dev_scales)
         try:
-            for batch in feed:
+            while True:
+                # host batches straight from the workers (a generator in between would keep the
+                # batch alive while the trainer holds it, and its buffers could not be refilled)
+                batch = workers.next_batch() if feed is None else next(feed)
                 nxt = batch.step + 1
                 self._epoch, self._step = (
                     (batch.epoch + 1, 0) if nxt == self.batches_per_epoch else (batch.epoch, nxt)
@@ -341,7 +342,8 @@ class ChunkLoader:
                     batch
                 )  # the trainer holds the only reference: its buffer can be reused once it drops it
         finally:
-            feed.close()  # drops the batch it holds ahead (after its copy) before the workers stop
+            if feed is not None:
+                feed.close()  # drops the batch it holds ahead (after its copy) before the workers stop
             if self._workers is workers:
                 self.close()
             else:
@@ -365,11 +367,6 @@ class ChunkLoader:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
-
-
-def _host_batches(next_batch: Callable[[], Batch]) -> Iterator[Batch]:
-    while True:
-        yield next_batch()
 
 
 def _device_batches(
