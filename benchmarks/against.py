@@ -59,7 +59,7 @@ BENCHES = {
         ("ratios", "images: loader / numpy (target >= 0.8)"),
     ),
     "analyze": (
-        ["--tokens", "16384", "--repeats", "3", "--rss-tokens", "2048", "--dtype", "{fp32}"],
+        ["--tokens", "8192", "--repeats", "3", "--rss-tokens", "2048", "--dtype", "{fp32}"],
         ("throughput", "ratio_metrics_over_encode"),
     ),
 }
@@ -92,9 +92,11 @@ def fp32_name(pypath: Path) -> str:
         "import usae.analysis.metrics as m; print('float32' if hasattr(m, 'DTYPES') else 'fp32')"
     )
     env = {**os.environ, "PYTHONPATH": str(pypath)}
-    return subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True
-    ).stdout.strip()
+    # run from the namespace folder: from another tree's root, `import usae` would find that tree
+    r = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=pypath
+    )
+    return r.stdout.strip()
 
 
 def run_bench(tree: Path, pypath: Path, name: str, out: Path) -> dict:
