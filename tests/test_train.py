@@ -62,6 +62,16 @@ def grads(model):
     return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
 
 
+def assert_same_grads(model, slow):
+    """Every parameter has a gradient in both or in neither, and they agree."""
+    gf, gs = grads(model), grads(slow)
+    for name in gf:
+        if gs[name] is None:
+            assert gf[name] is None, name
+        else:
+            assert torch.allclose(gf[name], gs[name], rtol=1e-8, atol=1e-12), name
+
+
 # ---------------------------------------------------------------- keep_top
 @settings(max_examples=40, deadline=None)
 @given(
@@ -101,12 +111,7 @@ def test_paper_loss_and_grads_match_slow(loss, beta):
         fast.loss.backward()
         ref.backward()
         assert torch.allclose(fast.loss, ref, rtol=1e-10, atol=1e-12)
-        gf, gs = grads(model), grads(slow)
-        for name in gf:
-            if gs[name] is None:
-                assert gf[name] is None, name
-            else:
-                assert torch.allclose(gf[name], gs[name], rtol=1e-8, atol=1e-12), name
+        assert_same_grads(model, slow)
         # the BN running statistics moved the same way
         assert torch.allclose(model.bns[i].running_var, slow.bns[i].running_var)
 
@@ -151,12 +156,7 @@ def test_dead_aux_loss_and_grads_match_slow(n_dead):
     fast.loss.backward()
     ref.backward()
     assert torch.allclose(fast.loss, ref, rtol=1e-10, atol=1e-12)
-    gf, gs = grads(model), grads(slow)
-    for name in gf:
-        if gs[name] is None:
-            assert gf[name] is None, name
-        else:
-            assert torch.allclose(gf[name], gs[name], rtol=1e-8, atol=1e-12), name
+    assert_same_grads(model, slow)
     if n_dead == 0:  # nothing dead: the aux term is the plain residual and trains nothing
         assert torch.allclose(torch.stack(fast.aux_j), torch.stack(fast.rec_j))
 
