@@ -45,6 +45,8 @@ RECIPES = {
     "fidelity": dict(recipe="fidelity"),
     "paper+auxdead": dict(recipe="paper", aux="dead"),
     "fidelity+auxdead": dict(recipe="fidelity", aux="dead"),
+    "fidelity-agree": dict(recipe="fidelity", agree_weight=0.0),
+    **{f"fidelity+agree{w:g}": dict(recipe="fidelity", agree_weight=w) for w in (0.03, 0.1, 0.3, 1.0)},
 }
 COMMON = dict(concepts=256, k=4, lr=3e-3, lr_min=1e-6, batch_tokens=1024, warmup_steps=100, holdout=0.1,
               dtype="fp32", device="cpu", log_every=1000, ckpt_every=0, seed=0, dead_window_tokens=40 * 1024)  # fmt: skip

@@ -910,3 +910,92 @@ def test_tail_schedule():
     )
     assert lr_at(95, 100, 10, 1.0, 0.0, "tail") == pytest.approx(0.5)
     assert lr_at(100, 100, 10, 1.0, 0.0, "tail") == 0.0
+
+
+# ---------------------------------------------------------------- code agreement
+def slow_agreement(model: USAE, i: int, p: int, xs, k: int):
+    """Code agreement written out: both backbones encode the same rows (the partner's BatchNorm
+    on batch statistics by hand, its running statistics untouched); over the union of the two
+    TopK sets, |a_i - a_p| weighted by min/max of the two softplus gains, summed, / (rows x k)."""
+    act_i = F.relu(model.bns[i](model.encoders[i](xs[i] - model.dec_bias[i])))
+    h = model.encoders[p](xs[p] - model.dec_bias[p])
+    bn = model.bns[p]
+    mean, var = h.mean(0), h.var(0, unbiased=False)
+    act_p = F.relu((h - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias)
+    gi, gp = F.softplus(model.gains[i]).detach(), F.softplus(model.gains[p]).detach()
+    w = torch.minimum(gi, gp) / torch.maximum(gi, gp)
+    total = 0.0
+    for r in range(act_i.shape[0]):
+        union = set(torch.topk(act_i[r], k).indices.tolist()) | set(torch.topk(act_p[r], k).indices.tolist())
+        for c in union:
+            total = total + w[c] * (act_i[r, c] - act_p[r, c]).abs()
+    return total / (act_i.shape[0] * k)
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_fidelity_step_with_agreement_matches_slow_update(step):
+    """The fidelity step with code agreement: each source's loss plus agree_weight x its
+    agreement with partner i + 1 + (step mod (M - 1)) on its own rows; parameters and BatchNorm
+    running statistics after the update as in the slow version."""
+    model = fidelity_model()
+    slow = copy.deepcopy(model)
+    cfg = TrainConfig(lr=1e-2, grad_clip=0.5, recipe="fidelity", agree_weight=0.7)
+    st = _state(model, cfg)
+    st.step = step
+    x = batch(model.spec.widths, b=42)
+    out = train_step(st, _ctx(cfg), x)
+    n = 3
+    ref = slow_fidelity_loss(slow, x)
+    for i in range(n):
+        p = (i + 1 + step % (n - 1)) % n
+        assert p != i
+        ref = ref + 0.7 * slow_agreement(slow, i, p, [xx[i::n] for xx in x], model.spec.k) / n
+    assert out.loss == pytest.approx(float(ref.detach()), rel=1e-10)
+    opt = torch.optim.AdamW(slow.parameters(), lr=lr_at(step, 10, 3, 1e-2, cfg.lr_min, "tail"),
+                            weight_decay=cfg.weight_decay)  # fmt: skip
+    ref.backward()
+    torch.nn.utils.clip_grad_norm_([q for q in slow.parameters() if q.grad is not None], cfg.grad_clip)
+    opt.step()
+    for (name, pf), ps in zip(model.named_parameters(), slow.parameters(), strict=True):
+        assert torch.allclose(pf, ps, rtol=1e-7, atol=1e-9), name
+    assert out.parts[0].agree is not None
+
+
+def test_agreement_partner_pass_leaves_running_statistics():
+    """Only the source pass moves BatchNorm's running statistics: with agreement on or off they
+    end the step the same."""
+    model = fidelity_model()
+    other = copy.deepcopy(model)
+    x = batch(model.spec.widths, b=42)
+    for mdl, w in ((model, 0.5), (other, 0.0)):
+        cfg = TrainConfig(lr=1e-2, recipe="fidelity", agree_weight=w)
+        train_step(_state(mdl, cfg), _ctx(cfg), x)
+    for (name, a), b in zip(model.named_buffers(), other.buffers(), strict=True):
+        if "running" in name or "num_batches" in name:
+            assert torch.equal(a, b), name
+
+
+def test_agreement_weights_spare_concepts_absent_from_one_backbone():
+    """A concept whose gain is ~0 in the partner is not pulled into it; equal gains weigh 1."""
+    from usae.trainer.objective import agreement_weights
+
+    model = fidelity_model(widths=(5, 7), m=6, k=2)
+    with torch.no_grad():
+        model.gains[0].fill_(0.5413)  # softplus = 1
+        model.gains[1].copy_(torch.tensor([0.5413, 0.5413, -20.0, 0.5413, 0.5413, 0.5413]))
+    w = agreement_weights(model, 0, 1)
+    assert w[2] < 1e-6 and torch.allclose(w[[0, 1, 3, 4, 5]], torch.ones(5, dtype=w.dtype), atol=1e-4)
+    assert torch.equal(w, agreement_weights(model, 1, 0))
+
+
+def test_partner_rotates_over_the_other_backbones():
+    from usae.trainer.config import Plan
+
+    plan = Plan("paper", 4, True)
+    for i in range(4):
+        assert sorted(plan.partner(i, s) for s in range(3)) == sorted(set(range(4)) - {i})
+    assert Plan("reference", 3).partner(0, 0) is None and Plan("paper", 1).partner(0, 0) is None
+
+
+def test_config_of_a_run_written_before_agreement_has_none():
+    assert TrainConfig.from_dict({"recipe": "fidelity"}).agree_weight == 0.0

@@ -65,6 +65,8 @@ class TrainConfig:
     """Epochs over the training images (used when steps is 0)."""
     warmup_steps: int = -1
     """Linear warm-up steps (-1: one epoch)."""
+    agree_weight: float = -1.0
+    """Weight of the code agreement (paper mode, M > 1): each source's rows are also encoded by a partner backbone (rotating each step) and the two codes' activations on the union of their TopK sets are pulled together, weighted per concept by min/max of the two gains (-1: the recipe's; 0: off). docs/method.md section 8."""
     recipe: Literal["fidelity", "paper"] = "fidelity"
     """fidelity (default): unit-norm initial decoder rows, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch) and a constant lr with a short final decay; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
     mode: Mode = "paper"
@@ -105,6 +107,7 @@ class TrainConfig:
                 f"shuffle must be {' or '.join(SHUFFLES)}, got {self.shuffle!r}",
             ),
             (self.k > 0, "k must be positive"),
+            (self.agree_weight >= 0 or self.agree_weight == -1.0, "agree_weight must be >= 0 (-1: the recipe's)"),
             (self.batch_tokens > 0, "batch_tokens must be positive"),
             (
                 self.buffer_chunks >= 0,
@@ -131,9 +134,8 @@ class TrainConfig:
         kw = {k: v for k, v in d.items() if k in names}
         if "mode" not in d:
             kw["mode"] = "independent" if d.get("independent") else d.get("update", "paper")
-        kw.setdefault(
-            "recipe", "paper"
-        )  # runs written before recipes were trained with the paper's
+        kw.setdefault("recipe", "paper")  # runs written before recipes were trained with the paper's
+        kw.setdefault("agree_weight", 0.0)  # and runs written before code agreement without it
         kw["backbones"] = tuple(kw.get("backbones", ()))
         return cls(**kw)
 
@@ -155,6 +157,8 @@ class Recipe:
     of one source drawn per step."""
     schedule: str
     """cosine (the paper's) | tail (constant, then linear to 0 over the last 10%)."""
+    agree: float = 0.0
+    """Weight of the code agreement between each source and a partner backbone (0: off)."""
 
 
 RECIPES: dict[str, Recipe] = {
@@ -183,6 +187,13 @@ class Plan:
     def split_batch(self) -> bool:
         """True: source i encodes only its share (1/M) of the batch's rows."""
         return self.split and self.mode == "paper" and self.n > 1
+
+    def partner(self, i: int, step: int) -> int | None:
+        """Backbone that also encodes source i's rows for the code agreement (paper mode, M > 1):
+        i + 1 + (step mod (M - 1)), mod M, so over M - 1 steps each source meets every other."""
+        if self.mode != "paper" or self.n < 2:
+            return None
+        return (i + 1 + step % (self.n - 1)) % self.n
 
     def targets(self, i: int) -> list[int]:
         """Backbones that source i's codes reconstruct."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -40,6 +41,8 @@ class LossParts(NamedTuple):
     the sums of `r2_sums`, turned into R2 over the global batch by train_step)."""
     codes: Codes
     """The source's codes."""
+    agree: Tensor | None = None
+    """Code agreement with the partner backbone (detached; None without one)."""
 
 
 def batch_norm_local(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
@@ -152,6 +155,8 @@ def source_loss(
     aux: str = "paper",
     dead_m: Tensor | None = None,
     targets_mean: bool = False,
+    partner: int | None = None,
+    agree_weight: float = 0.0,
 ) -> LossParts:
     """Loss of one source backbone i over the target backbones (standardised inputs x_list).
 
@@ -161,6 +166,8 @@ def source_loss(
     or "dead" (`dead_aux`: AuxK over the dead concepts `dead_m` only, as in Gao et al.).
     targets_mean: the loss is the mean over the targets instead of their sum (the fidelity
     recipe: one learning rate then fits any number of backbones).
+    partner: a second backbone that encodes the same rows; the loss adds agree_weight times the
+    `code_agreement` of the two codes (not divided by the targets).
     """
     dev = x_list[i].device.type
     ac = torch.autocast(dev, dtype=amp) if amp is not None else nullcontext()
@@ -192,6 +199,11 @@ def source_loss(
     total = torch.stack(rec_j).sum() + aux_weight * torch.stack(aux_j).sum()
     if targets_mean:
         total = total / len(targets)
+    agree = None
+    if partner is not None:
+        agree = code_agreement(model, i, partner, act_bm, idx_bk, x_list[partner], bn_fn=bn_fn, amp=amp)
+        total = total + agree_weight * agree
+        agree = agree.detach()
     r2 = None
     if with_r2:
         with torch.no_grad():
@@ -200,7 +212,7 @@ def source_loss(
                 for j, r in zip(targets, resid.detach().split(widths, dim=1), strict=True)
             ]
     codes = Codes(vals_bk.detach(), idx_bk, pre_bm.detach())
-    return LossParts(total, [r.detach() for r in rec_j], [a.detach() for a in aux_j], r2, codes)
+    return LossParts(total, [r.detach() for r in rec_j], [a.detach() for a in aux_j], r2, codes, agree)
 
 
 def dead_aux(
@@ -240,4 +252,67 @@ def merge_parts(parts: Sequence[LossParts], weights: Sequence[float]) -> LossPar
         r2 = [sum(p.r2_j[t] for p in parts) for t in range(len(parts[0].r2_j))]
     codes = Codes(*(torch.cat([getattr(p.codes, f) for p in parts]) for f in Codes._fields))
     loss = sum(w * p.loss for p, w in zip(parts, weights, strict=True))
-    return LossParts(loss, rec, aux, r2, codes)
+    agree = None
+    if parts[0].agree is not None:
+        agree = sum(w * p.agree for p, w in zip(parts, weights, strict=True))
+    return LossParts(loss, rec, aux, r2, codes, agree)
+
+
+def untracked(bn_fn: Callable[[nn.BatchNorm1d, Tensor], Tensor]):
+    """`bn_fn` in training mode (batch statistics, global under DDP) that leaves the running
+    statistics as they were: a second pass of a backbone's encoder in the same step (the
+    partner pass of `code_agreement`) must not count twice in them. bn_fn updates copies."""
+
+    def fn(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
+        view = SimpleNamespace(
+            weight=bn.weight, bias=bn.bias, eps=bn.eps, momentum=bn.momentum,
+            running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone(),
+            num_batches_tracked=bn.num_batches_tracked.clone(),
+        )  # fmt: skip
+        return bn_fn(view, h_bm)
+
+    return fn
+
+
+def agreement_weights(model: USAE, i: int, j: int) -> Tensor:
+    """(m,) how much concepts must fire alike from backbones i and j: min/max of their gains
+    (detached), so a concept the gains call absent from one of the two (gain near 0 there) is
+    not pulled into it; ones without gains."""
+    if not model.spec.gains:
+        return torch.ones(model.spec.concepts, device=model.decoders[i].device)
+    with torch.no_grad():
+        gi, gj = model.gain(i), model.gain(j)
+        return torch.minimum(gi, gj) / torch.maximum(gi, gj).clamp_min(1e-12)
+
+
+def code_agreement(
+    model: USAE,
+    i: int,
+    j: int,
+    act_i_bm: Tensor,
+    idx_i_bk: Tensor,
+    x_j_bd: Tensor,
+    *,
+    bn_fn: Callable[[nn.BatchNorm1d, Tensor], Tensor] = batch_norm_local,
+    amp: torch.dtype | None = None,
+) -> Tensor:
+    """Code agreement of source i with partner j on the same tokens (docs/method.md section 8):
+
+        mean over tokens of  (1/k) sum over c in S_i u S_j of  w_c |a_ic - a_jc|
+
+    a = ReLU(BN(W x + b)) of each backbone's own activations of the token (the partner's BN on
+    batch statistics, its running statistics untouched), S the TopK sets, w `agreement_weights`.
+    Both encoders get the gradient: a concept that one selects and the other does not is pulled
+    up in the one and down in the other, so two learned copies of one concept (each fired by a
+    different backbone) cannot both survive, and identical backbones come to fire identically."""
+    dev = x_j_bd.device.type
+    ac = torch.autocast(dev, dtype=amp) if amp is not None else nullcontext()
+    with ac:
+        h_bm = model.encoders[j](model.encoder_input(j, x_j_bd))
+    act_j = F.relu(untracked(bn_fn)(model.bns[j], h_bm.to(x_j_bd.dtype)))
+    k = model.spec.k
+    with torch.no_grad():
+        idx_j = torch.topk(act_j, k, dim=1, sorted=False).indices
+        mask = torch.zeros_like(act_j).scatter_(1, idx_i_bk, 1.0).scatter_(1, idx_j, 1.0)
+        mask.mul_(agreement_weights(model, i, j))
+    return ((act_i_bm - act_j).abs() * mask).sum() / (act_j.shape[0] * k)

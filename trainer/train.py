@@ -115,11 +115,12 @@ def train_step(
     # ranks when each rank's share is a multiple of M), weighted by its share of the rows
     shares = [[x[i :: plan.n] for x in x_list] if plan.split_batch else x_list for i in sources]
     weights = [xs[0].shape[0] / x_list[0].shape[0] for xs in shares]
+    agree = cfg.agree_weight if cfg.agree_weight >= 0 else recipe.agree
+    partners = [plan.partner(i, st.step) if agree > 0 else None for i in sources]
     parts = [
-        source_loss(
-            model, i, xs, plan.targets(i), detach=plan.detached(i), dead_m=dead(st, cfg, i), **kw
-        )
-        for i, xs in zip(sources, shares, strict=True)
+        source_loss(model, i, xs, plan.targets(i), detach=plan.detached(i), dead_m=dead(st, cfg, i),
+                    partner=p, agree_weight=agree, **kw)  # fmt: skip
+        for i, xs, p in zip(sources, shares, partners, strict=True)
     ]
     loss = torch.stack([p.loss * w for p, w in zip(parts, weights, strict=True)]).sum()
     loss.backward()
@@ -302,9 +303,9 @@ def _run(
         )
     total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else per_epoch
-    cfg = replace(
-        cfg, backbones=tuple(keys), concepts=spec.concepts, steps=total, warmup_steps=warmup
-    )
+    agree = cfg.agree_weight if cfg.agree_weight >= 0 else RECIPES[cfg.recipe].agree
+    cfg = replace(cfg, backbones=tuple(keys), concepts=spec.concepts, steps=total, warmup_steps=warmup,
+                  agree_weight=agree)  # fmt: skip
     rank0 = d.rank == 0
     if resuming:
         check_same_store(paths, st)
