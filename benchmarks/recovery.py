@@ -15,6 +15,7 @@ noise), and `twins`: one planted model stored twice, so every concept is shared 
 Widths, group sizes and seeds differ from the tests'.
 
     python benchmarks/recovery.py                                   # the full table (slow)
+    python benchmarks/recovery.py --stores m3hard,twins --recipes fidelity@0,fidelity@0.3,fidelity@0.5
     python benchmarks/recovery.py --stores m3hard --recipes paper,fidelity
     python benchmarks/recovery.py --stores m3shuffle --recipes fidelity   # control: shared -> 0
     python benchmarks/recovery.py --stores m3 --recipes fidelity --steps 0  # control: untrained
@@ -45,8 +46,8 @@ RECIPES = {
     "fidelity": dict(recipe="fidelity"),
     "paper+auxdead": dict(recipe="paper", aux="dead"),
     "fidelity+auxdead": dict(recipe="fidelity", aux="dead"),
-    "fidelity-agree": dict(recipe="fidelity", agree_weight=0.0),
-    **{f"fidelity+agree{w:g}": dict(recipe="fidelity", agree_weight=w) for w in (0.03, 0.1, 0.3, 1.0)},
+    "fidelity-noagree": dict(recipe="fidelity", agree_weight=0.0),  # the agreement off
+    **{f"fidelity@{t:g}": dict(recipe="fidelity", agree_start=t) for t in (0.0, 0.3, 0.5)},  # its start
 }
 COMMON = dict(concepts=256, k=4, lr=3e-3, lr_min=1e-6, batch_tokens=1024, warmup_steps=100, holdout=0.1,
               dtype="fp32", device="cpu", log_every=1000, ckpt_every=0, seed=0, dead_window_tokens=40 * 1024)  # fmt: skip
@@ -145,7 +146,7 @@ def main() -> None:
         help=f"comma-separated subset of {list(STORES)}",
     )
     ap.add_argument(
-        "--recipes", default="paper,fidelity", help=f"comma-separated subset of {list(RECIPES)}"
+        "--recipes", default="paper,fidelity-noagree,fidelity", help=f"comma-separated subset of {list(RECIPES)}"
     )
     ap.add_argument(
         "--steps",

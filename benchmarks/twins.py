@@ -6,7 +6,7 @@ The data of the two twins are identical, so every concept is shared by definitio
 that learns a concept twice (once per twin) or leaves one twin's decoder behind fails here.
 Full-size backbones: real weights when they are in the local cache, else random init (said so).
 
-    python benchmarks/twins.py                         # dinov2, 300 demo images, both recipes
+    python benchmarks/twins.py                         # dinov2, 300 demo images, every recipe
     python benchmarks/twins.py --backbone vit --steps 600 --recipes fidelity
 """
 
@@ -27,6 +27,12 @@ from usae.pipeline.hub import cached_weights
 from usae.pipeline.registry import resolve
 from usae.trainer.model import load_run
 from usae.trainer.train import TrainConfig, run_train
+
+RECIPES = {
+    "paper": dict(recipe="paper"),
+    "fidelity-noagree": dict(recipe="fidelity", agree_weight=0.0),  # without its code agreement
+    "fidelity": dict(recipe="fidelity"),
+}
 
 
 def twins_figures(run: Path, report: Path) -> dict:
@@ -52,7 +58,9 @@ def main() -> None:
     ap.add_argument("--backbone", default="dinov2")
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--recipes", default="paper,fidelity")
+    ap.add_argument(
+        "--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {list(RECIPES)}"
+    )
     ap.add_argument("--root", default="bench_out/twins")
     ap.add_argument("--out", default="benchmarks/twins.json")
     a = ap.parse_args()
@@ -73,7 +81,7 @@ def main() -> None:
         run, report = root / f"run_{recipe}", root / f"report_{recipe}"
         t0 = time.perf_counter()
         if not (run / "metrics.json").exists():
-            run_train(TrainConfig(store=str(store), out=str(run), recipe=recipe, concepts=1536, k=32, steps=a.steps,
+            run_train(TrainConfig(store=str(store), out=str(run), **RECIPES[recipe], concepts=1536, k=32, steps=a.steps,
                                   batch_tokens=2048, lr=1e-3, holdout=0.2, log_every=100, ckpt_every=0,
                                   warmup_steps=max(a.steps // 10, 1), buffer_chunks=2))  # fmt: skip
         run_analyze(
@@ -83,7 +91,7 @@ def main() -> None:
         r = {"recipe": recipe, "pretrained": bool(hit), "steps": a.steps, "wall_s": time.perf_counter() - t0,
              **twins_figures(run, report)}  # fmt: skip
         rows.append(r)
-        print(f"{recipe:9} live {r['live']:5d}  FE>=0.9 {r['fe_share']:.2f}  median twin cosine {r['median_cos']:.2f}  "
+        print(f"{recipe:16} live {r['live']:5d}  FE>=0.9 {r['fe_share']:.2f}  median twin cosine {r['median_cos']:.2f}  "
               f"in both {r['both_share']:.2f}  self R2 {r['self_r2']:.3f}  cross R2 {r['cross_r2']:.3f}", flush=True)  # fmt: skip
     Path(a.out).write_text(
         json.dumps({"backbone": a.backbone, "images": a.images, "rows": rows}, indent=1)

@@ -916,30 +916,41 @@ def test_tail_schedule():
 def slow_agreement(model: USAE, i: int, p: int, xs, k: int):
     """Code agreement written out: both backbones encode the same rows (the partner's BatchNorm
     on batch statistics by hand, its running statistics untouched); over the union of the two
-    TopK sets, |a_i - a_p| weighted by min/max of the two softplus gains, summed, / (rows x k)."""
+    two codes' top-2k sets, |a_i - a_p| weighted by the ratio of the two softplus gains (0 up to 0.3, 1 from
+    0.6), summed, / (rows x k)."""
     act_i = F.relu(model.bns[i](model.encoders[i](xs[i] - model.dec_bias[i])))
     h = model.encoders[p](xs[p] - model.dec_bias[p])
     bn = model.bns[p]
     mean, var = h.mean(0), h.var(0, unbiased=False)
     act_p = F.relu((h - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias)
     gi, gp = F.softplus(model.gains[i]).detach(), F.softplus(model.gains[p]).detach()
-    w = torch.minimum(gi, gp) / torch.maximum(gi, gp)
+    ratio = torch.minimum(gi, gp) / torch.maximum(gi, gp)
+    w = torch.clamp((ratio - 0.3) / 0.3, 0.0, 1.0)  # 0 up to a gain ratio of 0.3, 1 from 0.6
     total = 0.0
-    for r in range(act_i.shape[0]):
-        union = set(torch.topk(act_i[r], k).indices.tolist()) | set(torch.topk(act_p[r], k).indices.tolist())
+    for r in range(act_i.shape[0]):  # each code's top 2k activations
+        top_i, top_p = torch.topk(act_i[r], 2 * k).indices, torch.topk(act_p[r], 2 * k).indices
+        union = set(top_i.tolist()) | set(top_p.tolist())
         for c in union:
             total = total + w[c] * (act_i[r, c] - act_p[r, c]).abs()
     return total / (act_i.shape[0] * k)
 
 
-@pytest.mark.parametrize("step", [0, 1])
-def test_fidelity_step_with_agreement_matches_slow_update(step):
-    """The fidelity step with code agreement: each source's loss plus agree_weight x its
-    agreement with partner i + 1 + (step mod (M - 1)) on its own rows; parameters and BatchNorm
-    running statistics after the update as in the slow version."""
+@pytest.mark.parametrize(
+    ("step", "start", "ramp"), [(1, 0.0, 1.0), (2, 0.0, 1.0), (2, 0.15, 0.5), (3, 0.4, 0.0)]
+)
+def test_fidelity_step_with_agreement_matches_slow_update(step, start, ramp):
+    """The fidelity step with code agreement: each source's loss plus agree_weight x ramp x its
+    agreement with partner i + 1 + (step mod (M - 1)) on its own rows, the ramp rising from 0 at
+    agree_start x total steps to 1 a tenth of the steps later; parameters and BatchNorm running
+    statistics after the update as in the slow version."""
     model = fidelity_model()
+    with torch.no_grad():  # gain ratios over the whole 0..1 range, so every weight is exercised
+        for g in model.gains:
+            g.copy_(torch.randn_like(g) * 2)
     slow = copy.deepcopy(model)
-    cfg = TrainConfig(lr=1e-2, grad_clip=0.5, recipe="fidelity", agree_weight=0.7)
+    cfg = TrainConfig(
+        lr=1e-2, grad_clip=0.5, recipe="fidelity", agree_weight=0.7, agree_start=start
+    )
     st = _state(model, cfg)
     st.step = step
     x = batch(model.spec.widths, b=42)
@@ -949,16 +960,20 @@ def test_fidelity_step_with_agreement_matches_slow_update(step):
     for i in range(n):
         p = (i + 1 + step % (n - 1)) % n
         assert p != i
-        ref = ref + 0.7 * slow_agreement(slow, i, p, [xx[i::n] for xx in x], model.spec.k) / n
+        if ramp > 0:
+            agree = slow_agreement(slow, i, p, [xx[i::n] for xx in x], model.spec.k)
+            ref = ref + 0.7 * ramp * agree / n
     assert out.loss == pytest.approx(float(ref.detach()), rel=1e-10)
     opt = torch.optim.AdamW(slow.parameters(), lr=lr_at(step, 10, 3, 1e-2, cfg.lr_min, "tail"),
                             weight_decay=cfg.weight_decay)  # fmt: skip
     ref.backward()
-    torch.nn.utils.clip_grad_norm_([q for q in slow.parameters() if q.grad is not None], cfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_(
+        [q for q in slow.parameters() if q.grad is not None], cfg.grad_clip
+    )
     opt.step()
     for (name, pf), ps in zip(model.named_parameters(), slow.parameters(), strict=True):
         assert torch.allclose(pf, ps, rtol=1e-7, atol=1e-9), name
-    assert out.parts[0].agree is not None
+    assert (out.parts[0].agree is not None) == (ramp > 0)
 
 
 def test_agreement_partner_pass_leaves_running_statistics():
@@ -968,15 +983,18 @@ def test_agreement_partner_pass_leaves_running_statistics():
     other = copy.deepcopy(model)
     x = batch(model.spec.widths, b=42)
     for mdl, w in ((model, 0.5), (other, 0.0)):
-        cfg = TrainConfig(lr=1e-2, recipe="fidelity", agree_weight=w)
-        train_step(_state(mdl, cfg), _ctx(cfg), x)
+        cfg = TrainConfig(lr=1e-2, recipe="fidelity", agree_weight=w, agree_start=0.0)
+        st = _state(mdl, cfg)
+        st.step = 1
+        assert (train_step(st, _ctx(cfg), x).parts[0].agree is not None) == (w > 0)
     for (name, a), b in zip(model.named_buffers(), other.buffers(), strict=True):
         if "running" in name or "num_batches" in name:
             assert torch.equal(a, b), name
 
 
 def test_agreement_weights_spare_concepts_absent_from_one_backbone():
-    """A concept whose gain is ~0 in the partner is not pulled into it; equal gains weigh 1."""
+    """A concept whose gain is ~0 in the partner is not pulled into it; equal gains weigh 1;
+    in between, 0 up to a gain ratio of 0.3 and 1 from 0.6, linear between."""
     from usae.trainer.objective import agreement_weights
 
     model = fidelity_model(widths=(5, 7), m=6, k=2)
@@ -984,8 +1002,24 @@ def test_agreement_weights_spare_concepts_absent_from_one_backbone():
         model.gains[0].fill_(0.5413)  # softplus = 1
         model.gains[1].copy_(torch.tensor([0.5413, 0.5413, -20.0, 0.5413, 0.5413, 0.5413]))
     w = agreement_weights(model, 0, 1)
-    assert w[2] < 1e-6 and torch.allclose(w[[0, 1, 3, 4, 5]], torch.ones(5, dtype=w.dtype), atol=1e-4)
+    assert w[2] < 1e-6 and torch.allclose(
+        w[[0, 1, 3, 4, 5]], torch.ones(5, dtype=w.dtype), atol=1e-4
+    )
     assert torch.equal(w, agreement_weights(model, 1, 0))
+    with torch.no_grad():  # softplus^-1 of the gain ratios below (gains of backbone 0 are 1)
+        ratios = torch.tensor([0.2, 0.3, 0.45, 0.6, 0.9, 1.0])
+        model.gains[1].copy_(torch.log(torch.expm1(ratios)))
+    got = agreement_weights(model, 0, 1)
+    want = torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0, 1.0], dtype=got.dtype)
+    assert torch.allclose(got, want, atol=1e-3), got
+
+
+def test_agreement_ramp():
+    from usae.trainer.objective import agreement_ramp
+
+    got = [agreement_ramp(s, 100, 0.4) for s in (0, 39, 40, 45, 50, 99)]
+    assert got == pytest.approx([0, 0, 0, 0.5, 1, 1])
+    assert agreement_ramp(5, 0, 0.0) == 0.0  # total not resolved
 
 
 def test_partner_rotates_over_the_other_backbones():

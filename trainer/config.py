@@ -66,9 +66,11 @@ class TrainConfig:
     warmup_steps: int = -1
     """Linear warm-up steps (-1: one epoch)."""
     agree_weight: float = -1.0
-    """Weight of the code agreement (paper mode, M > 1): each source's rows are also encoded by a partner backbone (rotating each step) and the two codes' activations on the union of their TopK sets are pulled together, weighted per concept by min/max of the two gains (-1: the recipe's; 0: off). docs/method.md section 8."""
+    """Weight of the code agreement (paper mode, M > 1): each source's rows are also encoded by a partner backbone (rotating each step) and the two codes' activations on the union of their TopK sets are pulled together, per concept as far as the gains call it present in both (-1: the recipe's; 0: off). docs/method.md section 8."""
+    agree_start: float = -1.0
+    """Fraction of the steps before the code agreement starts (it then rises to its weight over the next 10%; -1: the recipe's)."""
     recipe: Literal["fidelity", "paper"] = "fidelity"
-    """fidelity (default): unit-norm initial decoder rows, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch) and a constant lr with a short final decay; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
+    """fidelity (default): unit-norm initial decoder rows, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch), a constant lr with a short final decay, and from 40% of the steps a code agreement between the backbones' encoders; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
     mode: Mode = "paper"
     """paper: the source's codes rebuild every backbone and the summed loss trains every decoder; reference: one AdamW per backbone and only the source backbone steps (the authors' code); independent: one separate SAE per backbone (the paper's baseline)."""
     holdout: float = 0.1
@@ -107,7 +109,14 @@ class TrainConfig:
                 f"shuffle must be {' or '.join(SHUFFLES)}, got {self.shuffle!r}",
             ),
             (self.k > 0, "k must be positive"),
-            (self.agree_weight >= 0 or self.agree_weight == -1.0, "agree_weight must be >= 0 (-1: the recipe's)"),
+            (
+                self.agree_weight >= 0 or self.agree_weight == -1.0,
+                "agree_weight must be >= 0 (-1: the recipe's)",
+            ),
+            (
+                0 <= self.agree_start <= 1 or self.agree_start == -1.0,
+                "agree_start must be in [0, 1] (-1: the recipe's)",
+            ),
             (self.batch_tokens > 0, "batch_tokens must be positive"),
             (
                 self.buffer_chunks >= 0,
@@ -134,7 +143,9 @@ class TrainConfig:
         kw = {k: v for k, v in d.items() if k in names}
         if "mode" not in d:
             kw["mode"] = "independent" if d.get("independent") else d.get("update", "paper")
-        kw.setdefault("recipe", "paper")  # runs written before recipes were trained with the paper's
+        kw.setdefault(
+            "recipe", "paper"
+        )  # runs written before recipes were trained with the paper's
         kw.setdefault("agree_weight", 0.0)  # and runs written before code agreement without it
         kw["backbones"] = tuple(kw.get("backbones", ()))
         return cls(**kw)
@@ -159,11 +170,13 @@ class Recipe:
     """cosine (the paper's) | tail (constant, then linear to 0 over the last 10%)."""
     agree: float = 0.0
     """Weight of the code agreement between each source and a partner backbone (0: off)."""
+    agree_start: float = 0.4
+    """Fraction of the steps before the agreement starts (`agreement_ramp`)."""
 
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("randn", False, False, False, False, "cosine"),
-    "fidelity": Recipe("unit", True, True, True, True, "tail"),
+    "fidelity": Recipe("unit", True, True, True, True, "tail", agree=1.0),
 }
 
 

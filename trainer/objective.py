@@ -201,7 +201,7 @@ def source_loss(
         total = total / len(targets)
     agree = None
     if partner is not None:
-        agree = code_agreement(model, i, partner, act_bm, idx_bk, x_list[partner], bn_fn=bn_fn, amp=amp)
+        agree = code_agreement(model, i, partner, act_bm, x_list[partner], bn_fn=bn_fn, amp=amp)
         total = total + agree_weight * agree
         agree = agree.detach()
     r2 = None
@@ -212,7 +212,9 @@ def source_loss(
                 for j, r in zip(targets, resid.detach().split(widths, dim=1), strict=True)
             ]
     codes = Codes(vals_bk.detach(), idx_bk, pre_bm.detach())
-    return LossParts(total, [r.detach() for r in rec_j], [a.detach() for a in aux_j], r2, codes, agree)
+    return LossParts(
+        total, [r.detach() for r in rec_j], [a.detach() for a in aux_j], r2, codes, agree
+    )
 
 
 def dead_aux(
@@ -274,15 +276,39 @@ def untracked(bn_fn: Callable[[nn.BatchNorm1d, Tensor], Tensor]):
     return fn
 
 
+AGREE_GAIN = (0.3, 0.6)
+"""Agreement weight of a concept from its gain ratio r = min/max of the two backbones' gains:
+0 up to r = 0.3, rising linearly to 1 at r = 0.6 (membership calls a backbone a member from
+r = 0.25, `usae.analysis.membership.GAIN_RATIO`; planted non-members end below ~0.28)."""
+AGREE_RAMP = 0.1
+"""Fraction of the steps over which the agreement rises from 0 to its weight."""
+AGREE_TOP = 2
+"""The agreement covers the union of each code's top AGREE_TOP x k activations: the k concepts it
+fires and the next k, so a concept at the edge of TopK (one that one encoder fires and the other
+ranks just below its k-th) is pulled into agreement before it fires from one encoder only."""
+
+
+def agreement_ramp(step: int, total: int, start: float) -> float:
+    """Multiplier of the agreement weight at `step` of `total`: 0 before `start` x total steps
+    (the gains must first tell members from non-members: every gain starts equal), then rising
+    linearly to 1 over the next AGREE_RAMP x total steps. 0 while `total` is unresolved (0)."""
+    if total <= 0:
+        return 0.0
+    return min(max((step / total - start) / AGREE_RAMP, 0.0), 1.0)
+
+
 def agreement_weights(model: USAE, i: int, j: int) -> Tensor:
-    """(m,) how much concepts must fire alike from backbones i and j: min/max of their gains
-    (detached), so a concept the gains call absent from one of the two (gain near 0 there) is
-    not pulled into it; ones without gains."""
+    """(m,) how much each concept must fire alike from backbones i and j, from the ratio of their
+    gains (detached) through AGREE_GAIN: a concept the gains call absent from one of the two is
+    not pulled into it (0), one they call present in both is pulled fully (1); ones without
+    gains."""
     if not model.spec.gains:
         return torch.ones(model.spec.concepts, device=model.decoders[i].device)
     with torch.no_grad():
         gi, gj = model.gain(i), model.gain(j)
-        return torch.minimum(gi, gj) / torch.maximum(gi, gj).clamp_min(1e-12)
+        r = torch.minimum(gi, gj) / torch.maximum(gi, gj).clamp_min(1e-12)
+        lo, hi = AGREE_GAIN
+        return ((r - lo) / (hi - lo)).clamp(0, 1)
 
 
 def code_agreement(
@@ -290,7 +316,6 @@ def code_agreement(
     i: int,
     j: int,
     act_i_bm: Tensor,
-    idx_i_bk: Tensor,
     x_j_bd: Tensor,
     *,
     bn_fn: Callable[[nn.BatchNorm1d, Tensor], Tensor] = batch_norm_local,
@@ -301,7 +326,8 @@ def code_agreement(
         mean over tokens of  (1/k) sum over c in S_i u S_j of  w_c |a_ic - a_jc|
 
     a = ReLU(BN(W x + b)) of each backbone's own activations of the token (the partner's BN on
-    batch statistics, its running statistics untouched), S the TopK sets, w `agreement_weights`.
+    batch statistics, its running statistics untouched), S the indices of each code's top
+    AGREE_TOP x k activations, w `agreement_weights`.
     Both encoders get the gradient: a concept that one selects and the other does not is pulled
     up in the one and down in the other, so two learned copies of one concept (each fired by a
     different backbone) cannot both survive, and identical backbones come to fire identically."""
@@ -312,7 +338,9 @@ def code_agreement(
     act_j = F.relu(untracked(bn_fn)(model.bns[j], h_bm.to(x_j_bd.dtype)))
     k = model.spec.k
     with torch.no_grad():
-        idx_j = torch.topk(act_j, k, dim=1, sorted=False).indices
-        mask = torch.zeros_like(act_j).scatter_(1, idx_i_bk, 1.0).scatter_(1, idx_j, 1.0)
+        top = min(AGREE_TOP * k, act_j.shape[1])
+        idx_i = torch.topk(act_i_bm.detach(), top, dim=1, sorted=False).indices
+        idx_j = torch.topk(act_j, top, dim=1, sorted=False).indices
+        mask = torch.zeros_like(act_j).scatter_(1, idx_i, 1.0).scatter_(1, idx_j, 1.0)
         mask.mul_(agreement_weights(model, i, j))
     return ((act_i_bm - act_j).abs() * mask).sum() / (act_j.shape[0] * k)

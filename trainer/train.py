@@ -40,7 +40,13 @@ from usae.trainer.inputs import (
     model_spec,
     open_store,
 )
-from usae.trainer.objective import LossParts, batch_norm_local, merge_parts, source_loss
+from usae.trainer.objective import (
+    LossParts,
+    agreement_ramp,
+    batch_norm_local,
+    merge_parts,
+    source_loss,
+)
 from usae.trainer.rundir import (
     MetricsLog,
     RunPaths,
@@ -115,11 +121,22 @@ def train_step(
     # ranks when each rank's share is a multiple of M), weighted by its share of the rows
     shares = [[x[i :: plan.n] for x in x_list] if plan.split_batch else x_list for i in sources]
     weights = [xs[0].shape[0] / x_list[0].shape[0] for xs in shares]
-    agree = cfg.agree_weight if cfg.agree_weight >= 0 else recipe.agree
+    start = cfg.agree_start if cfg.agree_start >= 0 else recipe.agree_start
+    ramp = agreement_ramp(st.step, ctx.total_steps, start)
+    agree = (cfg.agree_weight if cfg.agree_weight >= 0 else recipe.agree) * ramp
     partners = [plan.partner(i, st.step) if agree > 0 else None for i in sources]
     parts = [
-        source_loss(model, i, xs, plan.targets(i), detach=plan.detached(i), dead_m=dead(st, cfg, i),
-                    partner=p, agree_weight=agree, **kw)  # fmt: skip
+        source_loss(
+            model,
+            i,
+            xs,
+            plan.targets(i),
+            detach=plan.detached(i),
+            dead_m=dead(st, cfg, i),
+            partner=p,
+            agree_weight=agree,
+            **kw,
+        )  # fmt: skip
         for i, xs, p in zip(sources, shares, partners, strict=True)
     ]
     loss = torch.stack([p.loss * w for p, w in zip(parts, weights, strict=True)]).sum()
@@ -303,9 +320,10 @@ def _run(
         )
     total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else per_epoch
-    agree = cfg.agree_weight if cfg.agree_weight >= 0 else RECIPES[cfg.recipe].agree
+    rc = RECIPES[cfg.recipe]
     cfg = replace(cfg, backbones=tuple(keys), concepts=spec.concepts, steps=total, warmup_steps=warmup,
-                  agree_weight=agree)  # fmt: skip
+                  agree_weight=cfg.agree_weight if cfg.agree_weight >= 0 else rc.agree,
+                  agree_start=cfg.agree_start if cfg.agree_start >= 0 else rc.agree_start)  # fmt: skip
     rank0 = d.rank == 0
     if resuming:
         check_same_store(paths, st)
