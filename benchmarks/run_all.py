@@ -24,6 +24,27 @@ BENCHMARKS = {
     "extract": ["--images", "64", "--repeats", "3"],
     "maximize": [],
     "manifest_images": [],
+    "int8": [],
+    "extract_layers": [],  # extract.py with 4 layers of one backbone (SCRIPTS)
+    "recovery": [],  # slow: 18 trainings of 3000 steps (reused from bench_out/ when present)
+    "twins": [],
+}
+SCRIPTS = {
+    "extract_layers": (
+        "extract",
+        [
+            "--images",
+            "64",
+            "--repeats",
+            "3",
+            "--backbones",
+            "dinov2",
+            "--layers",
+            "3,6,9,11",
+            "--out",
+            "benchmarks/extract_layers.json",
+        ],
+    )
 }
 
 
@@ -36,7 +57,8 @@ def main(names: list[str]) -> int:
     for name in names or list(BENCHMARKS):
         print(f"\n=== {name} ===", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.call([sys.executable, str(HERE / f"{name}.py"), *BENCHMARKS[name]])
+        script, args = SCRIPTS.get(name, (name, BENCHMARKS[name]))
+        rc = subprocess.call([sys.executable, str(HERE / f"{script}.py"), *args])
         print(f"--- {name}: exit {rc}, {time.perf_counter() - t0:.0f}s", flush=True)
         if rc:
             failed.append(name)

@@ -102,7 +102,7 @@ def run_fast(
     t0 = time.perf_counter()
     outs += [train_step(st, ctx, x) for x in batches[1:]]
     dt = time.perf_counter() - t0
-    assert [o.sources[0] for o in outs] == sources, (
+    assert sources is None or [o.sources[0] for o in outs] == sources, (
         "source draws differ between the implementations"
     )
     return dt, [o.loss for o in outs[1:]]
@@ -158,10 +158,17 @@ def main() -> None:
     g = torch.Generator().manual_seed(SEED)  # the same draws train_step makes
     sources = [int(torch.randint(len(widths), (1,), generator=g)) for _ in batches]
     dead_cfg = replace(cfg, aux="dead", dead_window_tokens=10**12)
+    # the default recipe, whose step is other math (every backbone a source on its share of the
+    # batch, gains, a decoder bias), without and with its code agreement (on from step 1 here)
+    fid_init = USAE(replace(spec, decoder_init="unit", gains=True, decoder_bias=True)).train()
+    fid_cfg = TrainConfig(lr=3e-4, recipe="fidelity", agree_weight=0.0)
+    agree_cfg = replace(fid_cfg, agree_weight=1.0, agree_start=0.0)
     variants = {
         "dense fp32 (baseline)": "dense",
         "usae fp32": None,
         f"usae fp32 --aux dead ({a.dead_share:.0%} dead)": "dead",
+        "fidelity fp32, agreement off": "fid",
+        "fidelity fp32 (default)": "agree",
     }
     if fast_bf16("cpu"):
         variants["usae bf16"] = torch.bfloat16
@@ -173,6 +180,10 @@ def main() -> None:
                 dt, ls = run_dense(init, cfg, batches, sources)
             elif kind == "dead":
                 dt, ls = run_fast(init, dead_cfg, batches, None, sources, a.dead_share)
+            elif kind in ("fid", "agree"):
+                dt, ls = run_fast(
+                    fid_init, fid_cfg if kind == "fid" else agree_cfg, batches, None, None
+                )
             else:
                 dt, ls = run_fast(init, cfg, batches, kind, sources)
             times[name].append(dt)
@@ -188,12 +199,12 @@ def report(a, variants, times, losses) -> None:
         f"\ntraining step, {a.tokens} tokens/batch, widths {a.widths}, m={a.concepts}, k={a.k}, "
         f"median of {a.repeats} x {a.steps} steps, {torch.get_num_threads()} threads"
     )
-    print(f"{'variant':24} {'tokens/s':>10} {'speed-up':>9} {'max |dloss|/loss':>17}")
+    print(f"{'variant':30} {'tokens/s':>10} {'speed-up':>9} {'max |dloss|/loss':>17}")
     for name in variants:
         med = statistics.median(times[name])
         tps = a.tokens * a.steps / med
         gap = max(abs(x - y) / abs(y) for x, y in zip(losses[name], ref, strict=True))
-        if "aux dead" in name:  # another objective: its loss is not the baseline's
+        if "aux dead" in name or "fidelity" in name:  # other objectives: not the baseline's loss
             gap = float("nan")
         rows.append(
             {
@@ -205,10 +216,17 @@ def report(a, variants, times, losses) -> None:
                 "losses": losses[name],
             }
         )
-        print(f"{name:24} {tps:10.0f} {base / med:8.2f}x {gap:17.2e}")
+        print(f"{name:30} {tps:10.0f} {base / med:8.2f}x {gap:17.2e}")
+    fid = {
+        r["variant"]: statistics.median(r["times_s"]) for r in rows if "fidelity" in r["variant"]
+    }
+    if len(fid) == 2:
+        print(
+            f"code agreement: the default recipe's step takes {fid['fidelity fp32 (default)'] / fid['fidelity fp32, agreement off']:.2f}x its step without it"
+        )
     print("loss per timed step:")
     for name in variants:
-        print(f"  {name:24} " + " ".join(f"{x:.6f}" for x in losses[name]))
+        print(f"  {name:30} " + " ".join(f"{x:.6f}" for x in losses[name]))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))

@@ -857,6 +857,21 @@ def slow_fidelity_loss(model: USAE, x_list, aux_weight=0.1):
     return total
 
 
+def assert_slow_fidelity_update(model, slow, out, ref, cfg, step):
+    """The fast step's loss equals the slow loss `ref`, and its parameters equal one AdamW
+    update of `slow` from `ref` (clipped, the tail schedule at `step` of 10, 3 warm-up steps)."""
+    assert out.loss == pytest.approx(float(ref.detach()), rel=1e-10)
+    opt = torch.optim.AdamW(slow.parameters(), lr=lr_at(step, 10, 3, 1e-2, cfg.lr_min, "tail"),
+                            weight_decay=cfg.weight_decay)  # fmt: skip
+    ref.backward()
+    torch.nn.utils.clip_grad_norm_(
+        [p for p in slow.parameters() if p.grad is not None], cfg.grad_clip
+    )
+    opt.step()
+    for (name, pf), ps in zip(model.named_parameters(), slow.parameters(), strict=True):
+        assert torch.allclose(pf, ps, rtol=1e-7, atol=1e-9), name
+
+
 def fidelity_model(widths=(6, 10, 8), m=24, k=3, seed=0):
     torch.manual_seed(seed)
     spec = ModelSpec(tuple(f"b{j}" for j in range(len(widths))), widths, (0.0,) * len(widths), (1.0,) * len(widths),
@@ -888,19 +903,7 @@ def test_fidelity_step_matches_slow_update():
     out = train_step(st, _ctx(cfg), x)
     assert sorted(out.sources) == [0, 1, 2]
     ref = slow_fidelity_loss(slow, x)
-    assert out.loss == pytest.approx(float(ref.detach()), rel=1e-10)
-    opt = torch.optim.AdamW(
-        slow.parameters(),
-        lr=lr_at(0, 10, 3, 1e-2, cfg.lr_min, "tail"),
-        weight_decay=cfg.weight_decay,
-    )
-    ref.backward()
-    torch.nn.utils.clip_grad_norm_(
-        [p for p in slow.parameters() if p.grad is not None], cfg.grad_clip
-    )
-    opt.step()
-    for (name, pf), ps in zip(model.named_parameters(), slow.parameters(), strict=True):
-        assert torch.allclose(pf, ps, rtol=1e-7, atol=1e-9), name
+    assert_slow_fidelity_update(model, slow, out, ref, cfg, 0)
 
 
 def test_tail_schedule():
@@ -963,16 +966,7 @@ def test_fidelity_step_with_agreement_matches_slow_update(step, start, ramp):
         if ramp > 0:
             agree = slow_agreement(slow, i, p, [xx[i::n] for xx in x], model.spec.k)
             ref = ref + 0.7 * ramp * agree / n
-    assert out.loss == pytest.approx(float(ref.detach()), rel=1e-10)
-    opt = torch.optim.AdamW(slow.parameters(), lr=lr_at(step, 10, 3, 1e-2, cfg.lr_min, "tail"),
-                            weight_decay=cfg.weight_decay)  # fmt: skip
-    ref.backward()
-    torch.nn.utils.clip_grad_norm_(
-        [q for q in slow.parameters() if q.grad is not None], cfg.grad_clip
-    )
-    opt.step()
-    for (name, pf), ps in zip(model.named_parameters(), slow.parameters(), strict=True):
-        assert torch.allclose(pf, ps, rtol=1e-7, atol=1e-9), name
+    assert_slow_fidelity_update(model, slow, out, ref, cfg, step)
     assert (out.parts[0].agree is not None) == (ramp > 0)
 
 
@@ -1033,3 +1027,44 @@ def test_partner_rotates_over_the_other_backbones():
 
 def test_config_of_a_run_written_before_agreement_has_none():
     assert TrainConfig.from_dict({"recipe": "fidelity"}).agree_weight == 0.0
+
+
+# ---------------------------------------------------------------- gain rate
+@pytest.mark.parametrize("rate", [1.0, 10.0])
+def test_gain_rate_scales_the_gains_parameter(rate):
+    """gain = softplus(rate * g), 1 at the start for any rate; one Adam step moves the gain
+    ~rate times as far as the same step at rate 1; the spec keeps the rate, and a spec written
+    before gain rates existed reads as 1."""
+    spec = ModelSpec(("a", "b"), (5, 7), (0.0, 0.0), (1.0, 1.0), 12, 2, decoder_init="unit", gains=True,
+                     gain_rate=rate)  # fmt: skip
+    model = USAE(spec)
+    assert torch.allclose(model.gain(0), torch.ones(12))
+    assert torch.allclose(model.gain(1), F.softplus(rate * model.gains[1]))
+    opt = torch.optim.Adam([model.gains[0]], lr=1e-3)
+    (-model.gain(0).sum()).backward()
+    opt.step()
+    step = float((model.gain(0) - 1).mean().detach())
+    assert step == pytest.approx(rate * 1e-3 * 0.632, rel=0.02)  # d softplus / dx at softplus = 1
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    old = {k: v for k, v in spec.to_dict().items() if k != "gain_rate"}
+    assert ModelSpec.from_dict(old).gain_rate == 1.0
+
+
+def test_resume_keeps_the_gain_rate_the_run_was_written_with(store, tmp_path, monkeypatch):
+    """A run trained at gain rate 1 (a fidelity run written before gain rates existed) resumes at
+    rate 1 under a recipe whose rate is now 10: bitwise the run that never stopped."""
+    from dataclasses import replace
+
+    from usae.trainer.config import RECIPES
+
+    fid = RECIPES["fidelity"]
+    monkeypatch.setitem(RECIPES, "fidelity", replace(fid, gain_rate=1.0))
+    run_train(small_cfg(store, tmp_path / "a"))
+    with pytest.raises(SimulatedKill):
+        run_train(small_cfg(store, tmp_path / "b", stop_after=10))
+    monkeypatch.setitem(RECIPES, "fidelity", fid)
+    assert fid.gain_rate != 1.0
+    run_train(TrainConfig(resume=str(tmp_path / "b")))
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for kk in wa:
+        assert torch.equal(wa[kk], wb[kk]), kk

@@ -172,11 +172,13 @@ class Recipe:
     """Weight of the code agreement between each source and a partner backbone (0: off)."""
     agree_start: float = 0.4
     """Fraction of the steps before the agreement starts (`agreement_ramp`)."""
+    gain_rate: float = 1.0
+    """`ModelSpec.gain_rate`: how much faster than the other parameters the gains learn."""
 
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("randn", False, False, False, False, "cosine"),
-    "fidelity": Recipe("unit", True, True, True, True, "tail", agree=1.0),
+    "fidelity": Recipe("unit", True, True, True, True, "tail", agree=1.0, gain_rate=10.0),
 }
 
 

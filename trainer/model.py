@@ -63,6 +63,10 @@ class ModelSpec:
     gain * unit row, so a concept can be weaker, stronger or absent (gain near 0) in a model."""
     decoder_bias: bool = False
     """A learnable per-channel bias b_j per model: subtracted before the encoder, added to the decode."""
+    gain_rate: float = 1.0
+    """gain = softplus(gain_rate * g_jk): under Adam the gains then move gain_rate times faster than
+    the other parameters (every parameter moves ~lr per step), so a new concept's member set is
+    settled soon after it forms (the fidelity recipe's code agreement reads the gains)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +84,7 @@ class ModelSpec:
             decoder_init=str(d.get("decoder_init", "randn")),
             gains=bool(d.get("gains", False)),
             decoder_bias=bool(d.get("decoder_bias", False)),
+            gain_rate=float(d.get("gain_rate", 1.0)),
         )
 
 
@@ -110,7 +115,7 @@ class USAE(nn.Module):
         self.decoders = nn.ParameterList(nn.Parameter(r) for r in rows)
         if spec.gains:  # softplus(GAIN0) = 1: every concept starts at full strength everywhere
             self.gains = nn.ParameterList(
-                nn.Parameter(torch.full((m,), GAIN0)) for _ in spec.widths
+                nn.Parameter(torch.full((m,), GAIN0 / spec.gain_rate)) for _ in spec.widths
             )
         if spec.decoder_bias:
             self.dec_bias = nn.ParameterList(nn.Parameter(torch.zeros(d)) for d in spec.widths)
@@ -137,10 +142,10 @@ class USAE(nn.Module):
         return w * self.gain(j)[:, None] if self.spec.gains else w
 
     def gain(self, j: int) -> Float[Tensor, " m"]:
-        """softplus(g_j): each concept's strength in backbone j (ones without gains)."""
+        """softplus(gain_rate * g_j): each concept's strength in backbone j (ones without gains)."""
         if not self.spec.gains:
             return torch.ones(self.spec.concepts, device=self.decoders[j].device)
-        return F.softplus(self.gains[j])
+        return F.softplus(self.spec.gain_rate * self.gains[j])
 
     def bias(self, j: int) -> Float[Tensor, " d"] | None:
         """Backbone j's decoder bias (None without one)."""

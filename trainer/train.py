@@ -40,6 +40,7 @@ from usae.trainer.inputs import (
     model_spec,
     open_store,
 )
+from usae.trainer.model import ModelSpec
 from usae.trainer.objective import (
     LossParts,
     agreement_ramp,
@@ -52,6 +53,7 @@ from usae.trainer.rundir import (
     RunPaths,
     check_same_store,
     has_checkpoint,
+    read_config,
     resolve_run,
     trim_metrics,
     write_config,
@@ -325,7 +327,8 @@ def _run(
                   agree_weight=cfg.agree_weight if cfg.agree_weight >= 0 else rc.agree,
                   agree_start=cfg.agree_start if cfg.agree_start >= 0 else rc.agree_start)  # fmt: skip
     rank0 = d.rank == 0
-    if resuming:
+    if resuming:  # the run keeps the gain rate it was written with (1 before gain rates existed)
+        spec = replace(spec, gain_rate=ModelSpec.from_dict(read_config(paths)["model"]).gain_rate)
         check_same_store(paths, st)
     elif rank0:
         write_config(paths, cfg, spec, st)
