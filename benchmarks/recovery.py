@@ -46,7 +46,8 @@ RECIPES = {
     "fidelity": dict(recipe="fidelity"),
     "paper+auxdead": dict(recipe="paper", aux="dead"),
     "fidelity+auxdead": dict(recipe="fidelity", aux="dead"),
-    "fidelity-noagree": dict(recipe="fidelity", agree_weight=0.0),  # the agreement off
+    # the default without its code agreement and with gains at the common rate (the recipe before both)
+    "fidelity-noagree": dict(recipe="fidelity", agree_weight=0.0, gain_rate=1.0),
     **{
         f"fidelity@{t:g}": dict(recipe="fidelity", agree_start=t) for t in (0.0, 0.3, 0.5, 0.6)
     },  # its start

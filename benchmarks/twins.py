@@ -30,7 +30,9 @@ from usae.trainer.train import TrainConfig, run_train
 
 RECIPES = {
     "paper": dict(recipe="paper"),
-    "fidelity-noagree": dict(recipe="fidelity", agree_weight=0.0),  # without its code agreement
+    "fidelity-noagree": dict(
+        recipe="fidelity", agree_weight=0.0, gain_rate=1.0
+    ),  # the recipe before both
     "fidelity": dict(recipe="fidelity"),
 }
 

@@ -69,8 +69,10 @@ class TrainConfig:
     """Weight of the code agreement (paper mode, M > 1): each source's rows are also encoded by a partner backbone (rotating each step) and the two codes' activations on the union of their TopK sets are pulled together, per concept as far as the gains call it present in both (-1: the recipe's; 0: off). docs/method.md section 8."""
     agree_start: float = -1.0
     """Fraction of the steps before the code agreement starts (it then rises to its weight over the next 10%; -1: the recipe's)."""
+    gain_rate: float = -1.0
+    """How much faster than the other parameters the per-model gains learn (gain = softplus(rate x g); -1: the recipe's; recipes without gains ignore it)."""
     recipe: Literal["fidelity", "paper"] = "fidelity"
-    """fidelity (default): unit-norm initial decoder rows, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch), a constant lr with a short final decay, and from 40% of the steps a code agreement between the backbones' encoders; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
+    """fidelity (default): unit-norm initial decoder rows, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch), a constant lr with a short final decay, and from half of the steps a code agreement between the backbones' encoders; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
     mode: Mode = "paper"
     """paper: the source's codes rebuild every backbone and the summed loss trains every decoder; reference: one AdamW per backbone and only the source backbone steps (the authors' code); independent: one separate SAE per backbone (the paper's baseline)."""
     holdout: float = 0.1
@@ -116,6 +118,10 @@ class TrainConfig:
             (
                 0 <= self.agree_start <= 1 or self.agree_start == -1.0,
                 "agree_start must be in [0, 1] (-1: the recipe's)",
+            ),
+            (
+                self.gain_rate > 0 or self.gain_rate == -1.0,
+                "gain_rate must be > 0 (-1: the recipe's)",
             ),
             (self.batch_tokens > 0, "batch_tokens must be positive"),
             (
@@ -170,7 +176,7 @@ class Recipe:
     """cosine (the paper's) | tail (constant, then linear to 0 over the last 10%)."""
     agree: float = 0.0
     """Weight of the code agreement between each source and a partner backbone (0: off)."""
-    agree_start: float = 0.4
+    agree_start: float = 0.5
     """Fraction of the steps before the agreement starts (`agreement_ramp`)."""
     gain_rate: float = 1.0
     """`ModelSpec.gain_rate`: how much faster than the other parameters the gains learn."""
