@@ -1027,6 +1027,7 @@ def test_partner_rotates_over_the_other_backbones():
 
 def test_config_of_a_run_written_before_agreement_has_none():
     assert TrainConfig.from_dict({"recipe": "fidelity"}).agree_weight == 0.0
+    assert TrainConfig.from_dict({"recipe": "fidelity"}).gain_rate == 1.0
 
 
 # ---------------------------------------------------------------- gain rate

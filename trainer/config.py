@@ -16,7 +16,7 @@ The three modes (docs/method.md, section 3):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -152,9 +152,22 @@ class TrainConfig:
         kw.setdefault(
             "recipe", "paper"
         )  # runs written before recipes were trained with the paper's
-        kw.setdefault("agree_weight", 0.0)  # and runs written before code agreement without it
+        kw.setdefault("agree_weight", 0.0)  # and runs written before code agreement without it,
+        kw.setdefault("gain_rate", 1.0)  # and before gain rates at the common rate
         kw["backbones"] = tuple(kw.get("backbones", ()))
         return cls(**kw)
+
+    def resolved(self) -> TrainConfig:
+        """This config with every "-1: the recipe's" field (agree_weight, agree_start, gain_rate)
+        set from its recipe; gain_rate is 1 for a recipe without gains."""
+        rc = RECIPES[self.recipe]
+        rate = (self.gain_rate if self.gain_rate > 0 else rc.gain_rate) if rc.gains else 1.0
+        return replace(
+            self,
+            agree_weight=self.agree_weight if self.agree_weight >= 0 else rc.agree,
+            agree_start=self.agree_start if self.agree_start >= 0 else rc.agree_start,
+            gain_rate=rate,
+        )
 
 
 @dataclass(frozen=True)

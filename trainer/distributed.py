@@ -85,8 +85,9 @@ class _SumOverRanks(torch.autograd.Function):
         return g
 
 
-def batch_norm_global(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
-    """Training-mode BatchNorm with statistics over the GLOBAL batch of all DDP ranks.
+def batch_norm_global(bn: nn.BatchNorm1d, h_bm: Tensor, track: bool = True) -> Tensor:
+    """Training-mode BatchNorm with statistics over the GLOBAL batch of all DDP ranks; `track`
+    updates the running statistics (as `batch_norm_local`).
 
     SyncBatchNorm does not run on CPU; this all-reduces sum and centred sum of squares with a
     differentiable all_reduce, so gradients see the global statistics as well.
@@ -96,11 +97,14 @@ def batch_norm_global(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
     dist.all_reduce(n)
     mean_m = all_reduce(h_bm.sum(0)) / n
     var_m = all_reduce((h_bm - mean_m).square().sum(0)) / n
-    with torch.no_grad():
-        mom = bn.momentum
-        bn.running_mean.mul_(1 - mom).add_(mean_m.detach(), alpha=mom)
-        bn.running_var.mul_(1 - mom).add_(var_m.detach() * (n / (n - 1).clamp_min(1)), alpha=mom)
-        bn.num_batches_tracked.add_(1)
+    if track:
+        with torch.no_grad():
+            mom = bn.momentum
+            bn.running_mean.mul_(1 - mom).add_(mean_m.detach(), alpha=mom)
+            bn.running_var.mul_(1 - mom).add_(
+                var_m.detach() * (n / (n - 1).clamp_min(1)), alpha=mom
+            )
+            bn.num_batches_tracked.add_(1)
     return (h_bm - mean_m) * torch.rsqrt(var_m + bn.eps) * bn.weight + bn.bias
 
 

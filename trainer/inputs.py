@@ -76,9 +76,7 @@ def model_spec(st: Store, keys: Sequence[str], cfg: TrainConfig) -> ModelSpec:
         decoder_init=recipe.decoder_init,
         gains=recipe.gains,
         decoder_bias=recipe.decoder_bias,
-        gain_rate=(cfg.gain_rate if cfg.gain_rate > 0 else recipe.gain_rate)
-        if recipe.gains
-        else 1.0,
+        gain_rate=cfg.resolved().gain_rate,
     )
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -45,8 +44,11 @@ class LossParts(NamedTuple):
     """Code agreement with the partner backbone (detached; None without one)."""
 
 
-def batch_norm_local(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
-    """Training-mode BatchNorm over this process's batch (updates running statistics)."""
+def batch_norm_local(bn: nn.BatchNorm1d, h_bm: Tensor, track: bool = True) -> Tensor:
+    """Training-mode BatchNorm over this process's batch; `track` updates the running statistics
+    (False: a second pass of the same encoder in one step, which must not count twice)."""
+    if not track:
+        return F.batch_norm(h_bm, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
     bn.num_batches_tracked.add_(1)
     return F.batch_norm(
         h_bm, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps
@@ -149,7 +151,7 @@ def source_loss(
     loss: str,
     aux_weight: float,
     detach: Sequence[int] = (),
-    bn_fn: Callable[[nn.BatchNorm1d, Tensor], Tensor] = batch_norm_local,
+    bn_fn: Callable[..., Tensor] = batch_norm_local,
     amp: torch.dtype | None = None,
     with_r2: bool = False,
     aux: str = "paper",
@@ -260,22 +262,6 @@ def merge_parts(parts: Sequence[LossParts], weights: Sequence[float]) -> LossPar
     return LossParts(loss, rec, aux, r2, codes, agree)
 
 
-def untracked(bn_fn: Callable[[nn.BatchNorm1d, Tensor], Tensor]):
-    """`bn_fn` in training mode (batch statistics, global under DDP) that leaves the running
-    statistics as they were: a second pass of a backbone's encoder in the same step (the
-    partner pass of `code_agreement`) must not count twice in them. bn_fn updates copies."""
-
-    def fn(bn: nn.BatchNorm1d, h_bm: Tensor) -> Tensor:
-        view = SimpleNamespace(
-            weight=bn.weight, bias=bn.bias, eps=bn.eps, momentum=bn.momentum,
-            running_mean=bn.running_mean.clone(), running_var=bn.running_var.clone(),
-            num_batches_tracked=bn.num_batches_tracked.clone(),
-        )  # fmt: skip
-        return bn_fn(view, h_bm)
-
-    return fn
-
-
 AGREE_GAIN = (0.3, 0.6)
 """Agreement weight of a concept from its gain ratio r = min/max of the two backbones' gains:
 0 up to r = 0.3, rising linearly to 1 at r = 0.6 (membership calls a backbone a member from
@@ -318,7 +304,7 @@ def code_agreement(
     act_i_bm: Tensor,
     x_j_bd: Tensor,
     *,
-    bn_fn: Callable[[nn.BatchNorm1d, Tensor], Tensor] = batch_norm_local,
+    bn_fn: Callable[..., Tensor] = batch_norm_local,
     amp: torch.dtype | None = None,
 ) -> Tensor:
     """Code agreement of source i with partner j on the same tokens (docs/method.md section 8):
@@ -335,7 +321,7 @@ def code_agreement(
     ac = torch.autocast(dev, dtype=amp) if amp is not None else nullcontext()
     with ac:
         h_bm = model.encoders[j](model.encoder_input(j, x_j_bd))
-    act_j = F.relu(untracked(bn_fn)(model.bns[j], h_bm.to(x_j_bd.dtype)))
+    act_j = F.relu(bn_fn(model.bns[j], h_bm.to(x_j_bd.dtype), track=False))
     k = model.spec.k
     with torch.no_grad():
         top = min(AGREE_TOP * k, act_j.shape[1])

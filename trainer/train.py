@@ -40,7 +40,6 @@ from usae.trainer.inputs import (
     model_spec,
     open_store,
 )
-from usae.trainer.model import ModelSpec
 from usae.trainer.objective import (
     LossParts,
     agreement_ramp,
@@ -53,7 +52,6 @@ from usae.trainer.rundir import (
     RunPaths,
     check_same_store,
     has_checkpoint,
-    read_config,
     resolve_run,
     trim_metrics,
     write_config,
@@ -84,6 +82,9 @@ class StepContext:
     world: int
     amp: torch.dtype | None
     device: torch.device = torch.device("cpu")
+
+    def __post_init__(self) -> None:  # "-1: the recipe's" fields resolved, whoever builds it
+        object.__setattr__(self, "cfg", self.cfg.resolved())
 
 
 class StepOut(NamedTuple):
@@ -123,9 +124,7 @@ def train_step(
     # ranks when each rank's share is a multiple of M), weighted by its share of the rows
     shares = [[x[i :: plan.n] for x in x_list] if plan.split_batch else x_list for i in sources]
     weights = [xs[0].shape[0] / x_list[0].shape[0] for xs in shares]
-    start = cfg.agree_start if cfg.agree_start >= 0 else recipe.agree_start
-    ramp = agreement_ramp(st.step, ctx.total_steps, start)
-    agree = (cfg.agree_weight if cfg.agree_weight >= 0 else recipe.agree) * ramp
+    agree = cfg.agree_weight * agreement_ramp(st.step, ctx.total_steps, cfg.agree_start)
     partners = [plan.partner(i, st.step) if agree > 0 else None for i in sources]
     parts = [
         source_loss(
@@ -138,7 +137,7 @@ def train_step(
             partner=p,
             agree_weight=agree,
             **kw,
-        )  # fmt: skip
+        )
         for i, xs, p in zip(sources, shares, partners, strict=True)
     ]
     loss = torch.stack([p.loss * w for p, w in zip(parts, weights, strict=True)]).sum()
@@ -322,13 +321,15 @@ def _run(
         )
     total = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else per_epoch
-    rc = RECIPES[cfg.recipe]
-    cfg = replace(cfg, backbones=tuple(keys), concepts=spec.concepts, steps=total, warmup_steps=warmup,
-                  agree_weight=cfg.agree_weight if cfg.agree_weight >= 0 else rc.agree,
-                  agree_start=cfg.agree_start if cfg.agree_start >= 0 else rc.agree_start)  # fmt: skip
+    cfg = replace(
+        cfg.resolved(),
+        backbones=tuple(keys),
+        concepts=spec.concepts,
+        steps=total,
+        warmup_steps=warmup,
+    )
     rank0 = d.rank == 0
-    if resuming:  # the run keeps the gain rate it was written with (1 before gain rates existed)
-        spec = replace(spec, gain_rate=ModelSpec.from_dict(read_config(paths)["model"]).gain_rate)
+    if resuming:
         check_same_store(paths, st)
     elif rank0:
         write_config(paths, cfg, spec, st)
