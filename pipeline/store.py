@@ -486,6 +486,15 @@ class Store:
             return out
         return np.asarray(arr)
 
+    def read_chunk_rows(self, key: str, i: int, rows: np.ndarray) -> np.ndarray:
+        """Some rows of chunk i of one backbone (`rows`: offsets inside the chunk), as
+        ``read_chunk(key, i)[rows]`` (int8 dequantised). A raw array is memory-mapped, so only
+        the pages of those rows are read."""
+        if not self._direct[key]:
+            return self.read_chunk(key, i)[rows]
+        x = self.map_chunk(key, i)[rows]
+        return dequantize_int8(x, self.scales(key)[i]) if self.is_int8(key) else x
+
     def open_chunk(self, key: str, i: int) -> int | None:
         """A read-only file descriptor of chunk i's file of one backbone (raw arrays only), for
         reading parts of it with ``os.preadv``; None when the chunk was never written (zeros).

@@ -26,7 +26,9 @@ def _fill(store: Store, data: dict[str, np.ndarray], valid: np.ndarray, chunks=N
         store.write_chunk(i, {k: v[r0:r1] for k, v in data.items()}, valid[a:b], failures=fails)
 
 
-def _make(tmp_path, n, tpi_hw, chunk, widths, seed=0, valid=None, name="s.zarr"):
+def _make(
+    tmp_path, n, tpi_hw, chunk, widths, seed=0, valid=None, name="s.zarr", store_dtype="float16"
+):
     rng = np.random.default_rng(seed)
     t = tpi_hw[0] * tpi_hw[1]
     layouts = [BackboneLayout(f"b{j}", w) for j, w in enumerate(widths)]
@@ -38,6 +40,7 @@ def _make(tmp_path, n, tpi_hw, chunk, widths, seed=0, valid=None, name="s.zarr")
         chunk_images=chunk,
         source="synth",
         fingerprint_of={"seed": seed},
+        store_dtype=store_dtype,
     )
     data = {
         f"b{j}": (rng.normal(size=(n * t, w)) * 3 + 1).astype(np.float16)
@@ -231,6 +234,17 @@ def test_mapped_and_opened_chunks_never_written_are_zeros_and_need_raw_arrays(tm
     for read in (s.map_chunk, s.open_chunk):
         with pytest.raises(StoreError, match="not stored raw"):
             read("b0", 0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_read_chunk_rows_matches_rows_of_read_chunk(tmp_path, dtype):
+    s, _, _ = _make(tmp_path, 6, (2, 2), 2, [3, 5], store_dtype=dtype)
+    rows = np.array([7, 0, 3, 3])
+    for c in range(s.n_chunks):
+        for k in s.backbones:
+            np.testing.assert_array_equal(s.read_chunk_rows(k, c, rows), s.read_chunk(k, c)[rows])
+    s._direct["b0"] = False  # a compressed array: through zarr
+    np.testing.assert_array_equal(s.read_chunk_rows("b0", 1, rows), s.read_chunk("b0", 1)[rows])
 
 
 def test_duplicate_ids_rejected(tmp_path):

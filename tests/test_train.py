@@ -412,6 +412,7 @@ def store(tmp_path_factory):
         dict(mode="reference"),
         dict(mode="independent"),
         dict(mode="paper", aux="dead", dead_window_tokens=64),
+        dict(mode="paper", init="data"),
     ],
 )
 def test_resume_is_bitwise_identical(store, tmp_path, mode):

@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 from usae.trainer.loader import SHUFFLES
+from usae.trainer.model import DECODER_INITS
 
 from usae.errors import UsaeError
 from usae.runtime import check_device_name
@@ -71,8 +72,10 @@ class TrainConfig:
     """Fraction of the steps before the code agreement starts (it then rises to its weight over the next 10%; -1: the recipe's)."""
     gain_rate: float = -1.0
     """How much faster than the other parameters the per-model gains learn (gain = softplus(rate x g); -1: the recipe's; recipes without gains ignore it)."""
+    init: Literal["recipe", "randn", "unit", "data"] = "recipe"
+    """Start of the decoder rows (recipe: the recipe's): randn (the paper: norm ~sqrt(d)), unit (random unit rows), or data (concept c starts in every backbone, decoder and encoder row, at that backbone's activation of one same random training token; docs/method.md section 8)."""
     recipe: Literal["fidelity", "paper"] = "fidelity"
-    """fidelity (default): unit-norm initial decoder rows, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch), a constant lr with a short final decay, and from half of the steps a code agreement between the backbones' encoders; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
+    """fidelity (default): decoder and encoder rows started at one same training token in every backbone, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch), a constant lr with a short final decay, and from half of the steps a code agreement between the backbones' encoders; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
     mode: Mode = "paper"
     """paper: the source's codes rebuild every backbone and the summed loss trains every decoder; reference: one AdamW per backbone and only the source backbone steps (the authors' code); independent: one separate SAE per backbone (the paper's baseline)."""
     holdout: float = 0.1
@@ -109,6 +112,10 @@ class TrainConfig:
             (
                 self.shuffle in SHUFFLES,
                 f"shuffle must be {' or '.join(SHUFFLES)}, got {self.shuffle!r}",
+            ),
+            (
+                self.init in ("recipe", *DECODER_INITS),
+                f"init must be recipe, {', '.join(DECODER_INITS)}, got {self.init!r}",
             ),
             (self.k > 0, "k must be positive"),
             (
@@ -153,12 +160,13 @@ class TrainConfig:
             "recipe", "paper"
         )  # runs written before recipes were trained with the paper's
         kw.setdefault("agree_weight", 0.0)  # and runs written before code agreement without it,
-        kw.setdefault("gain_rate", 1.0)  # and before gain rates at the common rate
+        kw.setdefault("gain_rate", 1.0)  # and before gain rates at the common rate,
+        kw.setdefault("init", "unit" if kw["recipe"] == "fidelity" else "randn")  # and inits
         kw["backbones"] = tuple(kw.get("backbones", ()))
         return cls(**kw)
 
     def resolved(self) -> TrainConfig:
-        """This config with every "-1: the recipe's" field (agree_weight, agree_start, gain_rate)
+        """This config with every "the recipe's" field (agree_weight, agree_start, gain_rate, init)
         set from its recipe; gain_rate is 1 for a recipe without gains."""
         rc = RECIPES[self.recipe]
         rate = (self.gain_rate if self.gain_rate > 0 else rc.gain_rate) if rc.gains else 1.0
@@ -167,6 +175,7 @@ class TrainConfig:
             agree_weight=self.agree_weight if self.agree_weight >= 0 else rc.agree,
             agree_start=self.agree_start if self.agree_start >= 0 else rc.agree_start,
             gain_rate=rate,
+            init=rc.decoder_init if self.init == "recipe" else self.init,
         )
 
 
@@ -175,7 +184,7 @@ class Recipe:
     """What a recipe sets (docs/method.md, sections 3 and 8)."""
 
     decoder_init: str
-    """randn | unit: the decoder rows' initial norm (~sqrt(d) or 1)."""
+    """randn | unit | data: the decoder rows' start (`TrainConfig.init`)."""
     gains: bool
     """A learnable per-concept, per-backbone gain (so a concept can be absent from a backbone)."""
     decoder_bias: bool
@@ -197,7 +206,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("randn", False, False, False, False, "cosine"),
-    "fidelity": Recipe("unit", True, True, True, True, "tail", agree=1.0, gain_rate=10.0),
+    "fidelity": Recipe("data", True, True, True, True, "tail", agree=1.0, gain_rate=10.0),
 }
 
 

@@ -73,7 +73,7 @@ def model_spec(st: Store, keys: Sequence[str], cfg: TrainConfig) -> ModelSpec:
         concepts=cfg.concepts or 8 * max(widths),
         k=cfg.k,
         independent=cfg.mode == "independent",
-        decoder_init=recipe.decoder_init,
+        decoder_init=cfg.resolved().init,
         gains=recipe.gains,
         decoder_bias=recipe.decoder_bias,
         gain_rate=cfg.resolved().gain_rate,
@@ -88,6 +88,48 @@ def channel_means(st: Store, keys: Sequence[str], spec: ModelSpec) -> list[torch
         mean = torch.as_tensor(np.asarray(st.stats(k)["mean"], dtype=np.float64))
         out.append(((mean - spec.mu[i]) / (spec.sigma[i] + STD_EPS)).float())
     return out
+
+
+SEED_CHUNKS = 32
+"""Store chunks the data-aligned start draws its tokens from (a bounded read on any store)."""
+
+
+def seed_tokens(
+    st: Store, keys: Sequence[str], spec: ModelSpec, images: np.ndarray, seed: int
+) -> list[Tensor]:
+    """The data-aligned start's tokens (`USAE.seed_from_tokens`): up to m distinct training
+    tokens, drawn at random from up to SEED_CHUNKS random store chunks that hold training images,
+    as each backbone's encoder input (standardised, less the channel mean when the model has a
+    decoder bias); rows[j][c] is the same token in every backbone j. Tokens that are non-finite
+    or zero in some backbone are left out. Held-out images are never read, and the draw depends
+    only on the store, the images and the seed (every DDP rank draws the same)."""
+    tpi = st.tokens_per_image
+    per_chunk = [images[slice(*st.chunk_images_range(c))] for c in range(st.n_chunks)]
+    have = [c for c in range(st.n_chunks) if per_chunk[c].any()]
+    rng = np.random.default_rng([seed, 0x5EED])
+    chunks = np.sort(rng.choice(have, size=min(SEED_CHUNKS, len(have)), replace=False))
+    # (chunk, local row) of every training token in the chosen chunks, then a random m of them
+    cand = np.concatenate(
+        [
+            np.stack([np.full(n, c), np.flatnonzero(np.repeat(per_chunk[c], tpi))], 1)
+            for c in chunks
+            for n in [int(per_chunk[c].sum()) * tpi]
+        ]
+    )
+    pick = cand[rng.choice(len(cand), size=min(spec.concepts, len(cand)), replace=False)]
+    means = channel_means(st, keys, spec) if spec.decoder_bias else None
+    rows = []
+    for j, key in enumerate(keys):
+        x = np.empty((len(pick), st.widths[key]), dtype=np.float32)
+        for c in chunks:
+            at = pick[:, 0] == c
+            x[at] = st.read_chunk_rows(key, int(c), pick[at, 1])
+        t = (torch.from_numpy(x) - spec.mu[j]) / (spec.sigma[j] + STD_EPS)
+        rows.append(t - means[j] if means is not None else t)
+    keep = torch.ones(len(pick), dtype=torch.bool)
+    for t in rows:
+        keep &= torch.isfinite(t).all(1) & (t.norm(dim=1) > 1e-6)
+    return [t[keep] for t in rows]
 
 
 def make_loader(

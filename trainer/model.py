@@ -30,7 +30,7 @@ from usae.runtime import atomic_path
 STD_EPS = 1e-5
 GAIN0 = math.log(math.e - 1)
 """Gain parameter whose softplus is 1."""
-DECODER_INITS = ("randn", "unit")
+DECODER_INITS = ("randn", "unit", "data")
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -57,7 +57,9 @@ class ModelSpec:
     independent: bool = False
     """True: one separate SAE per backbone (the paper's baseline); codes never cross models."""
     decoder_init: str = "randn"
-    """randn (the paper: rows of norm ~sqrt(d), normalised at use) or unit (rows of norm 1)."""
+    """randn (the paper: rows of norm ~sqrt(d), normalised at use), unit (rows of norm 1), or data
+    (unit rows that the trainer replaces before the first step: concept c starts in every backbone
+    at that backbone's activation of one same training token, `USAE.seed_from_tokens`)."""
     gains: bool = False
     """A learnable gain per concept and model, softplus(g_jk) >= 0 (starts at 1): decoder row =
     gain * unit row, so a concept can be weaker, stronger or absent (gain near 0) in a model."""
@@ -110,7 +112,7 @@ class USAE(nn.Module):
         self.encoders = nn.ModuleList(nn.Linear(d, m) for d in spec.widths)
         self.bns = nn.ModuleList(nn.BatchNorm1d(m) for _ in spec.widths)
         rows = [torch.randn(m, d) for d in spec.widths]
-        if spec.decoder_init == "unit":
+        if spec.decoder_init in ("unit", "data"):
             rows = [F.normalize(r, dim=1) for r in rows]
         self.decoders = nn.ParameterList(nn.Parameter(r) for r in rows)
         if spec.gains:  # softplus(GAIN0) = 1: every concept starts at full strength everywhere
@@ -133,6 +135,20 @@ class USAE(nn.Module):
 
     def standardize(self, i: int, acts_bd: Tensor) -> Float[Tensor, "b d"]:
         return (acts_bd - self.mu[i]) / (self.sigma[i] + STD_EPS)
+
+    @torch.no_grad()
+    def seed_from_tokens(self, rows: list[Tensor]) -> None:
+        """Data-aligned start: rows[j] (n, d_j) holds backbone j's encoder inputs (standardised,
+        less the decoder bias) of the same n tokens in every backbone. Concept c < n starts with
+        decoder row and encoder row rows[j][c] / |rows[j][c]| in every backbone j, and encoder bias
+        0, so it first fires most for its own token; concepts c >= n keep their random start.
+        Tokens are aligned across backbones, so two identical backbones start identical."""
+        for j, r in enumerate(rows):
+            n = r.shape[0]
+            u = F.normalize(r.to(self.decoders[j].dtype), dim=1)
+            self.decoders[j][:n].copy_(u)
+            self.encoders[j].weight[:n].copy_(u)
+            self.encoders[j].bias[:n].zero_()
 
     def decoder_weight(self, j: int) -> Float[Tensor, "m d"]:
         """Decoder of backbone j: unit-norm rows (gradient flows through the norm), each times

@@ -39,6 +39,7 @@ from usae.trainer.inputs import (
     make_loader,
     model_spec,
     open_store,
+    seed_tokens,
 )
 from usae.trainer.objective import (
     LossParts,
@@ -338,10 +339,15 @@ def _run(
         with torch.no_grad():
             for b, mean in zip(s.model.dec_bias, channel_means(st, keys, spec), strict=True):
                 b.copy_(mean)
+    restoring = resuming and has_checkpoint(paths)
+    if spec.decoder_init == "data" and not restoring:
+        s.model.seed_from_tokens(
+            [t.to(d.device) for t in seed_tokens(st, keys, spec, train_images, cfg.seed)]
+        )
     if resuming:
         if rank0:
             ckpt.remove_stale_temporaries(paths.checkpoint)
-        if has_checkpoint(paths):
+        if restoring:
             restore_state(paths.checkpoint, s, loader)
         if rank0:
             trim_metrics(paths, s.step)
