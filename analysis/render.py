@@ -133,7 +133,8 @@ def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int])
     layers = _layer_section(m.get("layer_alignment"))
     return f"""<header><h1>USAE report</h1>
 <div class="meta">run {esc(m["run"])} &middot; store {esc(m["store"])} &middot; {m["n_images"]} images ({esc(m["images"])}),
-{m["n_tokens"]} tokens &middot; {m["concepts"]} concepts, k = {m["k"]} &middot; tau = {m["tau"]}{" &middot; independent SAEs" if m["independent"] else ""}</div></header>
+{m["n_tokens"]} tokens &middot; {m["concepts"]} concepts, k = {m["k"]} &middot; tau = {m["tau"]}{" &middot; independent SAEs" if m["independent"] else ""}
+&middot; {esc(_trained(m))}</div></header>
 <div class="cards">{"".join(cards)}</div>{warn}
 <h2>Cross-model reconstruction (R2, scalar mean)</h2>{r2_table}{layers}
 <h2>Figures</h2><div class="figs">{figs}</div>
@@ -276,6 +277,14 @@ def _concept_body(
 
 
 # ---------------------------------------------------------------- terminal
+def _trained(m: dict) -> str:
+    """One line on how the run was trained ("" for metrics without it)."""
+    t = m.get("training")
+    if not t:
+        return ""
+    return f"trained: recipe {t['recipe']}, mode {t['mode']}, init {t['init']}, {t['steps']} steps"
+
+
 def print_summary(m: dict) -> None:
     from rich.console import Console
 
@@ -288,6 +297,8 @@ def print_summary(m: dict) -> None:
     )
     con = Console()
     con.print(tab)
+    if m.get("training"):
+        con.print(_trained(m), highlight=False)
     c = m["cofire_vs_importance"]
     fe = m["firing_entropy"]
     con.print(

@@ -413,6 +413,7 @@ def summary_metrics(
         "store_fingerprint": inp.store.attrs.get("fingerprint"),
         "run_store_fingerprint": (inp.run_cfg.get("store") or {}).get("fingerprint"),
         "independent": inp.model.spec.independent,
+        "training": training_entry(inp.run_cfg),
         "images": which,
         "n_images": int(n_img),
         "n_tokens": int(s.n_tokens),
@@ -441,6 +442,19 @@ def summary_metrics(
         "warnings": notes,
         "config": asdict(cfg),
     }
+
+
+def training_entry(run_cfg: dict) -> dict | None:
+    """How the run was trained, as its config.json says (what a reader of the findings needs:
+    the recipe, the mode, the start, the steps; None when the config records no training)."""
+    from usae.trainer.config import TrainConfig
+
+    train = run_cfg.get("train") or {}
+    if not train:
+        return None
+    t = TrainConfig.from_dict(train)  # the same reading of old configs as resuming
+    return {"recipe": t.recipe, "mode": t.mode, "init": t.resolved().init, "steps": train.get("steps"),
+            "agree_weight": t.resolved().agree_weight, "backbones": list(t.backbones)}  # fmt: skip
 
 
 def layer_entry(cfg: AnalyzeConfig, inp: Inputs, s: mx.Sums, rec: Reconstruction) -> dict | None:

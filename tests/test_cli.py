@@ -133,7 +133,13 @@ def test_demo_end_to_end_tiny(tmp_path):
         store_attrs
     )
     metrics = json.loads((d / "report" / "metrics.json").read_text())
-    assert metrics  # the report's scalar findings exist
+    # the findings say how they were trained: the default recipe, resolved as the run recorded it
+    run_train = json.loads((d / "run" / "config.json").read_text())["train"]
+    assert metrics["training"] == {
+        "recipe": "fidelity", "mode": "paper", "init": "data", "steps": 8,
+        "agree_weight": run_train["agree_weight"], "backbones": run_train["backbones"],
+    }  # fmt: skip
+    assert "recipe fidelity, mode paper, init data, 8 steps" in index.read_text()
     assert any((d / "report" / "maximize").rglob("panel.png"))
     # re-running reuses the finished store and run
     r2 = subprocess.run(args, capture_output=True, text=True, timeout=600)
