@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from test_train import make_store, small_cfg, weights
 from usae.pipeline.store import BackboneLayout, Store
 from usae.trainer.config import TrainConfig
-from usae.trainer.inputs import image_masks, model_spec, open_store, seed_tokens
+from hypothesis import given, settings
+from hypothesis import strategies as hst
+from usae.trainer.inputs import (
+    SEED_COSINE,
+    image_masks,
+    model_spec,
+    open_store,
+    seed_tokens,
+    spread_out,
+)
 from usae.trainer.model import STD_EPS, USAE
 from usae.trainer.train import run_train
 
@@ -63,6 +72,37 @@ def test_seed_tokens_are_training_tokens_aligned_across_backbones(store, tmp_pat
     assert (at[0] >= 0).all() and len(set(at[0].tolist())) == 40  # distinct training tokens
     assert (at[0] == at[1]).all()  # the same token in every backbone
     assert (match(rows[0], slow_tokens(st, keys, spec, held)[0]) == -1).all()  # never held out
+
+
+def slow_spread(z: np.ndarray, cosine: float, limit: int) -> list[int]:
+    kept: list[int] = []
+    for a in range(len(z)):
+        if len(kept) < limit and all(float(z[a] @ z[b]) < cosine for b in kept):
+            kept.append(a)
+    return kept
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=hst.integers(1, 300), d=hst.integers(2, 6), cosine=hst.floats(0.3, 0.99),
+       limit=hst.integers(1, 300), block=hst.sampled_from([1, 7, 64]), seed=hst.integers(0, 99))  # fmt: skip
+def test_spread_out_matches_the_one_by_one_greedy(n, d, cosine, limit, block, seed):
+    z = F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) + 0.5, dim=1)
+    got = spread_out(z, cosine, limit=limit, block=block)
+    assert got.tolist() == slow_spread(z.numpy(), cosine, limit)
+
+
+def test_seeds_are_spread_out_and_the_rest_were_too_close(store, tmp_path):
+    """The seeds start with tokens pairwise below SEED_COSINE (mean over the backbones); every
+    later one is closer than that to one of them."""
+    cfg, st, keys, spec, train, _ = _opened(store, tmp_path, concepts=60)
+    rows = seed_tokens(st, keys, spec, train, seed=0)
+    u = [F.normalize(t.double(), dim=1).numpy() for t in rows]
+    sim = sum(a @ a.T for a in u) / len(u)  # mean cosine over the backbones
+    np.fill_diagonal(sim, -1)
+    n = next((c for c in range(len(sim)) if sim[c, :c].max(initial=-1) >= SEED_COSINE), len(sim))
+    assert 5 < n < 60 == len(sim)  # both kinds occur on this store
+    assert (sim[:n, :n] < SEED_COSINE).all()
+    assert (sim[n:, :n].max(1) >= SEED_COSINE).all()
 
 
 def test_seed_tokens_follow_the_seed(store, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from usae.pipeline.store import Store
 from usae.trainer.config import RECIPES, TrainConfig, TrainError
@@ -92,23 +93,33 @@ def channel_means(st: Store, keys: Sequence[str], spec: ModelSpec) -> list[torch
 
 SEED_CHUNKS = 32
 """Store chunks the data-aligned start draws its tokens from (a bounded read on any store)."""
+SEED_POOL = 4
+"""Candidate tokens per concept the data-aligned start reads (`seed_tokens`)."""
+SEED_COSINE = 0.9
+"""Two seeds closer than this (mean cosine over the backbones) would start one concept twice."""
 
 
 def seed_tokens(
     st: Store, keys: Sequence[str], spec: ModelSpec, images: np.ndarray, seed: int
 ) -> list[Tensor]:
     """The data-aligned start's tokens (`USAE.seed_from_tokens`): up to m distinct training
-    tokens, drawn at random from up to SEED_CHUNKS random store chunks that hold training images,
-    as each backbone's encoder input (standardised, less the channel mean when the model has a
-    decoder bias); rows[j][c] is the same token in every backbone j. Tokens that are non-finite
-    or zero in some backbone are left out. Held-out images are never read, and the draw depends
-    only on the store, the images and the seed (every DDP rank draws the same)."""
+    tokens as each backbone's encoder input (standardised, less the channel mean when the model
+    has a decoder bias); rows[j][c] is the same token in every backbone j.
+
+    A pool of up to SEED_POOL x m tokens is drawn at random from up to SEED_CHUNKS random store
+    chunks that hold training images, and `spread_out` keeps, in the pool's random order, each
+    token whose mean cosine over the backbones to every token kept before is below SEED_COSINE:
+    two near-identical seeds (common on backgrounds) would start one concept twice, and each
+    backbone's encoder could then settle on a different one of the two. When fewer tokens pass,
+    the rest of the m are the pool's others, in its order. Tokens that are non-finite or zero in
+    some backbone are left out. Held-out images are never read, and the draw depends only on the
+    store, the images and the seed (every DDP rank draws the same)."""
     tpi = st.tokens_per_image
     per_chunk = [images[slice(*st.chunk_images_range(c))] for c in range(st.n_chunks)]
     have = [c for c in range(st.n_chunks) if per_chunk[c].any()]
     rng = np.random.default_rng([seed, 0x5EED])
     chunks = np.sort(rng.choice(have, size=min(SEED_CHUNKS, len(have)), replace=False))
-    # (chunk, local row) of every training token in the chosen chunks, then a random m of them
+    # (chunk, local row) of every training token in the chosen chunks, then a random pool of them
     cand = np.concatenate(
         [
             np.stack([np.full(n, c), np.flatnonzero(np.repeat(per_chunk[c], tpi))], 1)
@@ -116,20 +127,52 @@ def seed_tokens(
             for n in [int(per_chunk[c].sum()) * tpi]
         ]
     )
-    pick = cand[rng.choice(len(cand), size=min(spec.concepts, len(cand)), replace=False)]
+    pool = cand[
+        rng.choice(len(cand), size=min(SEED_POOL * spec.concepts, len(cand)), replace=False)
+    ]
     means = channel_means(st, keys, spec) if spec.decoder_bias else None
     rows = []
     for j, key in enumerate(keys):
-        x = np.empty((len(pick), st.widths[key]), dtype=np.float32)
+        x = np.empty((len(pool), st.widths[key]), dtype=np.float32)
         for c in chunks:
-            at = pick[:, 0] == c
-            x[at] = st.read_chunk_rows(key, int(c), pick[at, 1])
+            at = pool[:, 0] == c
+            x[at] = st.read_chunk_rows(key, int(c), pool[at, 1])
         t = (torch.from_numpy(x) - spec.mu[j]) / (spec.sigma[j] + STD_EPS)
         rows.append(t - means[j] if means is not None else t)
-    keep = torch.ones(len(pick), dtype=torch.bool)
+    ok = torch.ones(len(pool), dtype=torch.bool)
     for t in rows:
-        keep &= torch.isfinite(t).all(1) & (t.norm(dim=1) > 1e-6)
-    return [t[keep] for t in rows]
+        ok &= torch.isfinite(t).all(1) & (t.norm(dim=1) > 1e-6)
+    rows = [t[ok] for t in rows]
+    z = torch.cat([F.normalize(t, dim=1) for t in rows], 1) / math.sqrt(len(rows))
+    kept = spread_out(z, SEED_COSINE, limit=spec.concepts)
+    rest = np.setdiff1d(np.arange(len(z)), kept, assume_unique=True)  # pool order
+    pick = torch.from_numpy(np.concatenate([kept, rest])[: spec.concepts])
+    return [t[pick] for t in rows]
+
+
+def spread_out(z: Tensor, cosine: float, limit: int | None = None, block: int = 256) -> np.ndarray:
+    """Greedy, in row order: the indices of the rows of z (z_a . z_b is their similarity) whose
+    similarity to every row kept before is below `cosine`, the first `limit` of them. Blocks of
+    rows are tested against the kept rows in one product, then among themselves."""
+    kept: list[int] = []
+    acc = z[:0]
+    for s in range(0, len(z), block):
+        blk = z[s : s + block]
+        free = (
+            (blk @ acc.T).amax(1) < cosine if len(acc) else torch.ones(len(blk), dtype=torch.bool)
+        )
+        idx = torch.nonzero(free).flatten()
+        g = (blk[idx] @ blk[idx].T).numpy()
+        mine: list[int] = []
+        for a in range(len(idx)):
+            if not mine or g[a, mine].max() < cosine:
+                mine.append(a)
+        new = idx[mine]
+        kept.extend((new + s).tolist())
+        acc = torch.cat([acc, blk[new]])
+        if limit is not None and len(kept) >= limit:
+            break
+    return np.asarray(kept[:limit], dtype=np.int64)
 
 
 def make_loader(
