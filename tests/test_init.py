@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from test_train import make_store, small_cfg, weights
 from usae.pipeline.store import BackboneLayout, Store
 from usae.trainer.config import TrainConfig
-from hypothesis import given, settings
-from hypothesis import strategies as hst
 from usae.trainer.inputs import (
     SEED_COSINE,
     image_masks,
