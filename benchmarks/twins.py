@@ -50,8 +50,10 @@ def twins_figures(run: Path, report: Path) -> dict:
     out = twin_agreement(
         *dec, df["firing_entropy"].to_numpy(), df["dead"].to_numpy(), members, 0, 1
     )
-    r2 = np.array(json.loads((report / "metrics.json").read_text())["r2"], dtype=float)
-    out.update(self_r2=float(np.mean(np.diag(r2))), cross_r2=float((r2[0, 1] + r2[1, 0]) / 2))
+    m = json.loads((report / "metrics.json").read_text())
+    r2 = np.array(m["r2"], dtype=float)
+    out.update(self_r2=float(np.mean(np.diag(r2))), cross_r2=float((r2[0, 1] + r2[1, 0]) / 2),
+               duplicates=len(m["membership"]["duplicate_pairs"]))  # fmt: skip
     return out
 
 
@@ -98,7 +100,7 @@ def main() -> None:
              **twins_figures(run, report)}  # fmt: skip
         rows.append(r)
         print(f"{recipe:16} live {r['live']:5d}  FE>=0.9 {r['fe_share']:.2f}  median twin cosine {r['median_cos']:.2f}  "
-              f"in both {r['both_share']:.2f}  self R2 {r['self_r2']:.3f}  cross R2 {r['cross_r2']:.3f}", flush=True)  # fmt: skip
+              f"in both {r['both_share']:.2f}  duplicated pairs {r['duplicates']}  self R2 {r['self_r2']:.3f}  cross R2 {r['cross_r2']:.3f}", flush=True)  # fmt: skip
     Path(a.out).write_text(
         json.dumps({"backbone": a.backbone, "images": a.images, "rows": rows}, indent=1)
     )

@@ -57,6 +57,7 @@ def test_identical_backbones_give_identical_concepts(twin_store):
     assert got["fe_share"] >= 0.9, got
     assert got["median_cos"] >= 0.9, got
     assert got["both_share"] >= 0.9, got
+    assert got["duplicates"] == 0, got  # no concept learned twice, once per twin
     assert abs(got["cross_r2"] - got["self_r2"]) < 0.01, got
 
 
