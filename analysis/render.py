@@ -134,7 +134,7 @@ def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int])
     return f"""<header><h1>USAE report</h1>
 <div class="meta">run {esc(m["run"])} &middot; store {esc(m["store"])} &middot; {m["n_images"]} images ({esc(m["images"])}),
 {m["n_tokens"]} tokens &middot; {m["concepts"]} concepts, k = {m["k"]} &middot; tau = {m["tau"]}{" &middot; independent SAEs" if m["independent"] else ""}
-&middot; {esc(_trained(m))}</div></header>
+{" &middot; " + esc(_trained(m)) if m.get("training") else ""}</div></header>
 <div class="cards">{"".join(cards)}</div>{warn}
 <h2>Cross-model reconstruction (R2, scalar mean)</h2>{r2_table}{layers}
 <h2>Figures</h2><div class="figs">{figs}</div>

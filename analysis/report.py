@@ -452,9 +452,9 @@ def training_entry(run_cfg: dict) -> dict | None:
     train = run_cfg.get("train") or {}
     if not train:
         return None
-    t = TrainConfig.from_dict(train)  # the same reading of old configs as resuming
-    return {"recipe": t.recipe, "mode": t.mode, "init": t.resolved().init, "steps": train.get("steps"),
-            "agree_weight": t.resolved().agree_weight, "backbones": list(t.backbones)}  # fmt: skip
+    t = TrainConfig.from_dict(train).resolved()  # the same reading of old configs as resuming
+    return {"recipe": t.recipe, "mode": t.mode, "init": t.init, "steps": train.get("steps"),
+            "agree_weight": t.agree_weight, "backbones": list(t.backbones)}  # fmt: skip
 
 
 def layer_entry(cfg: AnalyzeConfig, inp: Inputs, s: mx.Sums, rec: Reconstruction) -> dict | None:

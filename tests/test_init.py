@@ -21,6 +21,7 @@ from usae.trainer.inputs import (
     open_store,
     seed_tokens,
     spread_out,
+    start_bias,
 )
 from usae.trainer.model import STD_EPS, USAE
 from usae.trainer.train import run_train
@@ -55,17 +56,25 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("s") / "s.zarr", n=24, t=8, chunk=4)
 
 
+def started(st, keys, cfg) -> USAE:
+    """A model as `usae train` starts it before the seeds: its decoder bias at the channel means."""
+    model = USAE(model_spec(st, keys, cfg))
+    start_bias(model, st, keys)
+    return model
+
+
 def _opened(store, out, **kw):
     cfg = small_cfg(store, out, init="data", **kw).resolved()
     st, keys = open_store(cfg)
     train, held = image_masks(st, cfg.holdout)
-    return cfg, st, keys, model_spec(st, keys, cfg), train, held
+    return cfg, st, keys, started(st, keys, cfg), train, held
 
 
 @pytest.mark.parametrize("recipe", ["fidelity", "paper"])
 def test_seed_tokens_are_training_tokens_aligned_across_backbones(store, tmp_path, recipe):
-    cfg, st, keys, spec, train, held = _opened(store, tmp_path, recipe=recipe, concepts=40)
-    rows = [t.double().numpy() for t in seed_tokens(st, keys, spec, train, seed=3)]
+    cfg, st, keys, model, train, held = _opened(store, tmp_path, recipe=recipe, concepts=40)
+    rows = [t.double().numpy() for t in seed_tokens(st, keys, model, train, seed=3)]
+    spec = model.spec
     assert len(rows[0]) == 40 and spec.decoder_bias == (recipe == "fidelity")
     ref = slow_tokens(st, keys, spec, train)
     at = [match(r, t) for r, t in zip(rows, ref, strict=True)]
@@ -94,8 +103,8 @@ def test_spread_out_matches_the_one_by_one_greedy(n, d, cosine, limit, block, se
 def test_seeds_are_spread_out_and_the_rest_were_too_close(store, tmp_path):
     """The seeds start with tokens pairwise below SEED_COSINE (mean over the backbones); every
     later one is closer than that to one of them."""
-    cfg, st, keys, spec, train, _ = _opened(store, tmp_path, concepts=60)
-    rows = seed_tokens(st, keys, spec, train, seed=0)
+    cfg, st, keys, model, train, _ = _opened(store, tmp_path, concepts=60)
+    rows = seed_tokens(st, keys, model, train, seed=0)
     u = [F.normalize(t.double(), dim=1).numpy() for t in rows]
     sim = sum(a @ a.T for a in u) / len(u)  # mean cosine over the backbones
     np.fill_diagonal(sim, -1)
@@ -106,17 +115,16 @@ def test_seeds_are_spread_out_and_the_rest_were_too_close(store, tmp_path):
 
 
 def test_seed_tokens_follow_the_seed(store, tmp_path):
-    cfg, st, keys, spec, train, _ = _opened(store, tmp_path)
-    a, b, c = (seed_tokens(st, keys, spec, train, seed=s)[0] for s in (0, 0, 1))
+    cfg, st, keys, model, train, _ = _opened(store, tmp_path)
+    a, b, c = (seed_tokens(st, keys, model, train, seed=s)[0] for s in (0, 0, 1))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_more_concepts_than_tokens_keeps_the_rest_random(store, tmp_path):
-    cfg, st, keys, spec, train, _ = _opened(store, tmp_path, concepts=500)
-    rows = seed_tokens(st, keys, spec, train, seed=0)
+    cfg, st, keys, model, train, _ = _opened(store, tmp_path, concepts=500)
+    rows = seed_tokens(st, keys, model, train, seed=0)
     n = int(train.sum()) * st.tokens_per_image
     assert len(rows[0]) == n < 500
-    model = USAE(spec)
     before = [d.detach().clone() for d in model.decoders]
     model.seed_from_tokens(rows)
     for j, r in enumerate(rows):
@@ -126,9 +134,8 @@ def test_more_concepts_than_tokens_keeps_the_rest_random(store, tmp_path):
 
 
 def test_each_seeded_concept_responds_most_to_its_own_token(store, tmp_path):
-    cfg, st, keys, spec, train, _ = _opened(store, tmp_path, concepts=40)
-    rows = seed_tokens(st, keys, spec, train, seed=0)
-    model = USAE(spec)
+    cfg, st, keys, model, train, _ = _opened(store, tmp_path, concepts=40)
+    rows = seed_tokens(st, keys, model, train, seed=0)
     model.seed_from_tokens(rows)
     for j, r in enumerate(rows):
         lin = model.encoders[j](r)  # before BatchNorm: |x_c| cos(x_c, row_c')
@@ -157,8 +164,9 @@ def test_twins_start_identical_and_the_run_starts_at_the_seed(tmp_path):
     for name in ("decoders.{}", "encoders.{}.weight", "encoders.{}.bias"):
         assert torch.equal(w[name.format(0)], w[name.format(1)]), name
     st, keys = open_store(cfg)
-    spec = model_spec(st, keys, cfg.resolved())
-    rows = seed_tokens(st, keys, spec, image_masks(st, cfg.holdout)[0], cfg.seed)
+    rows = seed_tokens(
+        st, keys, started(st, keys, cfg.resolved()), image_masks(st, cfg.holdout)[0], cfg.seed
+    )
     assert torch.allclose(
         F.normalize(w["decoders.0"], dim=1), F.normalize(rows[0], dim=1), atol=1e-6
     )

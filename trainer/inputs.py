@@ -15,7 +15,7 @@ from usae.pipeline.store import Store
 from usae.trainer.config import RECIPES, TrainConfig, TrainError
 from usae.trainer.distributed import Dist, max_over_ranks
 from usae.trainer.loader import ChunkLoader
-from usae.trainer.model import STD_EPS, ModelSpec
+from usae.trainer.model import STD_EPS, USAE, ModelSpec
 
 from usae.runtime import heldout_images
 
@@ -91,6 +91,14 @@ def channel_means(st: Store, keys: Sequence[str], spec: ModelSpec) -> list[torch
     return out
 
 
+@torch.no_grad()
+def start_bias(model: USAE, st: Store, keys: Sequence[str]) -> None:
+    """Set a model's decoder bias (when it has one) to `channel_means`: where training starts it."""
+    if model.spec.decoder_bias:
+        for b, mean in zip(model.dec_bias, channel_means(st, keys, model.spec), strict=True):
+            b.copy_(mean)
+
+
 SEED_CHUNKS = 32
 """Store chunks the data-aligned start draws its tokens from (a bounded read on any store)."""
 SEED_POOL = 4
@@ -100,11 +108,12 @@ SEED_COSINE = 0.9
 
 
 def seed_tokens(
-    st: Store, keys: Sequence[str], spec: ModelSpec, images: np.ndarray, seed: int
+    st: Store, keys: Sequence[str], model: USAE, images: np.ndarray, seed: int
 ) -> list[Tensor]:
     """The data-aligned start's tokens (`USAE.seed_from_tokens`): up to m distinct training
-    tokens as each backbone's encoder input (standardised, less the channel mean when the model
-    has a decoder bias); rows[j][c] is the same token in every backbone j.
+    tokens as each backbone's encoder input (`model.encoder_input` of the standardised token, on
+    the model's device: read with the decoder bias the model starts with); rows[j][c] is the same
+    token in every backbone j.
 
     A pool of up to SEED_POOL x m tokens is drawn at random from up to SEED_CHUNKS random store
     chunks that hold training images, and `spread_out` keeps, in the pool's random order, each
@@ -127,26 +136,24 @@ def seed_tokens(
             for n in [int(per_chunk[c].sum()) * tpi]
         ]
     )
-    pool = cand[
-        rng.choice(len(cand), size=min(SEED_POOL * spec.concepts, len(cand)), replace=False)
-    ]
-    means = channel_means(st, keys, spec) if spec.decoder_bias else None
+    m, dev = model.spec.concepts, model.mu.device
+    pool = cand[rng.choice(len(cand), size=min(SEED_POOL * m, len(cand)), replace=False)]
     rows = []
-    for j, key in enumerate(keys):
-        x = np.empty((len(pool), st.widths[key]), dtype=np.float32)
-        for c in chunks:
-            at = pool[:, 0] == c
-            x[at] = st.read_chunk_rows(key, int(c), pool[at, 1])
-        t = (torch.from_numpy(x) - spec.mu[j]) / (spec.sigma[j] + STD_EPS)
-        rows.append(t - means[j] if means is not None else t)
-    ok = torch.ones(len(pool), dtype=torch.bool)
+    with torch.no_grad():
+        for j, key in enumerate(keys):
+            x = np.empty((len(pool), st.widths[key]), dtype=np.float32)
+            for c in chunks:
+                at = pool[:, 0] == c
+                x[at] = st.read_chunk_rows(key, int(c), pool[at, 1])
+            rows.append(model.encoder_input(j, model.standardize(j, torch.from_numpy(x).to(dev))))
+    ok = torch.ones(len(pool), dtype=torch.bool, device=dev)
     for t in rows:
         ok &= torch.isfinite(t).all(1) & (t.norm(dim=1) > 1e-6)
     rows = [t[ok] for t in rows]
     z = torch.cat([F.normalize(t, dim=1) for t in rows], 1) / math.sqrt(len(rows))
-    kept = spread_out(z, SEED_COSINE, limit=spec.concepts)
+    kept = spread_out(z, SEED_COSINE, limit=m)
     rest = np.setdiff1d(np.arange(len(z)), kept, assume_unique=True)  # pool order
-    pick = torch.from_numpy(np.concatenate([kept, rest])[: spec.concepts])
+    pick = torch.from_numpy(np.concatenate([kept, rest])[:m]).to(dev)
     return [t[pick] for t in rows]
 
 
@@ -159,10 +166,12 @@ def spread_out(z: Tensor, cosine: float, limit: int | None = None, block: int = 
     for s in range(0, len(z), block):
         blk = z[s : s + block]
         free = (
-            (blk @ acc.T).amax(1) < cosine if len(acc) else torch.ones(len(blk), dtype=torch.bool)
+            (blk @ acc.T).amax(1) < cosine
+            if len(acc)
+            else torch.ones(len(blk), dtype=torch.bool, device=z.device)
         )
         idx = torch.nonzero(free).flatten()
-        g = (blk[idx] @ blk[idx].T).numpy()
+        g = (blk[idx] @ blk[idx].T).cpu().numpy()
         mine: list[int] = []
         for a in range(len(idx)):
             if not mine or g[a, mine].max() < cosine:

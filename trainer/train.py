@@ -33,13 +33,13 @@ from usae.trainer.distributed import (
 )
 from usae.trainer.evaluate import stream_reconstruction
 from usae.trainer.inputs import (
-    channel_means,
     check_finite,
     image_masks,
     make_loader,
     model_spec,
     open_store,
     seed_tokens,
+    start_bias,
 )
 from usae.trainer.objective import (
     LossParts,
@@ -335,15 +335,10 @@ def _run(
     elif rank0:
         write_config(paths, cfg, spec, st)
     s = new_state(spec, cfg, d.device)
-    if spec.decoder_bias:  # resuming overwrites it with the checkpoint's
-        with torch.no_grad():
-            for b, mean in zip(s.model.dec_bias, channel_means(st, keys, spec), strict=True):
-                b.copy_(mean)
+    start_bias(s.model, st, keys)  # resuming overwrites it with the checkpoint's
     restoring = resuming and has_checkpoint(paths)
-    if spec.decoder_init == "data" and not restoring:
-        s.model.seed_from_tokens(
-            [t.to(d.device) for t in seed_tokens(st, keys, spec, train_images, cfg.seed)]
-        )
+    if spec.decoder_init == "data" and not restoring:  # read with the bias just set
+        s.model.seed_from_tokens(seed_tokens(st, keys, s.model, train_images, cfg.seed))
     if resuming:
         if rank0:
             ckpt.remove_stale_temporaries(paths.checkpoint)
