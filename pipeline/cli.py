@@ -24,7 +24,7 @@ from usae.options import Opt, config_command, fail
 
 # ---------------------------------------------------------------- parsing option text
 def parse_grid(text: str) -> tuple[int, int]:
-    """'14x14' (or '14', or '14,14' as the default is shown) -> (14, 14)."""
+    """'14x14' (or '14', or '14,14') -> (14, 14)."""
     parts = str(text).lower().replace("*", "x").replace(",", "x").split("x")
     try:
         vals = [int(p) for p in parts]
@@ -87,7 +87,7 @@ EXTRACT_OPTS = {
     "store": Opt(flags=("--store", "-s")),
     "backbones": Opt(extra_help="Comma-separated."),
     "layer": Opt(extra_help="E.g. --layer 5 stores the output of the 6th block (no final norm)."),
-    "grid": Opt(parse=parse_grid, metavar="HxW", extra_help="Written HxW."),
+    "grid": Opt(parse=parse_grid, metavar="HxW", show=lambda g: f"{g[0]}x{g[1]}"),
     "weights": Opt(
         flags=("--weights", "-w"),
         multiple=True,

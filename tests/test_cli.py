@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -14,7 +15,7 @@ import typer
 
 from usae.cli import app
 from usae.errors import USER_ERROR_EXIT
-from usae.options import field_docs, literal_choices
+from usae.options import config_params, field_docs, literal_choices
 
 
 def _leaves(group, prefix: str = "") -> dict:
@@ -63,6 +64,33 @@ def test_every_command_is_generated_from_its_config(name):
             assert tuple(getattr(p.type_descriptor, "choices", ())) == choices, (
                 f"{name} --{f} does not offer {choices}"
             )
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_shown_default_types_back_to_the_default(name):
+    """--help shows each default as the option is typed (a grid as 14x14, a list
+    comma-separated): parsing the shown text gives the field's default back."""
+    cb = COMMANDS[name].callback
+    cls = cb.config_class
+    defaults = {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+    for p in config_params(cls, cb.config_opts, cb.config_exclude):
+        shown = getattr(p.info, "default", ...)
+        if p.name not in defaults or shown in (..., None) or isinstance(shown, list):
+            continue
+        assert p.to_field(shown) == defaults[p.name], (name, p.name, shown)
+
+
+def test_help_texts_describe_the_command():
+    """A command's help opens with what it does, not with how its config is named."""
+    for name, cmd in COMMANDS.items():
+        assert not (cmd.help or "").startswith("Settings of"), (name, cmd.help)
+    out = subprocess.run(
+        [sys.executable, "-m", "usae.cli", "extract", "--help"],
+        capture_output=True, text=True, check=True, env={**os.environ, "COLUMNS": "200"},
+    ).stdout  # fmt: skip
+    assert "[default: 14x14]" in out, out
 
 
 # a user's error for every command: (arguments, text the message must hold)

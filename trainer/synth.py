@@ -84,7 +84,7 @@ _CHUNK_BYTES = 16 * 2**20  # target chunk size of the widest backbone when chunk
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Settings of ``usae synth``: a planted-concept store with known ground truth."""
+    """A planted-concept store with known ground truth, in the standard store layout."""
 
     store: Path
     """Output store path (S.zarr); an existing store with other settings is refused."""

@@ -47,7 +47,7 @@ class DemoConfig:
     """Training steps of the Universal SAE."""
     concepts: int = 1536
     """Concepts in the shared space. The demo's 300 images give ~47k training tokens, so it
-    uses 2 x 768 rather than the paper's 8 x 768 (0), which needs ImageNet-scale data and
+    uses 2 x 768 rather than the paper's 8 x 768 = 6144, which needs ImageNet-scale data and
     hours of CPU time."""
     k: int = 32
     """Active concepts per token (TopK)."""

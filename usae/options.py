@@ -53,6 +53,9 @@ class Opt(NamedTuple):
     extra_help: str = ""
     """Appended to the field's docstring."""
     metavar: str | None = None
+    """Placeholder of the value in --help."""
+    show: Callable[[Any], str] | None = None
+    """The default as --help shows it (and as the option would be typed), e.g. 14x14 for a grid."""
 
 
 @cache
@@ -144,7 +147,8 @@ def _param(f: dataclasses.Field, tp: Any, opt: Opt, doc: str) -> _Param:
         if opt.parse is None:
             to_field = _list_parser(kind, flags[0])
     elif opt.parse is not None:
-        annotation, cli_default = str, default if default in (..., None) else _text(default)
+        shown = opt.show or _text
+        annotation, cli_default = str, default if default in (..., None) else shown(default)
     else:
         annotation, cli_default = (inner | None) if optional else inner, default
     if opt.argument:
