@@ -239,13 +239,13 @@ def _gallery_card(k: int, keys: Sequence[str], row: pd.Series, m: dict, out: Pat
     if not tops:
         return f'<a class="gcard" href="concepts/{k}.html">{head}<p class="meta">no activating image</p></a>'
     photos = m.get("photos", True)
-    first = _thumb(out, thumb_file(k, 0), f"top image {tops[0]['image_id']}") if photos else ""
+    first = _thumb(out, thumb_file(k, 0), f"top image {tops[0]['image_id']}")
     heats = "".join(
         f"<figure>{_thumb(out, thumb_file(k, 0, key), f'{key} token map')}"
         f"<figcaption>{esc(key)}</figcaption></figure>"
         for key in keys
     )
-    main = (f"<figure>{first}<figcaption>top image</figcaption></figure>" if photos else "") + heats
+    main = f"<figure>{first}<figcaption>top image</figcaption></figure>{heats}"
     strip = (
         "".join(
             _thumb(out, thumb_file(k, n), f"top image {t['image_id']}", cls="small")
