@@ -1,6 +1,6 @@
 """Report data -> PNG figures of a report: the four summary figures (REPORT/figures/), the
 layer-alignment heatmap when computed (REPORT/figures/layer_alignment.png) and the top-image
-panels with token maps (REPORT/images/<k>.png).
+thumbnails with token maps (REPORT/thumbs/<k>/, small JPEGs).
 
 Drawing only: the numbers come from ``usae.analysis.metrics`` (docs/method.md, metrics). Every
 file is written atomically, so a reader never sees half a PNG.
@@ -35,53 +35,56 @@ def _save(fig: Any, path: Path, dpi: int) -> None:
         fig.savefig(tmp, dpi=dpi, format="png")
 
 
-# ---------------------------------------------------------------- top-image panels
-def draw_top_images(path: Path, k: int, keys: Sequence[str], rows: list) -> None:
-    """Rows: (TopImage, picture or None, maps (M, h, w)); picture + one overlay per backbone."""
-    plt = _plt()
-    with_pic = any(p is not None or t.failure for t, p, _ in rows)
-    ncol = len(keys) + int(with_pic)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.1 * ncol, 2.2 * len(rows)), squeeze=False)
-    for r, (t, pic, maps) in enumerate(rows):
-        vmax = max(float(maps.max()), 1e-6)  # one scale per image: backbones compare fairly
-        sq = _squash(pic) if pic is not None else None
-        if with_pic:
-            ax = axes[r, 0]
-            if sq is not None:
-                ax.imshow(sq)
-            else:
-                ax.set_facecolor("#ddd")
-                ax.text(
-                    0.5,
-                    0.5,
-                    "image unavailable\n" + _wrap(t.failure or ""),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    transform=ax.transAxes,
-                )
-            ax.set_title(f"{t.image_id}\nscore {t.score:.2f}", fontsize=8)
-        for i, key in enumerate(keys):
-            ax = axes[r, i + int(with_pic)]
-            if sq is not None:
-                ax.imshow(sq, extent=(0, 1, 1, 0))
-            ax.imshow(
-                maps[i],
-                cmap="inferno",
-                vmin=0,
-                vmax=vmax,
-                alpha=0.6 if sq is not None else 1.0,
-                extent=(0, 1, 1, 0),
-                interpolation="bilinear" if sq is not None else "nearest",
-            )
-            ax.set_title(key if with_pic else f"{key}\n{t.image_id}", fontsize=8)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.suptitle(f"concept {k}: token codes per backbone", fontsize=9)
-    fig.tight_layout()
-    _save(fig, path, 80)
-    plt.close(fig)
+# ---------------------------------------------------------------- top-image thumbnails
+THUMB = 128
+"""Side of a thumbnail (pixels): photos are squash-resized to it like the backbones resize
+their input, so the token grid lies on the picture."""
+BLANK = (236, 238, 242)
+"""Background of a token map drawn without its photo."""
+
+
+def write_thumbs(
+    out: Path,
+    pic_hw3: np.ndarray | None,
+    maps_mhw: np.ndarray,
+    keys: Sequence[str],
+    *,
+    photo: str,
+    heat: dict[str, str],
+) -> None:
+    """One top image's thumbnails (JPEG, THUMB px): the photo to out/``photo`` (none without
+    one), and each backbone's token map over it to out/``heat[key]`` (over a blank square
+    without a photo). One colour scale per image, so the backbones compare fairly."""
+    from PIL import Image
+
+    sq = _squash(pic_hw3, THUMB) if pic_hw3 is not None else None
+    vmax = max(float(maps_mhw.max()), 1e-6)
+    if sq is not None:
+        _save_jpeg(Image.fromarray(sq), out / photo)
+    for i, key in enumerate(keys):
+        _save_jpeg(Image.fromarray(overlay(sq, maps_mhw[i] / vmax)), out / heat[key])
+
+
+def overlay(sq_hw3: np.ndarray | None, v_hw: np.ndarray) -> np.ndarray:
+    """A token map (values in [0, 1] on the token grid) coloured with inferno and laid over
+    the photo (upsampled bilinearly; the colour's opacity grows with the value) or over a
+    blank square (token cells kept sharp). Returns (THUMB, THUMB, 3) uint8."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    img = Image.fromarray(np.clip(v_hw, 0, 1).astype(np.float32), mode="F")
+    resample = Image.BILINEAR if sq_hw3 is not None else Image.NEAREST
+    v = np.clip(np.asarray(img.resize((THUMB, THUMB), resample)), 0, 1)
+    rgb = colormaps["inferno"](v)[..., :3] * 255
+    base = np.asarray(sq_hw3 if sq_hw3 is not None else np.broadcast_to(BLANK, rgb.shape), float)
+    a = ((0.15 + 0.6 * v) if sq_hw3 is not None else (0.1 + 0.9 * v))[..., None]
+    return np.clip(base * (1 - a) + rgb * a, 0, 255).astype(np.uint8)
+
+
+def _save_jpeg(img: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="JPEG", quality=85)
 
 
 def _squash(pic_hw3: np.ndarray, size: int = 224) -> np.ndarray:
@@ -89,12 +92,6 @@ def _squash(pic_hw3: np.ndarray, size: int = 224) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(pic_hw3).resize((size, size), Image.BICUBIC))
-
-
-def _wrap(text: str, width: int = 28) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width)[:4])
 
 
 # ---------------------------------------------------------------- figures

@@ -6,7 +6,8 @@ concepts.parquet), the run's backbones (``usae.analysis.backbones``), the optimi
 concept (``usae.analysis.objective`` over the images of ``usae.analysis.canvas``) and its files.
 
 Output (DIR/<k>/): ``<backbone>.png`` (the full canvas per backbone), ``panel.png`` (side by
-side, labelled), ``objective.png`` and ``objective.json`` (curve per backbone and final values
+side, labelled; first the concept's top photo when a report lists its top images and the
+photos are found: --manifest, else the store's record, ``usae.analysis.photos``), ``objective.png`` and ``objective.json`` (curve per backbone and final values
 against random-phase images with the same spectrum); DIR/config.json holds the resolved config.
 When DIR is a report's ``maximize/`` folder (REPORT/metrics.json beside it), the report's HTML
 is rendered again so its concept pages show the panels (render only: nothing is recomputed).
@@ -15,6 +16,7 @@ is rendered again so its concept pages show the panels (render only: nothing is 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -80,6 +82,10 @@ class MaximizeConfig:
     """Torch device for backbones and optimisation: auto (CUDA when available), cpu, cuda, cuda:N."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Backbone compute dtype: auto (the dtype the store was extracted with), fp32, bf16 or fp16."""
+    manifest: Path | None = None
+    """Manifest of the photos: the panel starts with the concept's top photo from the report (default: the one the store records)."""
+    image_root: Path | None = None
+    """Folder the manifest's paths are relative to (default: the store's record, else the manifest's folder)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -131,14 +137,33 @@ def _save(fig: Any, path: Path) -> None:
         fig.savefig(tmp, format="png")
 
 
+class Photo(NamedTuple):
+    """A concept's top activating photo, shown first in its panel."""
+
+    image_id: str
+    picture: np.ndarray
+    """RGB uint8 (H, W, 3)."""
+
+
 def save_panel(
-    path: Path, k: int, keys: Sequence[str], images: Sequence[np.ndarray], finals: Sequence[Final]
+    path: Path,
+    k: int,
+    keys: Sequence[str],
+    images: Sequence[np.ndarray],
+    finals: Sequence[Final],
+    photo: Photo | None = None,
 ) -> None:
-    """The images side by side, each labelled with its backbone and final objective."""
-    n = len(images)
+    """The images side by side, each labelled with its backbone and final objective (after
+    the concept's top photo, when given)."""
+    n = len(images) + (photo is not None)
     fig = _figure(3.2 * n, 3.6)
+    if photo is not None:
+        ax = fig.add_subplot(1, n, 1)
+        ax.imshow(photo.picture, interpolation="lanczos")
+        ax.set_title(f"top image\n{photo.image_id}", fontsize=9)
+        ax.set_axis_off()
     for j, (key, img, fin) in enumerate(zip(keys, images, finals, strict=True)):
-        ax = fig.add_subplot(1, n, j + 1)
+        ax = fig.add_subplot(1, n, j + 1 + (photo is not None))
         ax.imshow(img, interpolation="lanczos")
         ax.set_title(
             f"{key}\nobjective {fin.crops:.3g} (random {fin.random_crops:.3g})", fontsize=9
@@ -180,7 +205,12 @@ class ConceptResult(NamedTuple):
 
 
 def write_concept(
-    out: Path, k: int, mx: Maximizer, curve_sb: np.ndarray, finals: list[Final]
+    out: Path,
+    k: int,
+    mx: Maximizer,
+    curve_sb: np.ndarray,
+    finals: list[Final],
+    photo: Photo | None = None,
 ) -> ConceptResult:
     """Write OUT/<k>/: one PNG per backbone, panel.png, objective.png, objective.json."""
     from PIL import Image
@@ -193,7 +223,7 @@ def write_concept(
     for key, img in zip(keys, canv, strict=True):
         paths[key] = d / f"{_safe(key)}.png"
         atomic_write(paths[key], lambda f, img=img: Image.fromarray(img).save(f, format="PNG"))
-    save_panel(d / "panel.png", k, keys, canv, finals)
+    save_panel(d / "panel.png", k, keys, canv, finals, photo)
     save_curve(d / "objective.png", k, keys, curve_sb)
     curve = {key: curve_sb[:, j].tolist() for j, key in enumerate(keys)}
     final = dict(zip(keys, finals, strict=True))
@@ -204,6 +234,7 @@ def write_concept(
         "steps": int(curve_sb.shape[0]),
         "curve": curve,
         "final": {key: f._asdict() for key, f in final.items()},
+        "photo": None if photo is None else photo.image_id,
     }
     atomic_write_json(d / "objective.json", blob, indent=1)
     return ConceptResult(k, d, paths, curve, final)
@@ -234,6 +265,43 @@ def top_concepts(report: Path, n: int) -> list[int]:
     ids = df["concept"] if "concept" in df.columns else pd.Series(df.index, index=df.index)
     order = np.argsort(-df["importance"].to_numpy(np.float64), kind="stable")
     return [int(ids.iloc[j]) for j in order[:n]]
+
+
+def report_dir(cfg: MaximizeConfig) -> Path | None:
+    """The report whose top images the panels show: --report, else OUT's parent when OUT is a
+    report's maximize/ folder; None when there is none."""
+    out = Path(cfg.out)
+    for rep in (cfg.report, out.parent if out.name == "maximize" else None):
+        if rep is not None and (Path(rep) / "metrics.json").is_file():
+            return Path(rep)
+    return None
+
+
+def top_photos(cfg: MaximizeConfig, store: Any, ks: Sequence[int], notes: list[str]) -> dict:
+    """concept -> its top photo (the first of the report's top images that loads), for the
+    concepts the report lists; {} without a report or photos (a moved record: a note)."""
+    import json
+
+    from usae.analysis.photos import ImageSourceError, image_paths, load_picture, manifest_for
+
+    rep = report_dir(cfg)
+    if rep is None:
+        return {}
+    tops = json.loads((rep / "metrics.json").read_text()).get("top_images") or {}
+    if not any(str(k) in tops for k in ks):
+        return {}
+    try:
+        paths = image_paths(manifest_for(cfg.manifest, cfg.image_root, store, notes))
+    except ImageSourceError as e:
+        raise MaximizeError(str(e)) from None
+    found = {}
+    for k in ks:
+        for t in tops.get(str(k), []) if paths else []:
+            pic, _ = load_picture(paths, str(t["image_id"]))
+            if pic is not None:
+                found[k] = Photo(str(t["image_id"]), pic)
+                break
+    return found
 
 
 def _store_path(run: Path, run_cfg: dict, override: Path | None) -> Path:
@@ -294,13 +362,17 @@ def run_maximize(cfg: MaximizeConfig, progress: bool = True) -> MaximizeResult:
         raise MaximizeError(str(e)) from e
     for p in model.parameters():
         p.requires_grad_(False)
+    notes: list[str] = []
+    photos = top_photos(cfg, store, ks, notes)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", _config_json(cfg), indent=1)
     results = []
     with progress_bar(progress) as bar:
         for k in ks:
-            results.append(maximize_one(model, targets, k, cfg, store.grid, bar))
+            results.append(maximize_one(model, targets, k, cfg, store.grid, bar, photos.get(k)))
     report = out.parent
     rendered = (
         render_report(report, out)
@@ -311,7 +383,13 @@ def run_maximize(cfg: MaximizeConfig, progress: bool = True) -> MaximizeResult:
 
 
 def maximize_one(
-    model: USAE, targets: Sequence[Target], k: int, cfg: MaximizeConfig, grid, bar
+    model: USAE,
+    targets: Sequence[Target],
+    k: int,
+    cfg: MaximizeConfig,
+    grid,
+    bar,
+    photo: Photo | None = None,
 ) -> ConceptResult:
     """Optimise concept k's images, evaluate them and write OUT/<k>/."""
     mx = Maximizer(model, targets, k, cfg, grid)
@@ -320,4 +398,4 @@ def maximize_one(
     for s in range(cfg.steps):
         curve_sb[s] = mx.step()
         bar.update(task, advance=1, description=f"concept {k}: {np.round(curve_sb[s], 3).tolist()}")
-    return write_concept(Path(cfg.out), k, mx, curve_sb, mx.evaluate())
+    return write_concept(Path(cfg.out), k, mx, curve_sb, mx.evaluate(), photo)

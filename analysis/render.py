@@ -1,5 +1,7 @@
 """A report directory's data -> its HTML pages: REPORT/metrics.json + concepts.parquet (+ the
-PNGs beside them and any activation-maximisation panels) -> index.html and concepts/<k>.html.
+figures, the top-image thumbnails REPORT/thumbs/<k>/ and any activation-maximisation panels)
+-> index.html (summary, figures, the gallery of each member set's most important concepts,
+the concept table) and concepts/<k>.html.
 
 The render step of ``usae analyze`` and of ``usae maximize`` writing into a report: it reads
 only files, never recomputes a metric, and imports neither the analysis computation nor
@@ -14,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import shutil
 from collections.abc import Sequence
 from importlib import resources
@@ -29,6 +32,21 @@ FIGURES = ("r2_matrix", "firing_entropy", "cofire_proportion", "cofire_vs_import
 """REPORT/figures/<name>.png shown on the index page."""
 
 
+def thumb_file(k: int, n: int, key: str | None = None) -> str:
+    """Path, relative to the report, of concept k's n-th top image thumbnail: the photo
+    (``key`` None) or backbone ``key``'s token map over it."""
+    if key is None:
+        return f"thumbs/{k}/{n}.jpg"
+    return f"thumbs/{k}/{n}_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.jpg"
+
+
+def page_concepts(m: dict) -> list[int]:
+    """Concepts given a page with images: metrics.json's top concepts, then the gallery's."""
+    top = m["top_concepts"]
+    ks = list(dict.fromkeys(top["importance"] + top["universality"]))
+    return ks + [k for g in m.get("gallery") or [] for k in g["concepts"] if k not in ks]
+
+
 def render_report(report: str | Path, maximize: str | Path | None = None) -> Path:
     """Write REPORT/index.html and REPORT/concepts/<k>.html from the report's data; returns index.html.
 
@@ -39,8 +57,7 @@ def render_report(report: str | Path, maximize: str | Path | None = None) -> Pat
     m = json.loads((out / "metrics.json").read_text())
     df = pd.read_parquet(out / "concepts.parquet")
     keys = list(m["backbones"])
-    top = m["top_concepts"]
-    shown = list(dict.fromkeys(top["importance"] + top["universality"]))
+    shown = page_concepts(m)
     maxi = maximize_panels(out, Path(maximize) if maximize else out / "maximize")
     pages = sorted(set(shown) | set(maxi))
     (out / "concepts").mkdir(parents=True, exist_ok=True)
@@ -50,10 +67,12 @@ def render_report(report: str | Path, maximize: str | Path | None = None) -> Pat
     for n, k in enumerate(pages):
         nav = (pages[n - 1] if n else None, pages[n + 1] if n + 1 < len(pages) else None)
         tops = m["top_images"].get(str(k), [])
-        body = _concept_body(k, keys, df.iloc[k], tops, maxi.get(k), nav, out)
+        body = _concept_body(k, keys, df.iloc[k], tops, maxi.get(k), nav, out, m.get("photos"))
         atomic_write(out / "concepts" / f"{k}.html", _page(f"concept {k}", body))
     index = out / "index.html"
-    atomic_write(index, _page("usae report", _index_body(keys, df, m, set(pages)), script=True))
+    atomic_write(
+        index, _page("usae report", _index_body(keys, df, m, set(pages), out), script=True)
+    )
     return index
 
 
@@ -101,7 +120,7 @@ def _card(value: str, label: str) -> str:
     return f'<div class="card"><div class="v">{html.escape(value)}</div><div class="l">{html.escape(label)}</div></div>'
 
 
-def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int]) -> str:
+def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int], out: Path) -> str:
     esc = html.escape
     fe, corr = m["firing_entropy"], m["cofire_vs_importance"]
     cards = [_card(_fmt(m["r2_self"][k]), f"R2 {k} (self)") for k in keys]
@@ -136,11 +155,133 @@ def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int])
 {m["n_tokens"]} tokens &middot; {m["concepts"]} concepts, k = {m["k"]} &middot; tau = {m["tau"]}{" &middot; independent SAEs" if m["independent"] else ""}
 {" &middot; " + esc(_trained(m)) if m.get("training") else ""}</div></header>
 <div class="cards">{"".join(cards)}</div>{warn}
+{_gallery(keys, df, m, out)}
 <h2>Cross-model reconstruction (R2, scalar mean)</h2>{r2_table}{layers}
 <h2>Figures</h2><div class="figs">{figs}</div>
 <h2>Concepts</h2><div class="controls">Click a column to sort. Concepts with a page are linked.
 <label><input type="checkbox" id="hide-dead"> hide dead concepts</label></div>
 <div class="scroll">{_concept_table(keys, df, pages)}</div>"""
+
+
+# ---------------------------------------------------------------- thumbnails and gallery
+def _photos_note(m: dict) -> str:
+    """Why there are no photos (metrics.json ``photos`` False), or ""."""
+    if m.get("photos", True):
+        return ""
+    return (
+        '<div class="note">Photos unavailable (the store records no manifest, or it moved; '
+        "pass <code>--manifest</code>): token maps are drawn on blank squares.</div>"
+    )
+
+
+def _thumb(out: Path, rel: str, alt: str, prefix: str = "", cls: str = "") -> str:
+    """An <img> of a thumbnail, or a blank placeholder square when the file is missing."""
+    c = f' class="{cls}"' if cls else ""
+    if (out / rel).is_file():
+        return f'<img{c} src="{prefix}{rel}" alt="{html.escape(alt)}" width="128" height="128">'
+    return f'<span class="blank{(" " + cls) if cls else ""}" title="{html.escape(alt)}">photo unavailable</span>'
+
+
+def _label_text(row: pd.Series) -> str:
+    """A concept's manifest label as text, "label (67%)" with its share, or "" (none)."""
+    label = str(row["label_top"]) if "label_top" in row and row["label_top"] is not None else ""
+    if not label or label == "nan":
+        return ""
+    share = row.get("label_share")
+    if share is not None and isinstance(share, float | np.floating) and np.isfinite(share):
+        return f"{label} ({float(share):.0%})"
+    return label
+
+
+def _gallery(keys: Sequence[str], df: pd.DataFrame, m: dict, out: Path) -> str:
+    """The gallery: per member set, a card per concept (top image, its token map per backbone,
+    the next top photos, label, lives-in badge), each linked to the concept's page."""
+    sets = m.get("gallery") or []
+    if not sets:
+        return ""
+    counts = df["members"].value_counts() if "members" in df.columns else pd.Series(dtype=int)
+    parts, empty = [], []
+    for g in sets:
+        lab = g["members"]
+        title = "in all backbones" if lab == "all" else f"in {lab} only"
+        if not g["concepts"]:
+            empty.append(title)
+            continue
+        n_all = int(counts.get(lab, 0))
+        cards = "".join(_gallery_card(k, keys, df.iloc[k], m, out) for k in g["concepts"])
+        count = (
+            f"{n_all} concept{'s' if n_all != 1 else ''}, top {len(g['concepts'])} by importance"
+        )
+        parts.append(
+            f'<section class="gset" data-members="{html.escape(lab)}"><h3>{html.escape(title)} '
+            f'<span class="count">{count}</span></h3><div class="gallery">{cards}</div></section>'
+        )
+    if empty:
+        parts.append(f'<p class="lede">No concept lives {html.escape(", ".join(empty))}.</p>')
+    legend = (
+        '<p class="lede">The most important concepts of each set of backbones they live in. '
+        "Each card: the top activating image, then the concept's code on each token for every "
+        "backbone (one colour scale per image; brighter is stronger), then the next top "
+        "images. Click a card for the concept's page.</p>"
+    )
+    return f'\n<h2 id="gallery">Gallery</h2>{legend}{_photos_note(m)}{"".join(parts)}'
+
+
+def _gallery_card(k: int, keys: Sequence[str], row: pd.Series, m: dict, out: Path) -> str:
+    esc = html.escape
+    tops = m["top_images"].get(str(k), [])
+    members = str(row["members"]) if "members" in row else ""
+    badge = f'<span class="badge">{esc(members)}</span>' if members else ""
+    label = _label_text(row)
+    head = f'<div class="ghead"><span class="gk">#{k}</span>{badge}</div>' + (
+        f'<div class="glabel" title="manifest label">{esc(label)}</div>' if label else ""
+    )
+    if not tops:
+        return f'<a class="gcard" href="concepts/{k}.html">{head}<p class="meta">no activating image</p></a>'
+    photos = m.get("photos", True)
+    first = _thumb(out, thumb_file(k, 0), f"top image {tops[0]['image_id']}")
+    heats = "".join(
+        f"<figure>{_thumb(out, thumb_file(k, 0, key), f'{key} token map')}"
+        f"<figcaption>{esc(key)}</figcaption></figure>"
+        for key in keys
+    )
+    main = f"<figure>{first}<figcaption>top image</figcaption></figure>{heats}"
+    strip = (
+        "".join(
+            _thumb(out, thumb_file(k, n), f"top image {t['image_id']}", cls="small")
+            for n, t in enumerate(tops[1:], start=1)
+        )
+        if photos
+        else ""
+    )
+    imp = f"importance {_py(row['importance']):.3g} &middot; rank #{int(row['importance_rank'])}"
+    return (
+        f'<a class="gcard" href="concepts/{k}.html">{head}<div class="gmain">{main}</div>'
+        + (f'<div class="gstrip">{strip}</div>' if strip else "")
+        + f'<div class="gfoot">{imp}</div></a>'
+    )
+
+
+def _concept_thumbs(k: int, keys: Sequence[str], tops: list[dict], out: Path, photos: bool) -> str:
+    """The concept page's top images: a row per image, its photo then each backbone's map."""
+    esc = html.escape
+    head = ("<th>photo</th>" if photos else "") + "".join(f"<th>{esc(key)}</th>" for key in keys)
+    rows = []
+    for n, t in enumerate(tops):
+        iid = t["image_id"]
+        why = f'<div class="why">{esc(t["failure"])}</div>' if t.get("failure") else ""
+        cells = f"<td>{_thumb(out, thumb_file(k, n), f'image {iid}', '../')}</td>" if photos else ""
+        cells += "".join(
+            f"<td>{_thumb(out, thumb_file(k, n, key), f'{key} token map of {iid}', '../')}</td>"
+            for key in keys
+        )
+        rows.append(
+            f'<tr><th class="tid">{esc(t["image_id"])}<div class="meta">score {t["score"]:.3g}</div>{why}</th>{cells}</tr>'
+        )
+    return (
+        f'<table class="thumbs"><thead><tr><th>image</th>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _layer_section(entry: dict | None) -> str:
@@ -222,7 +363,7 @@ def _py(v: Any) -> Any:
 
 
 def _concept_body(
-    k: int, keys, row: pd.Series, tops: list[dict], maxi: str | None, nav, out: Path
+    k: int, keys, row: pd.Series, tops: list[dict], maxi: str | None, nav, out: Path, photos
 ) -> str:
     """One concept's page; ``tops``: its top images as metrics.json records them."""
     esc = html.escape
@@ -244,6 +385,8 @@ def _concept_body(
         _card(f"{_py(row['importance']):.4g}", "importance"),
         _card(f"#{int(row['importance_rank'])}", "importance rank"),
     ]
+    if _label_text(row):
+        cards.insert(0, _card(_label_text(row), "manifest label (share of top images)"))
     if "members" in row:
         cards.insert(0, _card(str(row["members"]) or "-", "lives in"))
         if int(row["duplicate_of"]) >= 0:
@@ -254,18 +397,22 @@ def _concept_body(
         f"<table><thead><tr><th>backbone</th><th>fires</th><th>co-fire proportion</th><th>energy</th>{mhead}</tr></thead>"
         f"<tbody>{stats}</tbody></table>",
     ]
-    if tops and (out / "images" / f"{k}.png").exists():
-        fails = [t for t in tops if t["failure"]]
-        note = "".join(
-            f'<div class="warn">image {esc(t["image_id"])} unavailable: {esc(t["failure"])}</div>'
-            for t in fails
+    photos = photos is None or bool(photos)  # reports before the record: as their files say
+    if tops and not (out / "thumbs" / str(k)).is_dir() and (out / "images" / f"{k}.png").is_file():
+        parts.append(  # a report analysed before thumbnails: its top-image panel
+            f'<h2>Top images and token maps per backbone</h2><div class="panel">'
+            f'<img src="../images/{k}.png" alt="top images of concept {k}"></div>'
         )
-        ids = ", ".join(f"{esc(t['image_id'])} ({t['score']:.3g})" for t in tops)
+    elif tops:
+        note = _photos_note({"photos": photos})
         parts.append(
-            f'<h2>Top images and token maps per backbone</h2><div class="meta">{ids}</div>{note}'
-            f'<div class="panel"><img src="../images/{k}.png" alt="top images of concept {k}"></div>'
+            "<h2>Top images and token maps per backbone</h2>"
+            '<p class="lede">Each row: a top activating image (score: its '
+            "max or mean token code), then the concept's code on each token for every backbone "
+            f"(one colour scale per row; brighter is stronger).</p>{note}"
+            f"{_concept_thumbs(k, keys, tops, out, photos)}"
         )
-    elif not tops:
+    else:
         parts.append(
             "<h2>Top images</h2><p>This concept has no activating image in the evaluated set.</p>"
         )

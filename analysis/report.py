@@ -1,5 +1,5 @@
 """Trained run + store -> a report directory's data (`usae analyze`): concepts.parquet,
-metrics.json, figures/*.png and images/<k>.png (top images with token maps); then the render
+metrics.json, figures/*.png and thumbs/<k>/ (top images and their token maps as small JPEGs); then the render
 step (``usae.analysis.render``) turns that data into index.html and concepts/<k>.html.
 
 When the run's backbones include several layers of one model (store groups ``model@layer``),
@@ -7,8 +7,9 @@ the pass also counts pairwise co-fires and the report gains the layer-alignment 
 (``metrics.layer_alignment``: shared concepts between every two (model, layer) groups).
 
 One streaming pass over the store computes every metric (``usae.analysis.metrics``, the
-definitions of docs/method.md); only the images shown for the top concepts are read a second
-time, to draw their token maps.
+definitions of docs/method.md); only the images shown for the top concepts and the gallery's
+(the most important concepts of each member set) are read a second time, to draw their token
+maps. Photos come from --manifest, else from the store's record (``usae.analysis.photos``).
 
 Compatibility rules between the run and the store (decided here, documented in the CLI help):
 - a backbone of the run missing from the store, or a width that differs: refused;
@@ -31,7 +32,9 @@ import pandas as pd
 import torch
 from usae.analysis import figures, membership
 from usae.analysis import metrics as mx
-from usae.analysis.render import print_summary, render_report
+from usae.analysis.photos import ImageSourceError, load_picture, manifest_for
+from usae.analysis.photos import image_paths as manifest_paths
+from usae.analysis.render import print_summary, render_report, thumb_file
 from usae.pipeline.store import Store, StoreError
 from usae.trainer.evaluate import Reconstruction, reconstruction
 from usae.trainer.model import USAE, load_run
@@ -91,9 +94,11 @@ class AnalyzeConfig:
     image_score: Literal["max", "mean"] = "max"
     """Score of an image for a concept: max or mean of its tokens' codes (averaged over backbones)."""
     image_root: str = ""
-    """Folder the manifest's paths are relative to (default: the manifest's folder)."""
+    """Folder the manifest's paths are relative to (default: the store's record, else the manifest's folder)."""
     manifest: str = ""
-    """Manifest (parquet/csv with image_id, path) to show the top images themselves."""
+    """Manifest (parquet/csv with image_id, path) of the photos to show (default: the one the store records)."""
+    gallery: int = 6
+    """Index-page gallery: the N most important concepts of each member set (all, each subset, each backbone alone); 0: none."""
     maximize: str = ""
     """Folder of `usae maximize` outputs (<k>/panel.png) to show (default: REPORT/maximize)."""
     match_top: int = 100
@@ -118,8 +123,8 @@ class AnalyzeConfig:
                 f"--dtype must be one of {', '.join(AnalyzeDtype.__args__)}",
             ),
             (
-                self.top_concepts >= 0 and self.top_images >= 0,
-                "--top-concepts and --top-images must be >= 0",
+                self.top_concepts >= 0 and self.top_images >= 0 and self.gallery >= 0,
+                "--top-concepts, --top-images and --gallery must be >= 0",
             ),
             (self.image_score in ("max", "mean"), "--image-score must be max or mean"),
             (self.match_top >= 1, "--match-top must be >= 1"),
@@ -251,9 +256,10 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     dtype = torch_dtype(resolve_dtype(cfg.dtype, device))
     inp = load_inputs(cfg)
     mask, which = select_images(inp.store, inp.run_cfg, cfg.images, inp.same_store)
-    paths = image_paths(cfg)
+    notes = list(inp.warnings)
+    paths = image_paths(cfg, inp.store, notes)
     out = Path(cfg.out)
-    for sub in ("figures", "concepts", "images"):
+    for sub in ("figures", "concepts"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     n_rows = int(mask.sum()) * inp.store.tokens_per_image
     pairwise = wants_layer_alignment(cfg, inp)
@@ -271,7 +277,6 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
             [inp.model.gain(j).double().cpu().numpy() for j in range(inp.model.n_models)]
         )
     rec, table = reconstruction(sums), mx.concept_table(sums, gains)
-    notes = list(inp.warnings)
     if inp.model.spec.independent:
         notes.append(
             "independent SAEs: concept k of one backbone is unrelated to concept k of another, "
@@ -279,11 +284,15 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
         )
     base = baseline_matching(cfg, inp, table, notes)
     top = mx.select_top_concepts(table, cfg.top_concepts)
-    shown = list(dict.fromkeys(top["importance"] + top["universality"]))
     shared = membership.sharing(inp.model, inp.keys, table, gains)
     df = concept_frame(inp.keys, table, base, shared)
-    tops = top_images(inp, sums, shown, out / "images", dtype, device, paths)
+    gallery = gallery_sets(df, inp.keys, cfg.gallery)
+    shown = list(dict.fromkeys(top["importance"] + top["universality"]))
+    shown += [k for g in gallery for k in g["concepts"] if k not in shown]
+    tops = top_images(inp, sums, shown, out, dtype, device, paths)
     metrics = summary_metrics(cfg, inp, which, sums, rec, table, base, top, tops, notes)
+    metrics["gallery"] = gallery
+    metrics["photos"] = paths is not None
     metrics["membership"] = membership.membership_summary(
         shared, "gain" if inp.model.spec.gains else "energy"
     )
@@ -495,47 +504,26 @@ class TopImage(NamedTuple):
     """Why the picture could not be shown (None: shown, or no manifest)."""
 
 
-def image_paths(cfg: AnalyzeConfig) -> dict[str, Any] | None:
-    """image_id -> resolved path from --manifest (None without one). Refuses an unreadable manifest."""
-    if not cfg.manifest:
-        return None
-    from usae.pipeline.manifest import ManifestError, read_manifest, resolve_path
-
+def image_paths(cfg: AnalyzeConfig, store: Store, notes: list[str]) -> dict[str, Any] | None:
+    """image_id -> resolved path, from --manifest or the store's record (None: no photos, with
+    a warning in ``notes`` when the recorded ones moved). Refuses an unreadable --manifest."""
     try:
-        df = read_manifest(cfg.manifest, cfg.image_root or None)
-    except (ManifestError, OSError, ValueError) as e:
-        raise AnalyzeError(f"cannot read manifest {cfg.manifest}: {e}") from None
-    root = df.attrs.get("image_root")
-    return {
-        str(i): resolve_path(root, str(p)) for i, p in zip(df["image_id"], df["path"], strict=True)
-    }
-
-
-def _load_picture(paths: dict | None, image_id: str) -> tuple[np.ndarray | None, str | None]:
-    if paths is None:
-        return None, None
-    if image_id not in paths:
-        return None, "not in the manifest"
-    from usae.pipeline.images import ImageError, load_image
-
-    try:
-        return load_image(paths[image_id]), None
-    except ImageError as e:
-        return None, e.reason
-    except Exception as e:  # noqa: BLE001 - any unreadable picture becomes a placeholder
-        return None, f"{type(e).__name__}: {e}"
+        return manifest_paths(manifest_for(cfg.manifest, cfg.image_root, store, notes))
+    except ImageSourceError as e:
+        raise AnalyzeError(str(e)) from None
 
 
 def top_images(
     inp: Inputs,
     s: mx.Sums,
     shown: Sequence[int],
-    img_dir: Path,
+    out: Path,
     dtype: torch.dtype,
     device: torch.device,
     paths: dict | None,
 ) -> dict[int, list[TopImage]]:
-    """Top images of the shown concepts; their token maps are drawn to img_dir/<k>.png, one row per image."""
+    """Top images of the shown concepts; each one's photo and token map per backbone are
+    written as thumbnails under out/thumbs/<k>/ (``render.thumb_file`` names them)."""
     per: dict[int, list[int]] = {k: [int(g) for g in s.top_image_mg[k] if g >= 0] for k in shown}
     images = sorted({g for gs in per.values() for g in gs})
     maps = mx.token_maps(
@@ -543,19 +531,55 @@ def top_images(
     )
     row_of = {g: n for n, g in enumerate(images)}
     ids = inp.store.image_ids
-    pictures = {g: _load_picture(paths, str(ids[g])) for g in images}
+    pictures = {g: load_picture(paths, str(ids[g])) for g in images}
+    clear_thumbs(out)
     tops: dict[int, list[TopImage]] = {}
     for c, k in enumerate(shown):
         tops[k] = [
             TopImage(g, str(ids[g]), float(s.top_score_mg[k][n]), pictures[g][1])
             for n, g in enumerate(per[k])
         ]
-        if tops[k]:
-            panel = [
-                (t, pictures[t.image_index][0], maps[row_of[t.image_index], c]) for t in tops[k]
-            ]
-            figures.draw_top_images(img_dir / f"{k}.png", k, inp.keys, panel)
+        for n, t in enumerate(tops[k]):
+            figures.write_thumbs(
+                out, pictures[t.image_index][0], maps[row_of[t.image_index], c], inp.keys,
+                photo=thumb_file(k, n), heat={key: thumb_file(k, n, key) for key in inp.keys},
+            )  # fmt: skip
     return tops
+
+
+def clear_thumbs(out: Path) -> None:
+    """Remove the thumbnails (and top-image panels of older reports) a previous analysis left."""
+    import shutil
+
+    shutil.rmtree(out / "thumbs", ignore_errors=True)
+    for old in (out / "images").glob("*.png"):
+        if old.stem.isdigit():
+            old.unlink()
+
+
+def gallery_sets(df: pd.DataFrame, keys: Sequence[str], n: int) -> list[dict]:
+    """The index page's gallery: for each member set (all backbones, then each subset that
+    occurs, larger first, then each backbone alone), its n most important concepts:
+    [{members, concepts}] (concepts may be empty for a backbone alone; none when n = 0 or
+    the frame has no ``members``)."""
+    if n <= 0 or "members" not in df.columns:
+        return []
+    labels = df["members"].astype(str).to_numpy()
+    found = {lab for lab in labels if lab}
+    alone = list(keys)
+    pos = {k: i for i, k in enumerate(keys)}
+
+    def rank(lab: str) -> tuple:  # all, then larger sets, then in backbone order
+        parts = [] if lab == "all" else lab.split("+")
+        return (lab != "all", -len(parts), [pos.get(p, len(pos)) for p in parts])
+
+    multi = sorted((lab for lab in found if lab not in alone), key=rank)
+    order = np.argsort(-df["importance"].to_numpy(np.float64), kind="stable")
+    out = []
+    for lab in multi + alone:
+        ks = [int(df["concept"].iat[r]) for r in order if labels[r] == lab][:n]
+        out.append({"members": lab, "concepts": ks})
+    return out
 
 
 def image_failures(tops: dict[int, list[TopImage]]) -> list[dict]:

@@ -31,6 +31,7 @@ from usae.pipeline.extract_task import (
     layer_record,
     run_chunks,
 )
+from usae.pipeline.images import has_scheme
 from usae.pipeline.manifest import read_manifest, resolve_path
 from usae.pipeline.registry import DEFAULT_BACKBONES, join_layer_lists, layer_key, parse_backbone
 from usae.pipeline.store import BackboneLayout, Store
@@ -148,6 +149,24 @@ def _manifest_items(cfg: ExtractConfig):
     return items, split, df.attrs["manifest_sha256"]
 
 
+def image_source(manifest: str | os.PathLike, image_root: str | os.PathLike | None) -> dict:
+    """The store's record of where its images are: each path as given and resolved (absolute;
+    a URL stays as is); image_root "" when it defaulted to the manifest's folder."""
+
+    def absolute(p: str | os.PathLike) -> str:
+        return os.fspath(p) if has_scheme(p) else str(Path(p).expanduser().resolve())
+
+    root = "" if image_root is None else os.fspath(image_root)
+    if root:
+        root_abs = absolute(root)
+    elif has_scheme(manifest):
+        root_abs = os.fspath(manifest).rsplit("/", 1)[0]
+    else:
+        root_abs = str(Path(absolute(manifest)).parent)
+    return {"manifest": os.fspath(manifest), "manifest_abs": absolute(manifest),
+            "image_root": root, "image_root_abs": root_abs}  # fmt: skip
+
+
 def prepare(cfg: ExtractConfig) -> _Prepared:
     """Resolve backbones and weights, load them here (for their identity), create/open the store."""
     refs = [parse_backbone(n) for n in join_layer_lists(cfg.backbones)]
@@ -197,6 +216,7 @@ def prepare(cfg: ExtractConfig) -> _Prepared:
         manifest_sha256=manifest_hash,
         split=split,
         extra={"extract": {"batch_size": cfg.batch_size, "device": str(device)}},
+        image_source=image_source(cfg.manifest, cfg.image_root),
     )
     plan = TaskPlan(
         mkey, tuple(b.identity for b in backbones), str(cfg.store), tuple(cfg.grid), cfg.batch_size,

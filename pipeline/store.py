@@ -229,10 +229,14 @@ class Store:
         split: Sequence[str] | None = None,
         extra: Mapping[str, Any] | None = None,
         store_dtype: str = "float16",
+        image_source: Mapping[str, Any] | None = None,
     ) -> Store:
         """Create an empty store, or return the existing one if it was made with the same settings.
 
         An existing store whose fingerprint differs is refused (never overwritten).
+        `image_source` (where the manifest and images are, `usae extract`) is recorded, never
+        fingerprinted: resuming an incomplete store from another path records the new one (the
+        path that finished it), a complete store keeps its record.
         `store_dtype` "int8" stores int8 codes and per-chunk, per-channel scales (module
         docstring); it is part of the fingerprint (a float16 store's fingerprint is unchanged).
         """
@@ -253,6 +257,9 @@ class Store:
                     f"(fingerprint {st.attrs.get('fingerprint')} != {fp}); choose another --store path "
                     "or delete it yourself"
                 )
+            if image_source is not None and not st.complete:
+                st._root.attrs["image_source"] = dict(image_source)
+                st.attrs = dict(st._root.attrs)
             return st
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path} exists, is not empty and is not a usae store")
@@ -334,6 +341,7 @@ class Store:
                 "complete": False,
                 "failures": [],
                 "extra": dict(extra or {}),
+                **({"image_source": dict(image_source)} if image_source is not None else {}),
             }
         )
         (path / _META / "commits").mkdir(parents=True, exist_ok=True)
@@ -353,6 +361,13 @@ class Store:
     @property
     def complete(self) -> bool:
         return bool(self.attrs.get("complete", False))
+
+    @property
+    def image_source(self) -> dict | None:
+        """Where the images were read from ({manifest, manifest_abs, image_root, image_root_abs},
+        recorded by `usae extract`); None for stores without the record (synth, older stores)."""
+        rec = self.attrs.get("image_source")
+        return dict(rec) if rec else None
 
     @property
     def n_chunks(self) -> int:
@@ -741,7 +756,7 @@ def convert_store(
         dst, list(s.image_ids), layouts, grid=tuple(a["grid"]), chunk_images=s.chunk_images,
         source=a["source"], fingerprint_of={"converted_from": a["fingerprint"]},
         manifest_sha256=a.get("manifest_sha256", ""), split=None if s.split is None else list(s.split),
-        extra=dict(a.get("extra", {})), store_dtype=store_dtype,
+        extra=dict(a.get("extra", {})), store_dtype=store_dtype, image_source=s.image_source,
     )  # fmt: skip
     valid = s.valid
     for i in range(s.n_chunks):

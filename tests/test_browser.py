@@ -203,6 +203,13 @@ BROKEN_IMAGES = (
 )
 
 
+LOADED = """(() => {{
+    const imgs = Array.from(document.querySelectorAll({sel!r}));
+    if (!imgs.length || imgs.some(i => !(i.complete && i.naturalWidth > 0))) {{ return -1; }}
+    return imgs.length; }})()"""
+"""How many images match the selector, all loaded (-1: none, or one not loaded)."""
+
+
 @pytest.fixture(scope="module")
 def chromium() -> str:
     return chromium_path()
@@ -248,6 +255,9 @@ def test_report_in_headless_chromium(chromium, report, tmp_path):
             pd.read_parquet(report / "concepts.parquet")
         )
         assert page.js(BROKEN_IMAGES) == []
+        # the gallery: cards of thumbnails (photos and token maps), every one loaded
+        assert page.js(LOADED.format(sel="#gallery ~ .gset .gcard img")) >= 3 * 2
+        assert page.js("document.querySelectorAll('.gcard .gmain img').length") >= 4
         shown = "(e => !!e && e.getBoundingClientRect().height > 0)"
         assert page.js(f"{shown}(document.querySelector('#layer-alignment'))")
         assert page.js(
@@ -275,8 +285,14 @@ def test_report_in_headless_chromium(chromium, report, tmp_path):
         assert page.js("location.href").endswith(href)
         assert page.js("document.querySelector('h1').textContent").startswith("Concept ")
         assert page.js(BROKEN_IMAGES) == []
-        assert page.js("document.querySelectorAll('.panel img').length") >= 1
+        assert page.js(LOADED.format(sel="table.thumbs img")) >= 2
         page.screenshot(tmp_path / "concept.png")
+        # a gallery card opens its concept's page, whose thumbnails load
+        page.goto((report / "index.html").resolve().as_uri())
+        href = page.js("document.querySelector('.gcard').getAttribute('href')")
+        page.goto(click=".gcard")
+        assert page.js("location.href").endswith(href)
+        assert page.js(LOADED.format(sel="table.thumbs img")) >= 2
         assert page.errors() == []
         # the check can fail: a page with a script error and a broken image is caught
         bad = tmp_path / "bad.html"

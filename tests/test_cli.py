@@ -161,6 +161,11 @@ def test_demo_end_to_end_tiny(tmp_path):
         store_attrs
     )
     metrics = json.loads((d / "report" / "metrics.json").read_text())
+    # analyze was given no --manifest: the gallery's photos come from the store's record
+    assert metrics["photos"] is True and metrics["image_failures"] == []
+    k = metrics["gallery"][0]["concepts"][0]
+    assert (d / "report" / "thumbs" / str(k) / "0.jpg").is_file()
+    assert f'src="thumbs/{k}/0.jpg"' in index.read_text()
     # the findings say how they were trained: the default recipe, resolved as the run recorded it
     run_train = json.loads((d / "run" / "config.json").read_text())["train"]
     assert metrics["training"] == {

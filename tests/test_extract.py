@@ -169,6 +169,31 @@ def test_other_settings_refused(shared_image_set, tmp_path) -> None:
         run_extract(dataclasses.replace(cfg, weights=(("nope", "f"),)))
 
 
+def test_extract_records_where_its_images_are(shared_image_set, tmp_path, monkeypatch) -> None:
+    """The store records the manifest and image root as given and resolved; a re-run from
+    another copy of the images leaves the complete store (and its fingerprint) as it was."""
+    copy = tmp_path / "copy"
+    shutil.copytree(shared_image_set.root, copy)
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(shared_image_set, Path("r.zarr"), backbones=("vit",), chunk_images=6)
+    run_extract(dataclasses.replace(cfg, manifest=Path("copy/manifest.csv")))
+    rec = Store.open("r.zarr").image_source
+    assert rec == {"manifest": "copy/manifest.csv", "manifest_abs": str(copy.resolve() / "manifest.csv"),
+                   "image_root": "", "image_root_abs": str(copy.resolve())}  # fmt: skip
+    fp = Store.open("r.zarr").attrs["fingerprint"]
+    again = run_extract(
+        dataclasses.replace(
+            cfg, manifest=shared_image_set.manifest, image_root=shared_image_set.root
+        )
+    )
+    assert again.computed == 0 and Store.open("r.zarr").attrs["fingerprint"] == fp
+    assert Store.open("r.zarr").image_source == rec
+    run_extract(dataclasses.replace(cfg, store=Path("s.zarr"), image_root=Path("copy")))
+    got = Store.open("s.zarr").image_source
+    assert got["image_root"] == "copy" and got["image_root_abs"] == str(copy.resolve())
+    assert got["manifest_abs"] == str(shared_image_set.manifest.resolve())
+
+
 def _cli_args(images, store: Path, chunk: int) -> list[str]:
     return ["extract", "-m", str(images.manifest), "-s", str(store), "--tiny", "--random-init", "--dtype", "fp32",
             "--chunk-images", str(chunk), "--batch-size", "2", "--no-progress"]  # fmt: skip

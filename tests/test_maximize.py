@@ -577,6 +577,29 @@ def test_maximize_into_a_report_renders_its_pages(run_dir, store, tmp_path):
     assert "../maximize/9/panel.png" in page and "Activation maximisation" in page
     assert 'href="concepts/9.html"' in (rep / "index.html").read_text()
     assert {f: (rep / f).read_bytes() for f in data} == data
+    # the store records its manifest: analyze showed photos, and a concept of the report's gets
+    # its top photo first in its panel (without --manifest); a --manifest that is not there is refused
+    m = json.loads(data["metrics.json"])
+    assert m["photos"] is True and m["warnings"] == []
+    k = m["top_concepts"]["importance"][0]
+    mx.run_maximize(
+        _cfg(run_dir, rep / "maximize", concepts=(k,), steps=1, canvas=48, crops=1), progress=False
+    )
+    obj = json.loads((rep / "maximize" / str(k) / "objective.json").read_text())
+    assert obj["photo"] == m["top_images"][str(k)][0]["image_id"]
+    assert json.loads((rep / "maximize" / "9" / "objective.json").read_text())["photo"] is None
+    from PIL import Image
+
+    assert (
+        Image.open(rep / "maximize" / str(k) / "panel.png").width
+        > Image.open(rep / "maximize" / "9" / "panel.png").width
+    )  # one more image: the photo
+    with pytest.raises(mx.MaximizeError, match="cannot read manifest"):
+        mx.run_maximize(
+            _cfg(run_dir, rep / "maximize", concepts=(k,), steps=1, canvas=48, crops=1,
+                 manifest=tmp_path / "none.csv"),
+            progress=False,
+        )  # fmt: skip
     # elsewhere, nothing is rendered
     assert (
         mx.run_maximize(

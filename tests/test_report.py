@@ -80,7 +80,13 @@ def test_report_files_and_contents(planted_report):
     assert df["firing_entropy"][p.universal].min() > 0.97 and m["dead"] == 1
     shown = set(m["top_concepts"]["importance"]) | set(m["top_concepts"]["universality"])
     assert shown and all((rep / "concepts" / f"{k}.html").is_file() for k in shown)
-    assert all((rep / "images" / f"{k}.png").is_file() for k in shown if m["top_images"][str(k)])
+    from usae.analysis.render import thumb_file
+
+    for k in shown:  # no photos (no manifest): each top image's token maps, one per backbone
+        for n in range(len(m["top_images"][str(k)])):
+            assert not (rep / thumb_file(k, n)).exists()
+            for key in model.spec.backbones:
+                assert (rep / thumb_file(k, n, key)).is_file(), (k, n, key)
     page = (rep / "index.html").read_text()
     assert "http://" not in page and "https://" not in page  # self-contained
     assert 'class="sortable"' in page and page.count("<tr") >= model.spec.concepts

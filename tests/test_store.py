@@ -271,3 +271,29 @@ def test_holdout_mask_is_stable_and_near_fraction():
     assert not holdout_mask(ids, 0.0).any()
     with pytest.raises(ValueError):
         holdout_mask(ids, 1.0)
+
+
+def test_image_source_is_recorded_not_fingerprinted(tmp_path):
+    """The record of where the images are: written at creation, replaced by a resume of an
+    incomplete store (the path that finishes it), kept once complete; never in the fingerprint;
+    carried over by convert_store; absent from stores created without one."""
+    from usae.pipeline.store import convert_store
+
+    ids = [f"i{j}" for j in range(8)]
+    lay = [BackboneLayout("a", 3)]
+    same = dict(grid=(1, 2), chunk_images=4, source="extract", fingerprint_of="v1")
+    src_a, src_b = ({"manifest": f"{d}/m.csv", "manifest_abs": f"/{d}/m.csv", "image_root": "",
+                     "image_root_abs": f"/{d}"} for d in ("a", "b"))  # fmt: skip
+    s = Store.create(tmp_path / "s.zarr", ids, lay, image_source=src_a, **same)
+    fp = s.attrs["fingerprint"]
+    assert Store(tmp_path / "s.zarr").image_source == src_a
+    data = {"a": np.arange(48, dtype=np.float16).reshape(16, 3)}
+    _fill(s, data, np.ones(8, bool), chunks=[0])
+    s2 = Store.create(tmp_path / "s.zarr", ids, lay, image_source=src_b, **same)  # resumed
+    assert s2.attrs["fingerprint"] == fp and Store(tmp_path / "s.zarr").image_source == src_b
+    _fill(s2, data, np.ones(8, bool), chunks=[1])
+    s2.finalize()
+    s3 = Store.create(tmp_path / "s.zarr", ids, lay, image_source=src_a, **same)  # complete
+    assert s3.image_source == src_b and Store.open(tmp_path / "s.zarr").image_source == src_b
+    assert convert_store(tmp_path / "s.zarr", tmp_path / "q.zarr").image_source == src_b
+    assert Store.create(tmp_path / "n.zarr", ids, lay, **same).image_source is None

@@ -197,14 +197,14 @@ def _train(cfg: DemoConfig, store: Path, run: Path) -> None:
     print_metrics(res.metrics)
 
 
-def _analyze(cfg: DemoConfig, manifest: Path, store: Path, run: Path, report: Path):
+def _analyze(cfg: DemoConfig, store: Path, run: Path, report: Path):
+    """The photos come from the store's record of its manifest (no --manifest needed)."""
     from usae.analysis.report import AnalyzeConfig, run_analyze
 
     console.rule("[bold]3/4 analyze")
     return run_analyze(
-        AnalyzeConfig(run=str(run), store=str(store), out=str(report), manifest=str(manifest),
-                      image_root=str(manifest.parent), top_concepts=8, top_images=6)
-    )  # fmt: skip
+        AnalyzeConfig(run=str(run), store=str(store), out=str(report), top_concepts=8, top_images=6)
+    )
 
 
 def _maximize(cfg: DemoConfig, run: Path, report: Path, weights) -> None:
@@ -238,7 +238,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         (data / "demo.json").write_text(json.dumps({"images": cfg.images, "seed": cfg.seed}))
     _extract(cfg, manifest, store, weights)
     _train(cfg, store, run)
-    _analyze(cfg, manifest, store, run, report)
+    _analyze(cfg, store, run, report)
     if cfg.maximize > 0:
         _maximize(cfg, run, report, weights)
     res = DemoResult(report / "index.html", store, run, plan.pretrained, time.perf_counter() - t0)
