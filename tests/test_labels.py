@@ -238,7 +238,7 @@ def test_report_labels_files_and_page(labelled, tmp_path):
     assert lab["train_images"] + lab["test_images"] == lab["probe_images"] == 60
     assert lab["chance"]["auroc"] == 0.5
     for e in lab["per_label"]:
-        for key, r in e["models"].items():
+        for r in e["models"].values():
             assert r["auroc"] is None or 0 <= r["auroc"] <= 1
             assert set(r["probe"]) == {"1", "5"}
     html = (out / "index.html").read_text()
