@@ -235,12 +235,16 @@ def stream_sums(
     device: str | torch.device = "cpu",
     on_batch: Callable[[int], None] | None = None,
     pairwise: bool = False,
+    image_maxima: Callable[[np.ndarray, Tensor], None] | None = None,
 ) -> Sums:
     """One pass over the evaluated rows of the store -> ``Sums`` (memory independent of N).
 
     ``keys[i]`` is the store key of the model's backbone i; ``image_mask_n`` selects the
     images (store order) to evaluate; ``on_batch(rows)`` is called after every batch;
-    ``pairwise`` adds the (M, M, m) pairwise co-fires (``Sums.pair_cofires_mmm``).
+    ``pairwise`` adds the (M, M, m) pairwise co-fires (``Sums.pair_cofires_mmm``);
+    ``image_maxima(image_index_n, max_Mnm)`` is called once per chunk with the chunk's evaluated
+    images (store indices) and, per backbone, each one's max over its tokens of every code
+    (a device tensor, valid during the call only; ``usae.analysis.labels.MaximaCollector``).
     """
     if image_score not in ("max", "mean"):
         raise ValueError(f"image_score must be 'max' or 'mean', got {image_score!r}")
@@ -251,20 +255,37 @@ def stream_sums(
     buf_mnm = torch.zeros(
         model.n_models, ci_images, model.spec.concepts, dtype=torch.float32, device=device
     )
+    max_mnm = None  # the per-image maxima: buf_mnm itself when the image score is the max
+    if image_maxima is not None:
+        max_mnm = buf_mnm if image_score == "max" else torch.zeros_like(buf_mnm)
     for ci, acts, local_img_b, last in iter_batches(store, keys, image_mask_n, batch_tokens):
         acts = [a.to(device) for a in acts]
         x_bD, codes = encode_batch(model, acts, dtype)
         acc.add_batch(x_bD, codes)
         acc.add_image_scores(codes, local_img_b.to(device), buf_mnm)
+        if max_mnm is not None and max_mnm is not buf_mnm:
+            scatter_image_max(codes, local_img_b.to(device), max_mnm)
         if last:
             a, b = store.chunk_images_range(ci)
             sel = np.flatnonzero(image_mask_n[a:b])
             part = buf_mnm[:, : b - a] if len(sel) == b - a else buf_mnm[:, sel]
+            if image_maxima is not None:
+                image_maxima(a + sel, max_mnm[:, : b - a] if len(sel) == b - a else max_mnm[:, sel])
             acc.merge_images(part, torch.as_tensor(a + sel, device=device), store.tokens_per_image)
             buf_mnm.zero_()
+            if max_mnm is not None:
+                max_mnm.zero_()
         if on_batch is not None:
             on_batch(acts[0].shape[0])
     return acc.sums()
+
+
+def scatter_image_max(codes: Sequence[Codes], local_img_b: Tensor, buf_mnm: Tensor) -> None:
+    """buf[i, image, k] = max(buf, codes of backbone i's tokens of that image) (codes >= 0)."""
+    m = buf_mnm.shape[-1]
+    for i, c in enumerate(codes):
+        flat = (local_img_b[:, None] * m + c.indices_bk).reshape(-1)
+        buf_mnm[i].view(-1).scatter_reduce_(0, flat, c.values_bk.float().reshape(-1), reduce="amax")
 
 
 # ---------------------------------------------------------------- derived metrics

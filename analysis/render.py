@@ -149,7 +149,9 @@ def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int],
     )
     r2_table = f"<table><thead><tr><th>codes from \\ R2 of</th>{''.join(f'<th>{esc(k)}</th>' for k in keys)}</tr></thead><tbody>{r2}</tbody></table>"
     figs = "".join(f'<img src="figures/{f}.png" alt="{f}">' for f in FIGURES)
-    layers = _layer_section(m.get("layer_alignment"))
+    layers = _layer_section(m.get("layer_alignment")) + _labels_section(
+        m.get("labels"), keys, pages
+    )
     return f"""<header><h1>USAE report</h1>
 <div class="meta">run {esc(m["run"])} &middot; store {esc(m["store"])} &middot; {m["n_images"]} images ({esc(m["images"])}),
 {m["n_tokens"]} tokens &middot; {m["concepts"]} concepts, k = {m["k"]} &middot; tau = {m["tau"]}{" &middot; independent SAEs" if m["independent"] else ""}
@@ -310,6 +312,43 @@ when it fires &ge; {entry["min_fires"]} times for each and co-fires(i, j) / min(
 {table}"""
 
 
+def _labels_section(entry: dict | None, keys: Sequence[str], pages: set[int]) -> str:
+    """The labels section (empty without metrics.json's ``labels``): per label, the best single
+    concept of each backbone as a detector, its held-out AUROC and the k-sparse probes."""
+    if not entry or not entry.get("per_label"):
+        return ""
+    esc = html.escape
+    ks = [str(k) for k in entry["ks"]]
+    head = "<th>label</th><th>images</th>" + "".join(
+        f"<th>{esc(k)}: best concept</th><th>{esc(k)}: AUROC</th>"
+        + "".join(f"<th>{esc(k)}: {q}-sparse probe</th>" for q in ks)
+        for k in keys
+    )
+    rows = []
+    for e in entry["per_label"]:
+        cells = f"<td>{esc(e['label'])}</td>{_td(e['n_images'], '{:d}')}"
+        for k in keys:
+            r = e["models"].get(k)
+            if r is None:
+                cells += '<td data-v="">n/a</td>' * (2 + len(ks))
+                continue
+            c = r["best_concept"]
+            cells += _td(c, "{:d}", f"concepts/{c}.html" if c in pages else None) + _td(r["auroc"])
+            cells += "".join(_td(r["probe"][q]["balanced_accuracy"]) for q in ks)
+        rows.append(f"<tr>{cells}</tr>")
+    sampled = f" (a sample of the {entry['n_labelled']} labelled)" if entry["sampled"] else ""
+    return f"""
+<h2 id="labels">Labels</h2>
+<p class="meta">Which concept detects each {esc(entry["column"])} (from the {esc(entry["source"])}):
+per backbone, the concept whose per-image max code best separates the label from the others,
+chosen on {entry["train_images"]} probe training images and scored (AUROC, chance 0.5) on
+{entry["test_images"]} held-out images{sampled}; the k-sparse probes are logistic regressions
+on the k concepts with the largest t statistic (balanced accuracy on the held-out images,
+chance 0.5).</p>
+<div class="scroll"><table class="sortable" id="labels-table"><thead><tr>{head}</tr></thead>
+<tbody>{"".join(rows)}</tbody></table></div>"""
+
+
 def _concept_table(keys: Sequence[str], df: pd.DataFrame, pages: set[int]) -> str:
     cols = [
         ("importance", "{:.4g}"),
@@ -387,6 +426,8 @@ def _concept_body(
     ]
     if _label_text(row):
         cards.insert(0, _card(_label_text(row), "manifest label (share of top images)"))
+    if str(row.get("labels_top", "") or ""):
+        cards.append(_card(str(row["labels_top"]), "labels of its top images"))
     if "members" in row:
         cards.insert(0, _card(str(row["members"]) or "-", "lives in"))
         if int(row["duplicate_of"]) >= 0:
@@ -468,6 +509,18 @@ def print_summary(m: dict) -> None:
             lines.setdefault((b["model_a"], b["model_b"]), []).append(f"{b['key_a']} ~ {best}")
     for (a, b), items in lines.items():
         con.print(f"layer alignment {a} -> {b}: {', '.join(items)}", highlight=False)
+    lab = m.get("labels")
+    if lab and lab.get("summary"):
+        parts = [
+            f"{k} AUROC {_fmt(v['mean_auroc'])}, "
+            + ", ".join(f"{q}-sparse {_fmt(a)}" for q, a in v["mean_balanced_accuracy"].items())
+            for k, v in lab["summary"].items()
+        ]
+        con.print(
+            f"labels ({lab['column']}, {lab['n_classes']} classes, {lab['test_images']} held-out "
+            f"probe images), mean over labels: {'; '.join(parts)}",
+            highlight=False,
+        )
     if m["baseline_matching"]:
         for k, v in m["baseline_matching"].items():
             con.print(

@@ -20,6 +20,7 @@ Compatibility rules between the run and the store (decided here, documented in t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 from usae.analysis import figures, membership
+from usae.analysis import labels as lb
 from usae.analysis import metrics as mx
 from usae.analysis.photos import ImageSourceError, load_picture, manifest_for
 from usae.analysis.photos import image_paths as manifest_paths
@@ -109,6 +111,14 @@ class AnalyzeConfig:
     """Layer alignment: a concept is shared by two backbones when co-fires / min(their fires) >= this."""
     share_min_fires: int = 10
     """Layer alignment: only concepts firing at least this often in both backbones can be shared."""
+    label_column: str = "label"
+    """Manifest column of image labels (else the store's label array) for concept labels and sparse probing; "" = off."""
+    label_top_images: int = 20
+    """Labels: a concept's top labels are counted over its N top activating images."""
+    probe_images: int = 10_000
+    """Labels: at most N labelled images probed (a stable hash sample); memory ~ N x distinct concepts per image x 8 bytes per backbone."""
+    probe_labels: int = 50
+    """Labels: the N most frequent labels are probed."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -134,6 +144,10 @@ class AnalyzeConfig:
             ),
             (0 < self.share_threshold <= 1, "--share-threshold must be in (0, 1]"),
             (self.share_min_fires >= 1, "--share-min-fires must be >= 1"),
+            (
+                min(self.label_top_images, self.probe_images, self.probe_labels) >= 1,
+                "--label-top-images, --probe-images and --probe-labels must be >= 1",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -257,19 +271,31 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     inp = load_inputs(cfg)
     mask, which = select_images(inp.store, inp.run_cfg, cfg.images, inp.same_store)
     notes = list(inp.warnings)
-    paths = image_paths(cfg, inp.store, notes)
+    manifest = image_manifest(cfg, inp.store, notes)
+    paths = manifest_paths(manifest)
     out = Path(cfg.out)
     for sub in ("figures", "concepts"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     n_rows = int(mask.sum()) * inp.store.tokens_per_image
     pairwise = wants_layer_alignment(cfg, inp)
+    labels = image_labels(cfg, inp.store, manifest)
+    ps, maxima = None, None
+    if labels is not None:  # the probed images' per-image max codes, kept sparse in the pass
+        ps = lb.probe_set(mask, labels, inp.store.image_ids, cfg.probe_images)
+        maxima = lb.MaximaCollector(ps.images_n, inp.model.n_models, inp.model.spec.concepts)
     with progress_bar(progress) as bar:
         task = bar.add_task("analyze (tokens)", total=n_rows)
         sums = mx.stream_sums(
             inp.model, inp.store, inp.keys, mask, tau=cfg.tau, batch_tokens=cfg.batch_tokens,
-            top_images=cfg.top_images, image_score=cfg.image_score, dtype=dtype, device=device,
-            on_batch=lambda n: bar.advance(task, n), pairwise=pairwise,
+            top_images=max(cfg.top_images, cfg.label_top_images if labels else 0),
+            image_score=cfg.image_score, dtype=dtype, device=device,
+            on_batch=lambda n: bar.advance(task, n), pairwise=pairwise, image_maxima=maxima,
         )  # fmt: skip
+    label_cols = lb.top_labels(sums.top_image_mg, labels, cfg.label_top_images)
+    sums = dataclasses.replace(  # the report shows --top-images of the images kept
+        sums, top_score_mg=sums.top_score_mg[:, : cfg.top_images],
+        top_image_mg=sums.top_image_mg[:, : cfg.top_images],
+    )  # fmt: skip
     with (
         torch.no_grad()
     ):  # decoder row norms: each concept's gain in each backbone (1 without gains)
@@ -285,7 +311,7 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     base = baseline_matching(cfg, inp, table, notes)
     top = mx.select_top_concepts(table, cfg.top_concepts)
     shared = membership.sharing(inp.model, inp.keys, table, gains)
-    df = concept_frame(inp.keys, table, base, shared)
+    df = pd.concat([concept_frame(inp.keys, table, base, shared), label_cols], axis=1)
     gallery = gallery_sets(df, inp.keys, cfg.gallery)
     shown = list(dict.fromkeys(top["importance"] + top["universality"]))
     shown += [k for g in gallery for k in g["concepts"] if k not in shown]
@@ -296,6 +322,12 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     metrics["membership"] = membership.membership_summary(
         shared, "gain" if inp.model.spec.gains else "energy"
     )
+    metrics["labels"] = None
+    if labels is not None:
+        metrics["labels"] = lb.labels_entry(
+            labels, ps, maxima.matrices(), inp.keys, top_images=cfg.label_top_images,
+            max_labels=cfg.probe_labels,
+        )  # fmt: skip
     figures.write_figures(out / "figures", inp.keys, rec, table, metrics)
     layer_png = out / "figures" / "layer_alignment.png"
     if metrics["layer_alignment"] is not None:
@@ -493,6 +525,28 @@ def _clean(o: Any) -> Any:
     return o
 
 
+# ---------------------------------------------------------------- labels
+def image_labels(
+    cfg: AnalyzeConfig, store: Store, manifest: pd.DataFrame | None
+) -> lb.Labels | None:
+    """Each store image's label: the ONE place labels come from. ``--label-column`` of the
+    manifest (``--manifest``, else the store's recorded one), else the store's ``label`` array;
+    None when off, absent or a single class. A column named explicitly and found nowhere is an
+    error."""
+    if not cfg.label_column:
+        return None
+    arr = store.labels
+    from_store = None if arr is None else pd.Series(arr, index=list(store.image_ids))
+    try:
+        found = lb.label_table(manifest, from_store, cfg.label_column)
+    except lb.LabelError as e:
+        raise AnalyzeError(str(e)) from None
+    if found is None:
+        return None
+    table, source = found
+    return lb.encode_labels(table, store.image_ids, cfg.label_column, source)
+
+
 # ---------------------------------------------------------------- top images
 class TopImage(NamedTuple):
     """One top activating image of a concept."""
@@ -504,11 +558,11 @@ class TopImage(NamedTuple):
     """Why the picture could not be shown (None: shown, or no manifest)."""
 
 
-def image_paths(cfg: AnalyzeConfig, store: Store, notes: list[str]) -> dict[str, Any] | None:
-    """image_id -> resolved path, from --manifest or the store's record (None: no photos, with
-    a warning in ``notes`` when the recorded ones moved). Refuses an unreadable --manifest."""
+def image_manifest(cfg: AnalyzeConfig, store: Store, notes: list[str]) -> pd.DataFrame | None:
+    """The manifest, from --manifest or the store's record (None: none, with a warning in
+    ``notes`` when the recorded one moved). Refuses an unreadable --manifest."""
     try:
-        return manifest_paths(manifest_for(cfg.manifest, cfg.image_root, store, notes))
+        return manifest_for(cfg.manifest, cfg.image_root, store, notes)
     except ImageSourceError as e:
         raise AnalyzeError(str(e)) from None
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+import pandas as pd
 from usae.pipeline.extract_task import (
     ExtractError,
     ModelKey,
@@ -146,7 +147,10 @@ def _manifest_items(cfg: ExtractConfig):
         for i, p in zip(df["image_id"], df["path"], strict=True)
     ]
     split = list(df["split"]) if "split" in df.columns else None
-    return items, split, df.attrs["manifest_sha256"]
+    labels = None
+    if "label" in df.columns:  # a missing label (NaN/None) is stored as ""
+        labels = ["" if pd.isna(v) else str(v) for v in df["label"]]
+    return items, split, labels, df.attrs["manifest_sha256"]
 
 
 def image_source(manifest: str | os.PathLike, image_root: str | os.PathLike | None) -> dict:
@@ -189,7 +193,7 @@ def prepare(cfg: ExtractConfig) -> _Prepared:
         specs, tuple(sorted(cfg.weights)), cfg.random_init, cfg.seed, cfg.layer, cfg.tiny,
         str(device), resolve_dtype(cfg.dtype, device), layers, True if cfg.offline else None,
     )  # fmt: skip
-    items, split, manifest_hash = _manifest_items(cfg)
+    items, split, labels, manifest_hash = _manifest_items(cfg)
     backbones = get_backbones(mkey)
     layouts = []
     for b, layers_b, keys_b in zip(backbones, layers, groups, strict=True):
@@ -215,6 +219,7 @@ def prepare(cfg: ExtractConfig) -> _Prepared:
         },
         manifest_sha256=manifest_hash,
         split=split,
+        labels=labels,
         extra={"extract": {"batch_size": cfg.batch_size, "device": str(device)}},
         image_source=image_source(cfg.manifest, cfg.image_root),
     )

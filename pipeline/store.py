@@ -230,6 +230,7 @@ class Store:
         extra: Mapping[str, Any] | None = None,
         store_dtype: str = "float16",
         image_source: Mapping[str, Any] | None = None,
+        labels: Sequence[str] | None = None,
     ) -> Store:
         """Create an empty store, or return the existing one if it was made with the same settings.
 
@@ -284,6 +285,12 @@ class Store:
             s = root.create_array("split", shape=(n,), dtype=str, chunks=(max(n, 1),))
             if n:
                 s[:] = np.asarray([str(x) for x in split], dtype=object)
+        if labels is not None:  # one categorical label per image ("" = none), like the split
+            if len(labels) != n:
+                raise StoreError(f"{len(labels)} labels for {n} images")
+            s = root.create_array("label", shape=(n,), dtype=str, chunks=(max(n, 1),))
+            if n:
+                s[:] = np.asarray([str(x) for x in labels], dtype=object)
         bb = root.create_group("backbones")
         for b in backbones:
             g = bb.create_group(b.key)
@@ -396,6 +403,13 @@ class Store:
         if "split" not in self._root:
             return None
         return np.asarray(self._root["split"][:], dtype=object)
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """(N,) str label of each image ("" = unlabelled), or None when the store has none."""
+        if "label" not in self._root:
+            return None
+        return np.asarray(self._root["label"][:], dtype=object)
 
     @property
     def failures(self) -> list[dict]:
@@ -757,6 +771,7 @@ def convert_store(
         source=a["source"], fingerprint_of={"converted_from": a["fingerprint"]},
         manifest_sha256=a.get("manifest_sha256", ""), split=None if s.split is None else list(s.split),
         extra=dict(a.get("extra", {})), store_dtype=store_dtype, image_source=s.image_source,
+        labels=None if s.labels is None else list(s.labels),
     )  # fmt: skip
     valid = s.valid
     for i in range(s.n_chunks):

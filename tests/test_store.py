@@ -297,3 +297,28 @@ def test_image_source_is_recorded_not_fingerprinted(tmp_path):
     assert s3.image_source == src_b and Store.open(tmp_path / "s.zarr").image_source == src_b
     assert convert_store(tmp_path / "s.zarr", tmp_path / "q.zarr").image_source == src_b
     assert Store.create(tmp_path / "n.zarr", ids, lay, **same).image_source is None
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(labels=st.lists(st.text(max_size=6), min_size=1, max_size=9), to_int8=st.booleans())
+def test_label_array_round_trip(tmp_path_factory, labels, to_int8):
+    """The optional per-image label array reads back as written ("" allowed) and survives a
+    conversion; a store without one has none; a length mismatch is refused."""
+    from usae.pipeline.store import convert_store
+
+    tmp = tmp_path_factory.mktemp("lab")
+    n = len(labels)
+    layouts = [BackboneLayout("b0", 3)]
+    kw = dict(grid=(1, 2), chunk_images=4, source="synth", fingerprint_of={"n": n})
+    st_ = Store.create(tmp / "s.zarr", [f"i{j}" for j in range(n)], layouts, labels=labels, **kw)
+    _fill(st_, {"b0": np.ones((2 * n, 3), np.float16)}, np.ones(n, bool))
+    st_.finalize()
+    assert list(Store.open(tmp / "s.zarr").labels) == labels
+    if to_int8:
+        assert list(convert_store(tmp / "s.zarr", tmp / "c.zarr", "int8").labels) == labels
+    other = Store.create(tmp / "o.zarr", ["a"], layouts, **{**kw, "fingerprint_of": 1})
+    assert other.labels is None
+    with pytest.raises(StoreError, match="labels"):
+        Store.create(tmp / "bad.zarr", ["a", "b"], layouts, labels=["x"], **kw)

@@ -545,7 +545,8 @@ def test_extended_defaults_keep_the_first_generator(tmp_path, small):
     first = dataclasses.asdict(
         SynthConfig(store=small, **SMALL)
     )  # the first generator's fingerprint dict
-    for f in ("store", "groups", "gain", "channel_offset", "zipf", "noise_decay"):
+    for f in ("store", "groups", "gain", "channel_offset", "zipf", "noise_decay", "labels",
+              "label_tokens", "shuffle_labels"):  # fmt: skip
         first.pop(f)
     assert Store.open(small).attrs["fingerprint"] == fingerprint(
         {**first, "generator": "usae-synth-1"}
@@ -646,3 +647,70 @@ def test_cli_extended(tmp_path):
     for bad in (["--groups", "0+9:2"], ["--gain", "2,1"], ["--gain", "a,b"]):
         r = runner.invoke(_cli(), ["synth", "--store", str(tmp_path / "f.zarr"), *bad])
         assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+
+
+# ---------------------------------------------------------------- planted labels
+LABELLED = dict(SMALL, universal=6, labels=4, label_tokens=0.5, chunk_images=70)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab")
+    for name, kw in (("l", {}), ("x", {"shuffle_labels": True}), ("n", {"labels": 0})):
+        run_synth(SynthConfig(store=root / f"{name}.zarr", **{**LABELLED, **kw}), progress=False)
+    return root
+
+
+def test_labels_tied_to_their_concepts(labelled):
+    from usae.trainer.synth import LABEL_STRAY, label_names
+
+    st_, truth = Store.open(labelled / "l.zarr"), load_truth(labelled / "l.zarr")
+    names = label_names(4)
+    assert truth.label_names == tuple(names) and truth.label_concepts.tolist() == [0, 1, 2, 3]
+    assert truth.members[truth.label_concepts].all()  # universal concepts
+    assert list(st_.labels) == [names[i] for i in truth.image_labels]
+    t, n = st_.tokens_per_image, st_.n_images
+    assert 0.15 < np.bincount(truth.image_labels, minlength=4).min() / n
+    for i in range(3):
+        z = _dense(truth, i, st_.n_rows).reshape(n, t, -1)
+        for lab, c in enumerate(truth.label_concepts):
+            mine = truth.image_labels == lab
+            on = (z[:, :, c] > 0).sum(1)
+            assert (on[mine] >= 3).all()  # round(0.5 * 6) tokens of every image of the label
+            assert (on[~mine] > 0).mean() < 3 * LABEL_STRAY  # and rarely elsewhere
+    # the rate recorded is the planted one
+    z0 = _dense(truth, 0, st_.n_rows)
+    np.testing.assert_allclose((z0[:, :4] > 0).mean(0), truth.rate[:4], rtol=0.15)
+
+
+def test_labels_visible_only_through_their_concept(labelled):
+    """Every other concept's codes are those of the same store without labels."""
+    a, b = load_truth(labelled / "l.zarr"), load_truth(labelled / "n.zarr")
+    assert b.label_concepts is None and Store.open(labelled / "n.zarr").labels is None
+    for i in range(3):
+        rows = Store.open(labelled / "n.zarr").n_rows
+        za, zb = _dense(a, i, rows), _dense(b, i, rows)
+        np.testing.assert_array_equal(za[:, 4:], zb[:, 4:])
+        assert not np.array_equal(za[:, :4], zb[:, :4])
+
+
+def test_shuffled_labels_control(labelled):
+    lab, shuf = Store.open(labelled / "l.zarr"), Store.open(labelled / "x.zarr")
+    np.testing.assert_array_equal(_all_rows(lab, "m1"), _all_rows(shuf, "m1"))  # same data
+    assert sorted(lab.labels) == sorted(shuf.labels) and (lab.labels != shuf.labels).mean() > 0.5
+    t = load_truth(labelled / "x.zarr")
+    assert [t.label_names[i] for i in t.image_labels] == list(
+        lab.labels
+    )  # the truth is the true one
+    assert lab.attrs["fingerprint"] != shuf.attrs["fingerprint"]
+
+
+def test_labels_validation_and_cli(tmp_path):
+    for kw in (dict(labels=1), dict(labels=7), dict(labels=-1), dict(labels=2, label_tokens=0.0)):
+        with pytest.raises(ValueError, match="--label"):
+            SynthConfig(store=Path("x"), **{**SMALL, **kw})
+    out = tmp_path / "c.zarr"
+    r = CliRunner().invoke(_cli(), ["synth", "--store", str(out), "--dims", "8", "--universal", "3",
+                                    "--tokens", "240", "--labels", "3", "--shuffle-labels"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert set(Store.open(out).labels) == {"label0", "label1", "label2"}

@@ -48,13 +48,23 @@ Ground truth, ``S.zarr/_usae/truth.safetensors`` (read it with :func:`load_truth
 | ``gain`` | (C, M) f32 | per-model magnitude factor, 0 where c is absent (version 2) |
 | ``group_id`` | (C,) i64 | index of c's group in the ``groups`` metadata (version 2) |
 | ``channel_offset.<key>`` | (d_i,) f32 | o_i, the per-channel offset before scale (version 2) |
+| ``label_concept`` | (L,) i64 | the universal concept tied to each planted label (``--labels``) |
+| ``image_label`` | (N,) i64 | each image's true label (the store's ``label`` array is permuted with ``--shuffle-labels``) |
 | ``codes.<key>.indptr/.concept/.value`` | CSR over rows | per-token code z_i (only when
   ``save_codes``): row r's active global ids and magnitudes are
   ``concept[indptr[r]:indptr[r+1]]``, ``value[...]`` |
 
+Planted labels (``--labels L``, off by default): each image gets one of L labels (uniform), and
+label l is tied to universal concept l (the first L universal ids): that concept fires on
+``--label-tokens`` of the tokens of every image of label l and, on images of other labels, on a
+token with probability ``LABEL_STRAY / T`` (rare); no other concept depends on the label, so the
+label is visible only through its concept. The store gets a ``label`` array of names
+(``label0``...); ``--shuffle-labels`` permutes that array across images (a control).
+
 Metadata (strings): ``format`` = "usae-synth-truth", ``version``, ``backbones`` (JSON list),
 ``n_universal``, ``n_specific`` (JSON list: concepts living in model i alone), ``config`` (JSON of
-the SynthConfig), ``groups`` (JSON list of {"label", "members"}; version 2). Version-1 files
+the SynthConfig), ``groups`` (JSON list of {"label", "members"}; version 2), ``labels`` (JSON list of the planted
+label names; only with ``--labels``). Version-1 files
 (no members/gain) still load: their members and gains are derived from concept ids and factors.
 
 :func:`recovery` (`usae.trainer.truth`) scores a trained USAE against this truth (the
@@ -126,6 +136,12 @@ class SynthConfig:
     """Zipf exponent of concept frequencies (rate ~ 1/rank^zipf, random ranks); 0 = uniform 0.5-1.5 weights."""
     noise_decay: float = 0.0
     """Anisotropic noise: std of the j-th axis of a random basis ~ j^-noise_decay (same total power); 0 = isotropic."""
+    labels: int = 0
+    """Planted labels: each image gets one of N labels, each tied to one universal concept (module docstring); 0 = none."""
+    label_tokens: float = 0.25
+    """Labels: share of an image's tokens on which its label's concept fires."""
+    shuffle_labels: bool = False
+    """Control: the store's label array is permuted across images (the concepts still follow the true labels)."""
 
     def widths(self) -> tuple[int, ...]:
         if len(self.dims) == 1:
@@ -154,6 +170,7 @@ class SynthConfig:
             and self.channel_offset == 0
             and self.zipf == 0
             and self.noise_decay == 0
+            and self.labels == 0
         )
 
     def __post_init__(self) -> None:
@@ -192,6 +209,15 @@ class SynthConfig:
             raise ValueError(f"--gain must be LO,HI with 0 < LO <= HI, got {self.gain}")
         if min(self.channel_offset, self.zipf, self.noise_decay) < 0:
             raise ValueError("--channel-offset, --zipf and --noise-decay must be >= 0")
+        n_univ = sum(
+            len(g.ids) for g in groups if len(g.members) == self.models and not g.per_model
+        )
+        if self.labels < 0 or self.labels == 1 or self.labels > n_univ:
+            raise ValueError(
+                f"--labels must be 0 or in [2, {n_univ}] (one universal concept per label), got {self.labels}"
+            )
+        if self.labels and not 0 < self.label_tokens <= 1:
+            raise ValueError("--label-tokens must be in (0, 1]")
 
 
 class SynthResult(NamedTuple):
@@ -354,6 +380,8 @@ def make_plan(cfg: SynthConfig) -> _Plan:
     if cfg.zipf > 0:
         w = _zipf_weights(cfg, n_global)
     rate = np.clip(cfg.active / float(np.mean(n_per_model)) * w, 0.0, 1.0)
+    if cfg.labels:  # a label's concept fires on its images' label tokens and rarely elsewhere
+        rate[label_concepts(groups, cfg.labels, m)] = label_rate(cfg)
     e_mag2 = math.exp(2 * _MAG_SIGMA**2)  # E[m^2] of lognormal(0, sigma)
     dicts, ids, factors = [], [], []
     gain_rng = _extra_rng(cfg, 1)
@@ -406,13 +434,20 @@ class _ChunkCodes(NamedTuple):
     """Per model dense codes over that model's dictionary rows (rows, n_i), float32."""
 
 
-def chunk_codes(cfg: SynthConfig, plan: _Plan, chunk: int, rows: int) -> _ChunkCodes:
-    """Codes of one chunk (deterministic in (seed, chunk)); a group's codes are shared by its models."""
+def chunk_codes(
+    cfg: SynthConfig, plan: _Plan, chunk: int, rows: int, image_label_n: np.ndarray | None = None
+) -> _ChunkCodes:
+    """Codes of one chunk (deterministic in (seed, chunk)); a group's codes are shared by its models.
+
+    ``image_label_n``: the true label of each of the chunk's images (``--labels``; required then).
+    """
     rng = np.random.default_rng([cfg.seed, 2, chunk])
     sh = plan.shared_ids
     fire_u = rng.random((rows, len(sh))) < plan.rate[sh]
     mag_u = np.where(fire_u, rng.lognormal(0.0, _MAG_SIGMA, size=(rows, len(sh))), 0.0)
     col_of = {int(c): j for j, c in enumerate(sh)}
+    if cfg.labels:
+        _plant_labels(cfg, plan, chunk, mag_u, col_of, image_label_n)
     out = []
     for i in range(cfg.models):
         ids = plan.concept_ids[i]
@@ -426,6 +461,61 @@ def chunk_codes(cfg: SynthConfig, plan: _Plan, chunk: int, rows: int) -> _ChunkC
             z = z[rng.permutation(rows)]
         out.append(z.astype(np.float32))
     return _ChunkCodes(out)
+
+
+# ---------------------------------------------------------------- planted labels
+LABEL_STRAY = 0.05
+"""Expected tokens per image of ANOTHER label on which a label's concept fires (rarely there)."""
+
+
+def label_concepts(groups: list[Group], n_labels: int, n_models: int) -> np.ndarray:
+    """Global id of the concept tied to each label: the first ``n_labels`` universal concepts."""
+    univ = [c for g in groups if len(g.members) == n_models and not g.per_model for c in g.ids]
+    return np.asarray(univ[:n_labels], dtype=np.int64)
+
+
+def label_names(n_labels: int) -> list[str]:
+    """Names of the planted labels: label0, label1, ... (zero-padded, so they sort in order)."""
+    w = len(str(max(n_labels - 1, 0)))
+    return [f"label{i:0{w}d}" for i in range(n_labels)]
+
+
+def label_tokens_per_image(cfg: SynthConfig) -> int:
+    return max(1, round(cfg.label_tokens * cfg.tokens_per_image))
+
+
+def label_rate(cfg: SynthConfig) -> float:
+    """Per-token firing probability of a label's concept, over the whole store (for the truth's rate)."""
+    t, n = cfg.tokens_per_image, cfg.labels
+    return (label_tokens_per_image(cfg) / t) / n + LABEL_STRAY / t * (1 - 1 / n)
+
+
+def image_labels(cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(true, stored) label index of every image: true labels uniform over ``--labels``; stored =
+    true, or a permutation of them across images with ``--shuffle-labels`` (the control)."""
+    rng = _extra_rng(cfg, 5)
+    true = rng.integers(0, cfg.labels, size=cfg.n_images()).astype(np.int64)
+    stored = true[rng.permutation(len(true))] if cfg.shuffle_labels else true
+    return true, stored
+
+
+def _plant_labels(cfg, plan, chunk, mag_u, col_of, image_label_n) -> None:
+    """Overwrite the label concepts' shared codes in place: label l's concept fires on
+    ``label_tokens_per_image`` random tokens of every image of label l and, elsewhere, on a
+    token with probability LABEL_STRAY / T; no other concept depends on the label."""
+    t = cfg.tokens_per_image
+    n_img = mag_u.shape[0] // t
+    if image_label_n is None or len(image_label_n) != n_img:
+        raise ValueError("planted labels need the label of each image of the chunk")
+    rng = np.random.default_rng([cfg.seed, 6, chunk])
+    order_nt = rng.random((n_img, t)).argsort(axis=1)
+    on_nt = np.zeros((n_img, t), bool)
+    on_nt[np.arange(n_img)[:, None], order_nt[:, : label_tokens_per_image(cfg)]] = True
+    for lab, c in enumerate(label_concepts(plan.groups, cfg.labels, cfg.models)):
+        fire = ((image_label_n == lab)[:, None] & on_nt).reshape(-1)
+        fire |= rng.random(fire.shape[0]) < LABEL_STRAY / t
+        mag = rng.lognormal(0.0, _MAG_SIGMA, size=fire.shape[0])
+        mag_u[:, col_of[int(c)]] = np.where(fire, mag, 0.0)
 
 
 def chunk_tokens(cfg: SynthConfig, plan: _Plan, chunk: int, codes: _ChunkCodes) -> list[np.ndarray]:
@@ -458,7 +548,8 @@ def _chunk_images(cfg: SynthConfig) -> int:
     return max(1, min(cfg.n_images(), _CHUNK_BYTES // per_image))
 
 
-_EXTENDED = ("groups", "gain", "channel_offset", "zipf", "noise_decay")
+_EXTENDED = ("groups", "gain", "channel_offset", "zipf", "noise_decay", "labels", "label_tokens",
+             "shuffle_labels")  # fmt: skip
 
 
 def _fingerprint_of(cfg: SynthConfig) -> dict:
@@ -498,20 +589,23 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> SynthResult:
         source="synth",
         fingerprint_of=_fingerprint_of(cfg),
         extra={"synth": _config_json(cfg)},
+        labels=_stored_labels(cfg),
     )
     plan = make_plan(cfg)
+    true_labels = image_labels(cfg)[0] if cfg.labels else None
     done = st.committed_chunks()
     csr: list[list[tuple]] = [[] for _ in keys]
     with progress_bar(progress) as bar:
         task = bar.add_task("synth: writing chunks", total=st.n_chunks)
         for c in range(st.n_chunks):
             r0, r1 = st.chunk_rows(c)
-            codes = chunk_codes(cfg, plan, c, r1 - r0)
+            a, b = st.chunk_images_range(c)
+            lab = None if true_labels is None else true_labels[a:b]
+            codes = chunk_codes(cfg, plan, c, r1 - r0, lab)
             if cfg.save_codes:
                 for i, z in enumerate(codes.codes_rm):
                     csr[i].append(_to_csr(z, plan.concept_ids[i]))
             if c not in done and not st.complete:
-                a, b = st.chunk_images_range(c)
                 toks = chunk_tokens(cfg, plan, c, codes)
                 st.write_chunk(c, dict(zip(keys, toks, strict=True)), np.ones(b - a, dtype=bool))
             bar.advance(task)
@@ -521,6 +615,14 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> SynthResult:
     return SynthResult(
         Path(cfg.store), truth_path, n_images, n_images * cfg.tokens_per_image, grid, ci
     )
+
+
+def _stored_labels(cfg: SynthConfig) -> list[str] | None:
+    """The store's ``label`` array (None without --labels)."""
+    if not cfg.labels:
+        return None
+    names = label_names(cfg.labels)
+    return [names[i] for i in image_labels(cfg)[1]]
 
 
 def _save_truth(cfg: SynthConfig, plan: _Plan, csr: list[list[tuple]] | None) -> Path:
@@ -553,6 +655,9 @@ def _save_truth(cfg: SynthConfig, plan: _Plan, csr: list[list[tuple]] | None) ->
             t[f"codes.{k}.concept"] = torch.from_numpy(np.concatenate([p[1] for p in csr[i]]))
             t[f"codes.{k}.value"] = torch.from_numpy(np.concatenate([p[2] for p in csr[i]]))
     t["gain"] = torch.from_numpy(gain)
+    if cfg.labels:
+        t["label_concept"] = torch.from_numpy(label_concepts(plan.groups, cfg.labels, cfg.models))
+        t["image_label"] = torch.from_numpy(image_labels(cfg)[0])
     every = tuple(range(m))
     n_univ = sum(len(g.ids) for g in plan.groups if g.members == every and not g.per_model)
     n_spec = [
@@ -568,6 +673,8 @@ def _save_truth(cfg: SynthConfig, plan: _Plan, csr: list[list[tuple]] | None) ->
         "config": json.dumps(_config_json(cfg)),
         "groups": json.dumps([{"label": g.label, "members": list(g.members)} for g in plan.groups]),
     }
+    if cfg.labels:
+        meta["labels"] = json.dumps(label_names(cfg.labels))
     path = Path(cfg.store) / "_usae" / TRUTH_FILE
     with atomic_path(path) as tmp:
         save_file(t, str(tmp), metadata=meta)

@@ -64,6 +64,12 @@ class Truth(NamedTuple):
     """Label of each group: "all", or the member indices joined by "+" (e.g. "0+1", "2")."""
     channel_offsets: list[np.ndarray] | None = None
     """Per model (d_i,) per-channel offset o_i (before scale), zeros when not planted."""
+    label_names: tuple[str, ...] = ()
+    """Planted label names (``usae synth --labels``; empty without)."""
+    label_concepts: np.ndarray | None = None
+    """(L,) global id of the concept tied to each planted label."""
+    image_labels: np.ndarray | None = None
+    """(N,) true label index of each image (the store's label array may be shuffled)."""
 
     def direction(self, c: int, i: int) -> np.ndarray:
         """Unit direction of global concept c in model i (c must live in model i)."""
@@ -135,6 +141,9 @@ def load_truth(store_path: str | Path) -> Truth:
             group_id=group_id,
             group_labels=labels,
             channel_offsets=offsets,
+            label_names=tuple(json.loads(meta.get("labels", "[]"))),
+            label_concepts=get("label_concept") if "label_concept" in names else None,
+            image_labels=get("image_label") if "image_label" in names else None,
         )
 
 
