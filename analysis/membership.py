@@ -1,8 +1,22 @@
 """Per-concept, per-model statistics -> the set of models each learned concept lives in.
 
-Pure numpy, calibrated on planted truth (`usae synth --groups ...`, benchmarks/recovery.py).
-A concept lives in model i when model i's share of it, relative to the model where it is
-strongest, passes a threshold:
+Pure numpy. Two rules (``MEMBER_RULES``; `usae analyze --member-rule`):
+
+``fit`` (the default): concept k lives in model i when model i's activations need it, tested
+on model i alone: over the tokens where k fires (codes z > tau, from every source model that
+decodes into i), the correlation between z and e, model i's activation along k's unit decoder
+direction once every other concept and the decoder bias are taken away (the residual with k
+put back), reaches ``FIT_CORR``, and is significant (t = r sqrt(dof / (1 - r^2)) >= ``FIT_T``).
+The correlation is taken within sources (each source's codes centred on their own mean). Where
+k is absent from model i, e does not follow its code whatever decoder gain was learned (r ~ 0,
+spread 1/sqrt(n)); where it lives, e follows z (r near 1 less the noise along the direction),
+whatever k's strength in model i relative to the others. The test is per model, so it reads no
+ratio between models and no constant tied to the range of strengths a dataset happens to have.
+The statistics are ``metrics.fit_stats`` of the analysis pass's fit sums (``Sums.fit_6mmm``).
+
+``gain`` (the earlier rule, calibrated on planted truth, `usae synth --groups ...`,
+benchmarks/recovery.py): a concept lives in model i when model i's share of it, relative to
+the model where it is strongest, passes a threshold:
 
 - with per-model decoder gains (a recipe that learns them): the gain ratio g_ik / max_i g_ik;
   a concept absent from a model has its gain driven towards 0 there, while planted strengths
@@ -31,6 +45,49 @@ ENERGY_RATIO = 0.25
 """Member when e_ik >= ENERGY_RATIO * max_i e_ik, for models without gains."""
 FIRE_RATIO = 0.0
 """Never a member where the concept fires on < FIRE_RATIO x its most-firing model's count (0: off)."""
+FIT_CORR = 0.5
+"""Fit rule: member when the correlation of code and residual along the direction is >= this."""
+FIT_T = 4.0
+"""Fit rule: ... and its t statistic r sqrt(dof / (1 - r^2)) is >= this (dof ~ fired codes - 2)."""
+MEMBER_RULES = ("fit", "gain")
+"""``fit``: the per-model fit test (default); ``gain``: the gain (or energy) ratio rule."""
+
+
+def fit_members(
+    fires_mk: np.ndarray,
+    corr_mk: np.ndarray,
+    dof_mk: np.ndarray,
+    *,
+    corr: float = FIT_CORR,
+    t_min: float = FIT_T,
+) -> np.ndarray:
+    """(M, m) bool member matrix of the fit rule (module docstring).
+
+    fires_mk: (M, m) fire counts (a concept that never fires lives nowhere);
+    corr_mk: (M, m) correlation of code and residual along the direction (NaN: untestable);
+    dof_mk: (M, m) its degrees of freedom (``metrics.FitStats.dof_mm``).
+    """
+    fires = np.asarray(fires_mk, np.float64)
+    r = np.asarray(corr_mk, np.float64)
+    dof = np.asarray(dof_mk, np.float64)
+    if not (fires.shape == r.shape == dof.shape) or fires.ndim != 2:
+        raise ValueError(f"fires {fires.shape}, corr {r.shape}, dof {dof.shape} must all be (M, m)")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = r * np.sqrt(np.maximum(dof, 0) / np.maximum(1 - r * r, 1e-300))
+    ok = np.isfinite(r) & (r >= corr) & (np.nan_to_num(t, nan=-np.inf) >= t_min)
+    return ok & (fires.max(0) > 0)[None, :]
+
+
+def members_of(rule: str, t, gain_mk: np.ndarray | None = None) -> np.ndarray:
+    """(M, m) member matrix of a concept table (`usae.analysis.metrics.ConceptTable`) by rule
+    ``fit`` (needs the table's fit statistics) or ``gain`` (gains when given, else energies)."""
+    if rule == "fit":
+        if t.fit_corr_mm is None:
+            raise ValueError("the fit rule needs the pass's fit sums (stream_sums(..., fit=True))")
+        return fit_members(t.fires_mm, t.fit_corr_mm, t.fit_dof_mm)
+    if rule == "gain":
+        return member_matrix(t.fires_mm, t.energy_mm, gain_mk)
+    raise ValueError(f"member rule must be one of {MEMBER_RULES}, got {rule!r}")
 
 
 def member_matrix(
@@ -161,13 +218,14 @@ class Sharing(NamedTuple):
     """(n, 2) the duplicate pairs."""
 
 
-def sharing(model, keys, t, gains: np.ndarray) -> Sharing:
+def sharing(model, keys, t, gains: np.ndarray, rule: str = "fit") -> Sharing:
     """A trained USAE and its concept table (`usae.analysis.metrics.ConceptTable`) -> member
-    sets from the decoder gains (models that learn them) or the energies, and the concepts
-    learned twice (same decoder direction, firing from different backbones)."""
+    sets by ``rule`` (``members_of``: the fit test, or the decoder gains of models that learn
+    them, else the energies), and the concepts learned twice (same decoder direction, firing
+    from different backbones)."""
     import torch
 
-    members = member_matrix(t.fires_mm, t.energy_mm, gains if model.spec.gains else None)
+    members = members_of(rule, t, gains if model.spec.gains else None)
     with torch.no_grad():
         dec = [model.decoder_weight(j).float().cpu().numpy() for j in range(model.n_models)]
     pairs = (

@@ -51,6 +51,7 @@ from usae.runtime import (
 ImageChoice = Literal["auto", "holdout", "train", "all"]
 AnalyzeDtype = Literal["auto", "fp32", "bf16", "fp64"]
 LayerChoice = Literal["auto", "on", "off"]
+MemberRule = Literal["fit", "gain"]
 
 
 class AnalyzeError(UsaeError, RuntimeError):
@@ -104,6 +105,8 @@ class AnalyzeConfig:
     """Layer alignment: a concept is shared by two backbones when co-fires / min(their fires) >= this."""
     share_min_fires: int = 10
     """Layer alignment: only concepts firing at least this often in both backbones can be shared."""
+    member_rule: MemberRule = "fit"
+    """Which backbones a concept lives in: fit (backbone i's activations follow the concept's code along its direction, tested per backbone) or gain (the earlier rule: decoder gain >= 0.25 x the concept's largest; energies without gains)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -129,6 +132,10 @@ class AnalyzeConfig:
             ),
             (0 < self.share_threshold <= 1, "--share-threshold must be in (0, 1]"),
             (self.share_min_fires >= 1, "--share-min-fires must be >= 1"),
+            (
+                self.member_rule in MemberRule.__args__,
+                f"--member-rule must be one of {', '.join(MemberRule.__args__)}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -280,12 +287,13 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     base = baseline_matching(cfg, inp, table, notes)
     top = mx.select_top_concepts(table, cfg.top_concepts)
     shown = list(dict.fromkeys(top["importance"] + top["universality"]))
-    shared = membership.sharing(inp.model, inp.keys, table, gains)
+    shared = membership.sharing(inp.model, inp.keys, table, gains, cfg.member_rule)
     df = concept_frame(inp.keys, table, base, shared)
     tops = top_images(inp, sums, shown, out / "images", dtype, device, paths)
     metrics = summary_metrics(cfg, inp, which, sums, rec, table, base, top, tops, notes)
+    rule = cfg.member_rule
     metrics["membership"] = membership.membership_summary(
-        shared, "gain" if inp.model.spec.gains else "energy"
+        shared, rule if rule == "fit" or inp.model.spec.gains else "energy"
     )
     figures.write_figures(out / "figures", inp.keys, rec, table, metrics)
     layer_png = out / "figures" / "layer_alignment.png"
@@ -365,6 +373,10 @@ def concept_frame(
         cols[f"fires_{k}"] = t.fires_mm[i]
         cols[f"energy_{k}"] = t.energy_mm[i]
         cols[f"cfp_{k}"] = t.cfp_mm[i]
+        if t.fit_corr_mm is not None:
+            cols[f"fit_corr_{k}"] = t.fit_corr_mm[i]
+            cols[f"fit_beta_{k}"] = t.fit_beta_mm[i]
+            cols[f"fit_n_{k}"] = t.fit_n_mm[i].astype(np.int64)
         if base is not None:
             cols[f"match_cosine_{k}"] = base["cosine"][k]
             cols[f"match_partner_{k}"] = base["partner"][k]
