@@ -6,8 +6,10 @@ Pure numpy. Two rules (``MEMBER_RULES``; `usae analyze --member-rule`):
 on model i alone: over the tokens where k fires (codes z > tau, from every source model that
 decodes into i), the correlation between z and e, model i's activation along k's unit decoder
 direction once every other concept and the decoder bias are taken away (the residual with k
-put back), reaches ``FIT_CORR``, and is significant (t = r sqrt(dof / (1 - r^2)) >= ``FIT_T``).
-The correlation is taken within sources (each source's codes centred on their own mean). Where
+put back), reaches ``FIT_CORR``, and is significant: its one-sided p-value (t = r sqrt(dof /
+(1 - r^2)), Student's t with dof degrees of freedom) is <= ``FIT_ALPHA`` / (M m), a 5%
+family-wise error over every (model, concept) test of the run. The correlation is taken
+within sources (each source's codes centred on their own mean). Where
 k is absent from model i, e does not follow its code whatever decoder gain was learned (r ~ 0,
 spread 1/sqrt(n)); where it lives, e follows z (r near 1 less the noise along the direction),
 whatever k's strength in model i relative to the others. The test is per model, so it reads no
@@ -45,10 +47,14 @@ ENERGY_RATIO = 0.25
 """Member when e_ik >= ENERGY_RATIO * max_i e_ik, for models without gains."""
 FIRE_RATIO = 0.0
 """Never a member where the concept fires on < FIRE_RATIO x its most-firing model's count (0: off)."""
-FIT_CORR = 0.5
-"""Fit rule: member when the correlation of code and residual along the direction is >= this."""
-FIT_T = 4.0
-"""Fit rule: ... and its t statistic r sqrt(dof / (1 - r^2)) is >= this (dof ~ fired codes - 2)."""
+FIT_CORR = 0.3
+"""Fit rule: member when the correlation of code and residual along the direction is >= this
+(the code explains >= 9% of the variance along its direction: an effect size, which a large
+evaluation set cannot pass by significance alone). Chosen on planted m3, m3hard (members >= 0.83,
+absent <= 0.20) and lowered from 0.5 after h8hard (noise 0.1, member strengths 0.3-3) showed weak
+members at 0.40 (benchmarks/membership.py)."""
+FIT_ALPHA = 0.05
+"""Fit rule: ... and significant at family-wise error FIT_ALPHA over the M x m tests (Bonferroni)."""
 MEMBER_RULES = ("fit", "gain")
 """``fit``: the per-model fit test (default); ``gain``: the gain (or energy) ratio rule."""
 
@@ -59,7 +65,7 @@ def fit_members(
     dof_mk: np.ndarray,
     *,
     corr: float = FIT_CORR,
-    t_min: float = FIT_T,
+    alpha: float = FIT_ALPHA,
 ) -> np.ndarray:
     """(M, m) bool member matrix of the fit rule (module docstring).
 
@@ -72,10 +78,13 @@ def fit_members(
     dof = np.asarray(dof_mk, np.float64)
     if not (fires.shape == r.shape == dof.shape) or fires.ndim != 2:
         raise ValueError(f"fires {fires.shape}, corr {r.shape}, dof {dof.shape} must all be (M, m)")
+    from scipy import stats
+
+    ok = np.isfinite(r) & (r >= corr) & (dof >= 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = r * np.sqrt(np.maximum(dof, 0) / np.maximum(1 - r * r, 1e-300))
-    ok = np.isfinite(r) & (r >= corr) & (np.nan_to_num(t, nan=-np.inf) >= t_min)
-    return ok & (fires.max(0) > 0)[None, :]
+        t = np.where(ok, r * np.sqrt(np.maximum(dof, 1) / np.maximum(1 - r * r, 1e-300)), 0.0)
+    p = np.where(ok, stats.t.sf(t, np.maximum(dof, 1)), 1.0)
+    return ok & (p <= alpha / max(r.size, 1)) & (fires.max(0) > 0)[None, :]
 
 
 def members_of(rule: str, t, gain_mk: np.ndarray | None = None) -> np.ndarray:

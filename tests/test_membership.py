@@ -244,14 +244,20 @@ def test_fit_stats_match_slow(seed, n_src, slope):
 
 
 def test_fit_rule_thresholds():
+    from scipy import stats
     from usae.analysis.membership import fit_members
 
-    corr = np.array([[0.9, 0.55, 0.45, np.nan, 0.9], [0.2, -0.9, 0.99, 0.9, 0.9]])
-    dof = np.array([[100, 100, 100, 100, 100], [100, 100, 100, 3, 100]])
+    corr = np.array([[0.9, 0.35, 0.25, np.nan, 0.9], [0.2, -0.9, 0.99, 0.9, 0.9]])
+    dof = np.array([[100, 100, 100, 100, 100], [100, 100, 100, 5, 100]])
     fires = np.ones((2, 5))
     fires[:, 4] = 0  # dead: lives nowhere
-    want = [[1, 1, 0, 0, 0], [0, 0, 1, 0, 0]]  # 0.9 on 3 dof: t = 2.7 < 4, not significant
+    # 10 tests: p <= 0.005. 0.35 on 100 dof: t = 3.7, p = 1.6e-4; 0.9 on 5 dof: p = 2.9e-3
+    assert stats.t.sf(0.9 * np.sqrt(5 / (1 - 0.81)), 5) < 0.005
+    want = [[1, 1, 0, 0, 0], [0, 0, 1, 1, 0]]
     np.testing.assert_array_equal(fit_members(fires, corr, dof), want)
+    # the family-wise correction: more tests, a stricter bar
+    assert not fit_members(np.ones((2, 500)), np.full((2, 500), 0.35), np.full((2, 500), 100)).any()
+    assert fit_members(fires, corr, dof, alpha=1.0)[0, 1]
     with pytest.raises(ValueError):
         fit_members(fires, corr, dof[:, :3])
 
