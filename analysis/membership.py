@@ -9,7 +9,12 @@ direction once every other concept and the decoder bias are taken away (the resi
 put back), reaches ``FIT_CORR``, and is significant: its one-sided p-value (t = r sqrt(dof /
 (1 - r^2)), Student's t with dof degrees of freedom) is <= ``FIT_ALPHA`` / (M m), a 5%
 family-wise error over every (model, concept) test of the run. The correlation is taken
-within sources (each source's codes centred on their own mean). Where
+within sources (each source's codes centred on their own mean). With decoder gains, the model
+must also use the concept where the data has it: the slope b of e on z (what the data says k
+adds per unit code) is at most ``FIT_GAIN_SLACK`` x the learned gain g_ik. Members have
+b / g = 0.54-1.04 on planted truth (the gain fits the data); a direction whose gain training
+drove to ~0 can still pick up a weak link (r 0.35 at gain 0.03: b / g = 10), and then the
+learned concept does not live there. Where
 k is absent from model i, e does not follow its code whatever decoder gain was learned (r ~ 0,
 spread 1/sqrt(n)); where it lives, e follows z (r near 1 less the noise along the direction),
 whatever k's strength in model i relative to the others. The test is per model, so it reads no
@@ -55,6 +60,8 @@ absent <= 0.20) and lowered from 0.5 after h8hard (noise 0.1, member strengths 0
 members at 0.40 (benchmarks/membership.py)."""
 FIT_ALPHA = 0.05
 """Fit rule: ... and significant at family-wise error FIT_ALPHA over the M x m tests (Bonferroni)."""
+FIT_GAIN_SLACK = 2.0
+"""Fit rule, models with gains: ... and the data's slope is <= FIT_GAIN_SLACK x the learned gain."""
 MEMBER_RULES = ("fit", "gain")
 """``fit``: the per-model fit test (default); ``gain``: the gain (or energy) ratio rule."""
 
@@ -63,15 +70,20 @@ def fit_members(
     fires_mk: np.ndarray,
     corr_mk: np.ndarray,
     dof_mk: np.ndarray,
+    slope_mk: np.ndarray | None = None,
+    gain_mk: np.ndarray | None = None,
     *,
     corr: float = FIT_CORR,
     alpha: float = FIT_ALPHA,
+    gain_slack: float = FIT_GAIN_SLACK,
 ) -> np.ndarray:
     """(M, m) bool member matrix of the fit rule (module docstring).
 
     fires_mk: (M, m) fire counts (a concept that never fires lives nowhere);
     corr_mk: (M, m) correlation of code and residual along the direction (NaN: untestable);
-    dof_mk: (M, m) its degrees of freedom (``metrics.FitStats.dof_mm``).
+    dof_mk: (M, m) its degrees of freedom (``metrics.FitStats.dof_mm``);
+    slope_mk, gain_mk: (M, m) the data's slope and the learned gains (both or neither: without
+    gains the slope is not checked).
     """
     fires = np.asarray(fires_mk, np.float64)
     r = np.asarray(corr_mk, np.float64)
@@ -84,16 +96,26 @@ def fit_members(
     with np.errstate(divide="ignore", invalid="ignore"):
         t = np.where(ok, r * np.sqrt(np.maximum(dof, 1) / np.maximum(1 - r * r, 1e-300)), 0.0)
     p = np.where(ok, stats.t.sf(t, np.maximum(dof, 1)), 1.0)
-    return ok & (p <= alpha / max(r.size, 1)) & (fires.max(0) > 0)[None, :]
+    ok &= p <= alpha / max(r.size, 1)
+    if gain_mk is not None:
+        if slope_mk is None:
+            raise ValueError("the gain check needs the slopes")
+        g, b = np.asarray(gain_mk, np.float64), np.asarray(slope_mk, np.float64)
+        if g.shape != r.shape or b.shape != r.shape:
+            raise ValueError(f"gain {g.shape} and slope {b.shape} must be (M, m) like {r.shape}")
+        ok &= np.nan_to_num(b, nan=np.inf) <= gain_slack * g
+    return ok & (fires.max(0) > 0)[None, :]
 
 
 def members_of(rule: str, t, gain_mk: np.ndarray | None = None) -> np.ndarray:
     """(M, m) member matrix of a concept table (`usae.analysis.metrics.ConceptTable`) by rule
-    ``fit`` (needs the table's fit statistics) or ``gain`` (gains when given, else energies)."""
+    ``fit`` (needs the table's fit statistics; with gains, the slope check too) or ``gain``
+    (gains when given, else energies). Pass ``gain_mk`` only for a model that learns gains."""
     if rule == "fit":
         if t.fit_corr_mm is None:
             raise ValueError("the fit rule needs the pass's fit sums (stream_sums(..., fit=True))")
-        return fit_members(t.fires_mm, t.fit_corr_mm, t.fit_dof_mm)
+        slope = None if gain_mk is None else t.fit_slope_mm
+        return fit_members(t.fires_mm, t.fit_corr_mm, t.fit_dof_mm, slope, gain_mk)
     if rule == "gain":
         return member_matrix(t.fires_mm, t.energy_mm, gain_mk)
     raise ValueError(f"member rule must be one of {MEMBER_RULES}, got {rule!r}")

@@ -386,6 +386,8 @@ class ConceptTable(NamedTuple):
     """(M, m) fired codes of k the test reads (pooled over the sources that decode into i)."""
     fit_dof_mm: np.ndarray | None = None
     """(M, m) degrees of freedom of fit_corr_mm (``FitStats.dof_mm``)."""
+    fit_slope_mm: np.ndarray | None = None
+    """(M, m) within-source slope of that activation on the code (``FitStats.slope_mm``)."""
 
 
 class FitStats(NamedTuple):
@@ -399,6 +401,8 @@ class FitStats(NamedTuple):
     """(M, m) its degrees of freedom: n less one mean per source with codes, less 1."""
     beta_mm: np.ndarray
     """(M, m) least-squares amplitude through 0, sum z e / sum z^2 (NaN: no codes)."""
+    slope_mm: np.ndarray
+    """(M, m) within-source least-squares slope of e on z, cov / var_z (NaN where corr is)."""
 
 
 def fit_stats(fit_6mmm: np.ndarray) -> FitStats:
@@ -419,7 +423,8 @@ def fit_stats(fit_6mmm: np.ndarray) -> FitStats:
         ok = (n_t >= 3) & (dof >= 1) & (var_z > 1e-12 * szz_t) & (var_e > 1e-12 * see_t)
         corr = np.where(ok, cov / np.sqrt(np.where(ok, var_z * var_e, 1.0)), np.nan)
         beta = np.where(szz_t > 0, sze.sum(0) / np.where(szz_t > 0, szz_t, 1.0), np.nan)
-    return FitStats(n_t, np.clip(corr, -1.0, 1.0), np.maximum(dof, 0), beta)
+        slope = np.where(ok, cov / np.where(ok, var_z, 1.0), np.nan)
+    return FitStats(n_t, np.clip(corr, -1.0, 1.0), np.maximum(dof, 0), beta, slope)
 
 
 def concept_table(s: Sums, decoder_norms_mm: np.ndarray | None = None) -> ConceptTable:
@@ -450,6 +455,7 @@ def concept_table(s: Sums, decoder_norms_mm: np.ndarray | None = None) -> Concep
         fit_corr_mm=None if fit is None else fit.corr_mm,
         fit_beta_mm=None if fit is None else fit.beta_mm,
         fit_dof_mm=None if fit is None else fit.dof_mm,
+        fit_slope_mm=None if fit is None else fit.slope_mm,
     )
 
 

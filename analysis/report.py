@@ -376,6 +376,7 @@ def concept_frame(
         if t.fit_corr_mm is not None:
             cols[f"fit_corr_{k}"] = t.fit_corr_mm[i]
             cols[f"fit_beta_{k}"] = t.fit_beta_mm[i]
+            cols[f"fit_slope_{k}"] = t.fit_slope_mm[i]
             cols[f"fit_n_{k}"] = t.fit_n_mm[i].astype(np.int64)
         if base is not None:
             cols[f"match_cosine_{k}"] = base["cosine"][k]

@@ -258,6 +258,11 @@ def test_fit_rule_thresholds():
     # the family-wise correction: more tests, a stricter bar
     assert not fit_members(np.ones((2, 500)), np.full((2, 500), 0.35), np.full((2, 500), 100)).any()
     assert fit_members(fires, corr, dof, alpha=1.0)[0, 1]
+    # with gains: the data's slope must not exceed 2x the learned gain (a gain driven to ~0)
+    slope = np.ones((2, 5))
+    gain = np.array([[1.0, 0.49, 0.1, 1, 1], [1, 1, 0.6, 1, 1]])
+    want_g = [[1, 0, 0, 0, 0], [0, 0, 1, 1, 0]]
+    np.testing.assert_array_equal(fit_members(fires, corr, dof, slope, gain), want_g)
     with pytest.raises(ValueError):
         fit_members(fires, corr, dof[:, :3])
 
