@@ -1,8 +1,29 @@
 """Per-concept, per-model statistics -> the set of models each learned concept lives in.
 
-Pure numpy, calibrated on planted truth (`usae synth --groups ...`, benchmarks/recovery.py).
-A concept lives in model i when model i's share of it, relative to the model where it is
-strongest, passes a threshold:
+Pure numpy. Two rules (``MEMBER_RULES``; `usae analyze --member-rule`):
+
+``fit`` (the default): concept k lives in model i when model i's activations need it, tested
+on model i alone: over the tokens where k fires (codes z > tau, from every source model that
+decodes into i), the correlation between z and e, model i's activation along k's unit decoder
+direction once every other concept and the decoder bias are taken away (the residual with k
+put back), reaches ``FIT_CORR``, and is significant: its one-sided p-value (t = r sqrt(dof /
+(1 - r^2)), Student's t with dof degrees of freedom) is <= ``FIT_ALPHA`` / (M m), a 5%
+family-wise error over every (model, concept) test of the run. The correlation is taken
+within sources (each source's codes centred on their own mean). With decoder gains, the model
+must also use the concept where the data has it: the slope b of e on z (what the data says k
+adds per unit code) is at most ``FIT_GAIN_SLACK`` x the learned gain g_ik. Members have
+b / g = 0.54-1.04 on planted truth (the gain fits the data); a direction whose gain training
+drove to ~0 can still pick up a weak link (r 0.35 at gain 0.03: b / g = 10), and then the
+learned concept does not live there. Where
+k is absent from model i, e does not follow its code whatever decoder gain was learned (r ~ 0,
+spread 1/sqrt(n)); where it lives, e follows z (r near 1 less the noise along the direction),
+whatever k's strength in model i relative to the others. The test is per model, so it reads no
+ratio between models and no constant tied to the range of strengths a dataset happens to have.
+The statistics are ``metrics.fit_stats`` of the analysis pass's fit sums (``Sums.fit_6mmm``).
+
+``gain`` (the earlier rule, calibrated on planted truth, `usae synth --groups ...`,
+benchmarks/recovery.py): a concept lives in model i when model i's share of it, relative to
+the model where it is strongest, passes a threshold:
 
 - with per-model decoder gains (a recipe that learns them): the gain ratio g_ik / max_i g_ik;
   a concept absent from a model has its gain driven towards 0 there, while planted strengths
@@ -31,6 +52,73 @@ ENERGY_RATIO = 0.25
 """Member when e_ik >= ENERGY_RATIO * max_i e_ik, for models without gains."""
 FIRE_RATIO = 0.0
 """Never a member where the concept fires on < FIRE_RATIO x its most-firing model's count (0: off)."""
+FIT_CORR = 0.3
+"""Fit rule: member when the correlation of code and residual along the direction is >= this
+(the code explains >= 9% of the variance along its direction: an effect size, which a large
+evaluation set cannot pass by significance alone). Chosen on planted m3, m3hard (members >= 0.83,
+absent <= 0.20) and lowered from 0.5 after h8hard (noise 0.1, member strengths 0.3-3) showed weak
+members at 0.40 (benchmarks/membership.py)."""
+FIT_ALPHA = 0.05
+"""Fit rule: ... and significant at family-wise error FIT_ALPHA over the M x m tests (Bonferroni)."""
+FIT_GAIN_SLACK = 2.0
+"""Fit rule, models with gains: ... and the data's slope is <= FIT_GAIN_SLACK x the learned gain."""
+MEMBER_RULES = ("fit", "gain")
+"""``fit``: the per-model fit test (default); ``gain``: the gain (or energy) ratio rule."""
+
+
+def fit_members(
+    fires_mk: np.ndarray,
+    corr_mk: np.ndarray,
+    dof_mk: np.ndarray,
+    slope_mk: np.ndarray | None = None,
+    gain_mk: np.ndarray | None = None,
+    *,
+    corr: float = FIT_CORR,
+    alpha: float = FIT_ALPHA,
+    gain_slack: float = FIT_GAIN_SLACK,
+) -> np.ndarray:
+    """(M, m) bool member matrix of the fit rule (module docstring).
+
+    fires_mk: (M, m) fire counts (a concept that never fires lives nowhere);
+    corr_mk: (M, m) correlation of code and residual along the direction (NaN: untestable);
+    dof_mk: (M, m) its degrees of freedom (``metrics.FitStats.dof_mm``);
+    slope_mk, gain_mk: (M, m) the data's slope and the learned gains (both or neither: without
+    gains the slope is not checked).
+    """
+    fires = np.asarray(fires_mk, np.float64)
+    r = np.asarray(corr_mk, np.float64)
+    dof = np.asarray(dof_mk, np.float64)
+    if not (fires.shape == r.shape == dof.shape) or fires.ndim != 2:
+        raise ValueError(f"fires {fires.shape}, corr {r.shape}, dof {dof.shape} must all be (M, m)")
+    from scipy import stats
+
+    ok = np.isfinite(r) & (r >= corr) & (dof >= 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(ok, r * np.sqrt(np.maximum(dof, 1) / np.maximum(1 - r * r, 1e-300)), 0.0)
+    p = np.where(ok, stats.t.sf(t, np.maximum(dof, 1)), 1.0)
+    ok &= p <= alpha / max(r.size, 1)
+    if gain_mk is not None:
+        if slope_mk is None:
+            raise ValueError("the gain check needs the slopes")
+        g, b = np.asarray(gain_mk, np.float64), np.asarray(slope_mk, np.float64)
+        if g.shape != r.shape or b.shape != r.shape:
+            raise ValueError(f"gain {g.shape} and slope {b.shape} must be (M, m) like {r.shape}")
+        ok &= np.nan_to_num(b, nan=np.inf) <= gain_slack * g
+    return ok & (fires.max(0) > 0)[None, :]
+
+
+def members_of(rule: str, t, gain_mk: np.ndarray | None = None) -> np.ndarray:
+    """(M, m) member matrix of a concept table (`usae.analysis.metrics.ConceptTable`) by rule
+    ``fit`` (needs the table's fit statistics; with gains, the slope check too) or ``gain``
+    (gains when given, else energies). Pass ``gain_mk`` only for a model that learns gains."""
+    if rule == "fit":
+        if t.fit_corr_mm is None:
+            raise ValueError("the fit rule needs the pass's fit sums (stream_sums(..., fit=True))")
+        slope = None if gain_mk is None else t.fit_slope_mm
+        return fit_members(t.fires_mm, t.fit_corr_mm, t.fit_dof_mm, slope, gain_mk)
+    if rule == "gain":
+        return member_matrix(t.fires_mm, t.energy_mm, gain_mk)
+    raise ValueError(f"member rule must be one of {MEMBER_RULES}, got {rule!r}")
 
 
 def member_matrix(
@@ -161,13 +249,14 @@ class Sharing(NamedTuple):
     """(n, 2) the duplicate pairs."""
 
 
-def sharing(model, keys, t, gains: np.ndarray) -> Sharing:
+def sharing(model, keys, t, gains: np.ndarray, rule: str = "fit") -> Sharing:
     """A trained USAE and its concept table (`usae.analysis.metrics.ConceptTable`) -> member
-    sets from the decoder gains (models that learn them) or the energies, and the concepts
-    learned twice (same decoder direction, firing from different backbones)."""
+    sets by ``rule`` (``members_of``: the fit test, or the decoder gains of models that learn
+    them, else the energies), and the concepts learned twice (same decoder direction, firing
+    from different backbones)."""
     import torch
 
-    members = member_matrix(t.fires_mm, t.energy_mm, gains if model.spec.gains else None)
+    members = members_of(rule, t, gains if model.spec.gains else None)
     with torch.no_grad():
         dec = [model.decoder_weight(j).float().cpu().numpy() for j in range(model.n_models)]
     pairs = (

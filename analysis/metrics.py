@@ -27,13 +27,16 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 from usae.pipeline.store import Store
 from usae.trainer.evaluate import (
     ReconstructionAccumulator,
     ReconstructionSums,
+    decodes,
     encode_batch,
+    exact_dtype,
     iter_batches,
     prepare_model,
 )
@@ -41,6 +44,8 @@ from usae.trainer.model import USAE, Codes
 
 ANALYSIS_DTYPES = ("fp32", "bf16", "fp64")
 """Encoder compute dtypes of the analysis (runtime names); error sums are float64 always."""
+FIT_SUMS = ("n", "z", "zz", "e", "ee", "ze")
+"""Order of the fit sums along the first axis of ``Sums.fit_6mmm``."""
 
 
 # ---------------------------------------------------------------- accumulators
@@ -66,6 +71,13 @@ class Sums(ReconstructionSums):
     pair_cofires_mmm: np.ndarray | None = None
     """(M, M, m) tokens on which concept k fires for both backbone i and backbone j (symmetric;
     the diagonal is ``fires_mm``); None unless the pass was asked for it (``pairwise=True``)."""
+    fit_6mmm: np.ndarray | None = None
+    """(6, M, M, m) the fit sums of concept k from source backbone i in target backbone j
+    (``FIT_SUMS`` order: count, sum z, sum z^2, sum e, sum e^2, sum z e) over the tokens where
+    k fires from i (code z > tau) and i decodes into j, with e = <x_j - x_hat_j, u_jk> + z g_jk:
+    target j's activation along k's unit decoder direction u_jk once every other concept's
+    contribution (and the decoder bias) is taken away, i.e. the residual with k put back
+    (g_jk: k's gain in j, 1 without gains); None unless ``fit=True``."""
 
 
 class _Accumulator:
@@ -80,6 +92,7 @@ class _Accumulator:
         image_score: str,
         device: torch.device,
         pairwise: bool = False,
+        fit: bool = False,
     ):
         spec = model.spec
         self.m, self.n_models, self.tau = spec.concepts, len(spec.widths), tau
@@ -96,10 +109,13 @@ class _Accumulator:
             if pairwise and self.n_models > 1
             else None
         )
+        self.fit = _FitAccumulator(model, tau, device) if fit else None
 
     def add_batch(self, x_bD: Tensor, codes: Sequence[Codes]) -> None:
         """One batch: standardised inputs side by side (float32/64) and each backbone's codes."""
         self.rec.add(x_bD, codes)
+        if self.fit is not None:
+            self.fit.add(x_bD, codes)
         fired_list = []
         for i, c in enumerate(codes):
             vals, idx = c.values_bk.reshape(-1), c.indices_bk.reshape(-1)
@@ -216,7 +232,77 @@ class _Accumulator:
             top_score_mg=np_(score),
             top_image_mg=np_(image),
             pair_cofires_mmm=pairs,
+            fit_6mmm=None if self.fit is None else np_(self.fit.sums.permute(3, 0, 1, 2)),
         )
+
+
+class _FitAccumulator:
+    """The fit sums (``Sums.fit_6mmm``), sparse: per (source, target) one decode of the batch and
+    one gather of the k active decoder rows per token, O(b k d) like the reconstruction itself.
+
+    The projection e = <x_j - x_hat_j, u_jk> + z g_jk is taken in the inputs' float32/64 against
+    unit rows in that dtype; x_hat_j is decoded in the model's compute dtype (as the
+    reconstruction sums do)."""
+
+    rows = 512
+    """Rows per block of the gathered (rows, k, d) decoder rows."""
+
+    def __init__(self, model: USAE, tau: float, device: torch.device):
+        spec = model.spec
+        self.tau = tau
+        self.widths = list(spec.widths)
+        self.targets = [
+            [j for j in range(len(spec.widths)) if decodes(spec, i, j)]
+            for i in range(len(spec.widths))
+        ]
+        compute = next(model.parameters()).dtype
+        exact = exact_dtype(compute)
+        with torch.no_grad():
+            self.dec = [
+                model.decoder_weight(j).detach().to(compute) for j in range(len(self.widths))
+            ]
+            gain = [model.gain(j).detach().double() for j in range(len(self.widths))]
+            self.unit = [
+                F.normalize(model.decoders[j].detach().double(), dim=1).to(exact)
+                for j in range(len(self.widths))
+            ]
+            self.bias = [
+                None if model.bias(j) is None else model.bias(j).detach().to(compute)
+                for j in range(len(self.widths))
+            ]
+        self.gain = [g.to(exact) for g in gain]
+        n = len(self.widths)
+        self.sums = torch.zeros(n, n, spec.concepts, len(FIT_SUMS),
+                                dtype=torch.float64, device=device)  # fmt: skip
+
+    def add(self, x_bD: Tensor, codes: Sequence[Codes]) -> None:
+        x_list = torch.split(x_bD, self.widths, dim=1)
+        for i, c in enumerate(codes):
+            pos = (c.values_bk > self.tau).reshape(-1)
+            flat = c.indices_bk.reshape(-1)[pos]
+            for j in self.targets[i]:
+                e_bk = self._projection(x_list[j], c, j)
+                z = c.values_bk.reshape(-1)[pos].to(torch.float64)
+                e = e_bk.reshape(-1)[pos].to(torch.float64)
+                terms = torch.stack([torch.ones_like(z), z, z * z, e, e * e, z * e], dim=1)
+                self.sums[i, j].index_add_(0, flat, terms)
+
+    def _projection(self, x_bd: Tensor, c: Codes, j: int) -> Tensor:
+        """(b, k) e of each active code of the batch in target j (module-level docstring)."""
+        w = self.dec[j]
+        vals = c.values_bk.to(w.dtype)
+        xhat = F.embedding_bag(c.indices_bk, w, per_sample_weights=vals, mode="sum")
+        if self.bias[j] is not None:
+            xhat = xhat + self.bias[j]
+        out = torch.empty(c.indices_bk.shape, dtype=x_bd.dtype, device=x_bd.device)
+        u, g = self.unit[j], self.gain[j]
+        for r0 in range(0, x_bd.shape[0], self.rows):
+            r1 = r0 + self.rows
+            r_bd = torch.sub(x_bd[r0:r1], xhat[r0:r1])  # promotes to the inputs' float32/64
+            idx = c.indices_bk[r0:r1]
+            proj = torch.bmm(u[idx], r_bd.unsqueeze(2)).squeeze(2)  # (rows, k)
+            out[r0:r1] = proj + c.values_bk[r0:r1].to(out.dtype) * g[idx]
+        return out
 
 
 # ---------------------------------------------------------------- the streaming pass
@@ -236,12 +322,14 @@ def stream_sums(
     on_batch: Callable[[int], None] | None = None,
     pairwise: bool = False,
     image_maxima: Callable[[np.ndarray, Tensor], None] | None = None,
+    fit: bool = True,
 ) -> Sums:
     """One pass over the evaluated rows of the store -> ``Sums`` (memory independent of N).
 
     ``keys[i]`` is the store key of the model's backbone i; ``image_mask_n`` selects the
     images (store order) to evaluate; ``on_batch(rows)`` is called after every batch;
-    ``pairwise`` adds the (M, M, m) pairwise co-fires (``Sums.pair_cofires_mmm``);
+    ``pairwise`` adds the (M, M, m) pairwise co-fires (``Sums.pair_cofires_mmm``), ``fit`` the
+    fit sums of the member test (``Sums.fit_6mmm``);
     ``image_maxima(image_index_n, max_Mnm)`` is called once per chunk with the chunk's evaluated
     images (store indices) and, per backbone, each one's max over its tokens of every code
     (a device tensor, valid during the call only; ``usae.analysis.labels.MaximaCollector``).
@@ -250,7 +338,7 @@ def stream_sums(
         raise ValueError(f"image_score must be 'max' or 'mean', got {image_score!r}")
     device = torch.device(device)
     model = prepare_model(model, dtype, device)
-    acc = _Accumulator(model, tau, top_images, image_score, device, pairwise)
+    acc = _Accumulator(model, tau, top_images, image_score, device, pairwise, fit)
     ci_images = store.chunk_images
     buf_mnm = torch.zeros(
         model.n_models, ci_images, model.spec.concepts, dtype=torch.float32, device=device
@@ -307,6 +395,57 @@ class ConceptTable(NamedTuple):
     """Energy summed over backbones."""
     dead_m: np.ndarray
     """True where the concept never fires for any backbone."""
+    fit_corr_mm: np.ndarray | None = None
+    """(M, m) the member test's statistic (``fit_stats``): correlation (within sources), over the
+    tokens where k fires, between its code and backbone i's activation along k's decoder
+    direction once every other concept is taken away (NaN: fewer than 3 codes or no spread);
+    None without fit sums."""
+    fit_beta_mm: np.ndarray | None = None
+    """(M, m) latent scaling: the least-squares amplitude (through 0) of that activation per unit
+    code, standardised units (a learned gain that fits has fit_beta = gain); None without fit sums."""
+    fit_n_mm: np.ndarray | None = None
+    """(M, m) fired codes of k the test reads (pooled over the sources that decode into i)."""
+    fit_dof_mm: np.ndarray | None = None
+    """(M, m) degrees of freedom of fit_corr_mm (``FitStats.dof_mm``)."""
+    fit_slope_mm: np.ndarray | None = None
+    """(M, m) within-source slope of that activation on the code (``FitStats.slope_mm``)."""
+
+
+class FitStats(NamedTuple):
+    """The member test's statistics of every concept in every backbone, from ``Sums.fit_6mmm``."""
+
+    n_mm: np.ndarray
+    """(M, m) fired codes of k pooled over the sources that decode into the backbone."""
+    corr_mm: np.ndarray
+    """(M, m) within-source correlation (NaN: untestable)."""
+    dof_mm: np.ndarray
+    """(M, m) its degrees of freedom: n less one mean per source with codes, less 1."""
+    beta_mm: np.ndarray
+    """(M, m) least-squares amplitude through 0, sum z e / sum z^2 (NaN: no codes)."""
+    slope_mm: np.ndarray
+    """(M, m) within-source least-squares slope of e on z, cov / var_z (NaN where corr is)."""
+
+
+def fit_stats(fit_6mmm: np.ndarray) -> FitStats:
+    """(6, M, M, m) fit sums -> the member test's statistics per target backbone and concept.
+
+    The correlation is taken within sources (each source's codes and projections centred on
+    their own means, then pooled): codes of k from different sources may differ in level, and
+    a pooled correlation would read that difference as a link. NaN with < 3 codes or no spread.
+    """
+    n, sz, szz, se, see, sze = np.asarray(fit_6mmm, np.float64)  # each (M_src, M_tgt, m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nn = np.where(n > 0, n, 1.0)
+        cov = (sze - sz * se / nn).sum(0)
+        var_z = (szz - sz * sz / nn).sum(0)
+        var_e = (see - se * se / nn).sum(0)
+        n_t, szz_t, see_t = n.sum(0), szz.sum(0), see.sum(0)
+        dof = n_t - (n > 0).sum(0) - 1
+        ok = (n_t >= 3) & (dof >= 1) & (var_z > 1e-12 * szz_t) & (var_e > 1e-12 * see_t)
+        corr = np.where(ok, cov / np.sqrt(np.where(ok, var_z * var_e, 1.0)), np.nan)
+        beta = np.where(szz_t > 0, sze.sum(0) / np.where(szz_t > 0, szz_t, 1.0), np.nan)
+        slope = np.where(ok, cov / np.where(ok, var_z, 1.0), np.nan)
+    return FitStats(n_t, np.clip(corr, -1.0, 1.0), np.maximum(dof, 0), beta, slope)
 
 
 def concept_table(s: Sums, decoder_norms_mm: np.ndarray | None = None) -> ConceptTable:
@@ -315,6 +454,7 @@ def concept_table(s: Sums, decoder_norms_mm: np.ndarray | None = None) -> Concep
     norms = np.ones((n_models, m)) if decoder_norms_mm is None else decoder_norms_mm
     energy = np.abs(s.sum_z_mm / max(s.n_tokens, 1)) * norms
     total = s.fires_mm.sum(0)
+    fit = None if s.fit_6mmm is None else fit_stats(s.fit_6mmm)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = s.fires_mm / total
         plogp = np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
@@ -332,6 +472,11 @@ def concept_table(s: Sums, decoder_norms_mm: np.ndarray | None = None) -> Concep
         iou_m=iou,
         importance_m=energy.sum(0),
         dead_m=total == 0,
+        fit_n_mm=None if fit is None else fit.n_mm,
+        fit_corr_mm=None if fit is None else fit.corr_mm,
+        fit_beta_mm=None if fit is None else fit.beta_mm,
+        fit_dof_mm=None if fit is None else fit.dof_mm,
+        fit_slope_mm=None if fit is None else fit.slope_mm,
     )
 
 

@@ -56,6 +56,7 @@ from usae.runtime import (
 ImageChoice = Literal["auto", "holdout", "train", "all"]
 AnalyzeDtype = Literal["auto", "fp32", "bf16", "fp64"]
 LayerChoice = Literal["auto", "on", "off"]
+MemberRule = Literal["fit", "gain"]
 
 
 class AnalyzeError(UsaeError, RuntimeError):
@@ -119,6 +120,8 @@ class AnalyzeConfig:
     """Labels: at most N labelled images probed (a stable hash sample); memory ~ N x distinct concepts per image x 8 bytes per backbone."""
     probe_labels: int = 50
     """Labels: the N most frequent labels are probed."""
+    member_rule: MemberRule = "fit"
+    """Which backbones a concept lives in: fit (backbone i's activations follow the concept's code along its direction, tested per backbone) or gain (the earlier rule: decoder gain >= 0.25 x the concept's largest; energies without gains)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -147,6 +150,8 @@ class AnalyzeConfig:
             (
                 min(self.label_top_images, self.probe_images, self.probe_labels) >= 1,
                 "--label-top-images, --probe-images and --probe-labels must be >= 1",
+                self.member_rule in MemberRule.__args__,
+                f"--member-rule must be one of {', '.join(MemberRule.__args__)}",
             ),
         ]
         for ok, msg in checks:
@@ -310,7 +315,7 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
         )
     base = baseline_matching(cfg, inp, table, notes)
     top = mx.select_top_concepts(table, cfg.top_concepts)
-    shared = membership.sharing(inp.model, inp.keys, table, gains)
+    shared = membership.sharing(inp.model, inp.keys, table, gains, cfg.member_rule)
     df = pd.concat([concept_frame(inp.keys, table, base, shared), label_cols], axis=1)
     gallery = gallery_sets(df, inp.keys, cfg.gallery)
     shown = list(dict.fromkeys(top["importance"] + top["universality"]))
@@ -319,8 +324,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     metrics = summary_metrics(cfg, inp, which, sums, rec, table, base, top, tops, notes)
     metrics["gallery"] = gallery
     metrics["photos"] = paths is not None
+    rule = cfg.member_rule
     metrics["membership"] = membership.membership_summary(
-        shared, "gain" if inp.model.spec.gains else "energy"
+        shared, rule if rule == "fit" or inp.model.spec.gains else "energy"
     )
     metrics["labels"] = None
     if labels is not None:
@@ -406,6 +412,11 @@ def concept_frame(
         cols[f"fires_{k}"] = t.fires_mm[i]
         cols[f"energy_{k}"] = t.energy_mm[i]
         cols[f"cfp_{k}"] = t.cfp_mm[i]
+        if t.fit_corr_mm is not None:
+            cols[f"fit_corr_{k}"] = t.fit_corr_mm[i]
+            cols[f"fit_beta_{k}"] = t.fit_beta_mm[i]
+            cols[f"fit_slope_{k}"] = t.fit_slope_mm[i]
+            cols[f"fit_n_{k}"] = t.fit_n_mm[i].astype(np.int64)
         if base is not None:
             cols[f"match_cosine_{k}"] = base["cosine"][k]
             cols[f"match_partner_{k}"] = base["partner"][k]

@@ -4,8 +4,9 @@ per kind of concept, member-set accuracy and held-out R2 -> one table and a JSON
 Every run is the real trainer (`run_train`) on a planted store, scored against the planted truth:
 a planted concept is recovered when ONE learned concept's decoder rows reach cosine >= 0.9 with
 its direction in EVERY model it lives in (`usae.trainer.truth.recovery`); the member set of each
-learned concept comes from the analysis (`usae.analysis.membership.member_matrix` on the
-held-out fires, energies and gains, as `usae analyze` computes them), and a recovered concept's
+learned concept comes from the analysis (`usae.analysis.membership.members_of`, the default
+fit rule, on the held-out pass, as `usae analyze` computes it; benchmarks/membership.py
+compares it with the gain rule), and a recovered concept's
 member set is right when it equals the planted one. R2 is the run's held-out R2 (metrics.json).
 
 Store kinds: groups of concepts shared by all, by some or by one model (M = 2, 3, 5, 8), the
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from usae.analysis import metrics as mx
-from usae.analysis.membership import member_matrix, twin_agreement
+from usae.analysis.membership import members_of, twin_agreement
 from usae.pipeline.store import BackboneLayout, Store
 from usae.trainer.model import load_run
 from usae.trainer.synth import SynthConfig, run_synth
@@ -112,7 +113,7 @@ def evaluate(run: Path, store: Path, twins: bool) -> dict:
     off = r2[~np.eye(len(keys), dtype=bool)]
     out = {"self_r2": float(np.nanmean(np.diag(r2))), "cross_r2": float(np.nanmean(off)) if off.size else math.nan,
            "dead": float((sums.fires_mm.sum(0) == 0).mean())}  # fmt: skip
-    members = member_matrix(sums.fires_mm, table.energy_mm, gains)
+    members = members_of("fit", table, gains)  # the analysis's default rule
     if twins:
         with torch.no_grad():
             dec = [model.decoder_weight(j).double().numpy() for j in (0, 1)]

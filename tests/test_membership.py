@@ -122,3 +122,238 @@ def test_duplicate_firing_from_different_models_is_found():
     )  # 1 fires from model 0, 3 from model 1
     members = np.ones((2, 4), bool)
     assert duplicates(dec, members, fires).tolist() == [[1, 3]]
+
+
+# ---------------------------------------------------------------- the fit rule
+def _random_gain_run(tmp, independent=False, seed=0, widths=(5, 7, 6), m=10, k=3):
+    """Random store + random USAE with gains and a decoder bias (random BN statistics)."""
+    import torch
+    from test_metrics import write_run, write_store
+    from usae.trainer.model import USAE, ModelSpec
+
+    rng = np.random.default_rng(seed)
+    n_images, grid = 13, (2, 2)
+    rows = n_images * 4
+    acts = [(rng.normal(size=(rows, d)) * 2 + 0.5).astype(np.float16) for d in widths]
+    store = write_store(tmp / "g.zarr", acts, n_images, grid, 3, seed=seed)
+    torch.manual_seed(seed)
+    keys = tuple(f"m{i}" for i in range(len(widths)))
+    spec = ModelSpec(keys, widths, (0.4,) * 3, (1.8,) * 3, concepts=m, k=k,
+                     independent=independent, gains=True, decoder_bias=True)  # fmt: skip
+    model = USAE(spec)
+    with torch.no_grad():
+        for j, bn in enumerate(model.bns):
+            bn.running_mean.normal_(0, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.3)
+            model.gains[j].normal_(0, 1)
+            model.dec_bias[j].normal_(0, 0.5)
+    return store, write_run(tmp / "g_run", model, store)
+
+
+def dense_fit_sums(model, store, mask, tau):
+    """Slow, obvious: every row in memory, dense codes; the sums of ``Sums.fit_6mmm``."""
+    import torch
+
+    model = model.double().eval()
+    rows = np.repeat(mask, store.tokens_per_image)
+    n, m = model.n_models, model.spec.concepts
+    xs, zs = [], []
+    with torch.no_grad():
+        for i, key in enumerate(model.spec.backbones):
+            a = torch.from_numpy(store.read_rows(key, 0, store.n_rows)[rows]).double()
+            x = model.standardize(i, a)
+            xs.append(x.numpy())
+            zs.append(model.dense_codes(model.encode(i, x)).numpy())
+        dec = [model.decoder_weight(j).double().numpy() for j in range(n)]
+        gain = [model.gain(j).double().numpy() for j in range(n)]
+        bias = [model.bias(j).double().numpy() for j in range(n)]
+    out = np.zeros((6, n, n, m))
+    for i in range(n):
+        for j in range(n):
+            if model.spec.independent and i != j:
+                continue
+            unit = dec[j] / gain[j][:, None]
+            e_all = (xs[j] - zs[i] @ dec[j] - bias[j]) @ unit.T + zs[i] * gain[j]
+            for c in range(m):
+                on = zs[i][:, c] > tau
+                z, e = zs[i][on, c], e_all[on, c]
+                out[:, i, j, c] = [on.sum(), z.sum(), z @ z, e.sum(), e @ e, z @ e]
+    return out
+
+
+@pytest.mark.parametrize("independent", [False, True])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_fit_sums_equal_dense_reference(tmp_path, independent, batch):
+    import torch
+    from usae.analysis import metrics as mx
+    from usae.trainer.model import load_run
+
+    store, run = _random_gain_run(tmp_path, independent, seed=batch)
+    mask = np.arange(store.n_images) % 4 != 2
+    model, _ = load_run(run)
+    s = mx.stream_sums(model, store, list(model.spec.backbones), mask, tau=0.1,
+                       batch_tokens=batch, dtype=torch.float64)  # fmt: skip
+    want = dense_fit_sums(load_run(run)[0], store, mask, 0.1)
+    assert want[0].sum() > 20  # codes fired: the comparison is not vacuous
+    np.testing.assert_allclose(s.fit_6mmm, want, rtol=1e-9, atol=1e-9)
+    if independent:
+        off = ~np.eye(3, dtype=bool)
+        assert not s.fit_6mmm[:, off].any()
+    assert (
+        mx.stream_sums(model, store, list(model.spec.backbones), mask, fit=False).fit_6mmm is None
+    )
+
+
+def slow_fit_stats(groups):
+    """groups[i] = (z, e) arrays of one source: centred per source, pooled, correlated."""
+    zc = np.concatenate([z - z.mean() for z, _ in groups if len(z)])
+    ec = np.concatenate([e - e.mean() for z, e in groups if len(z)])
+    n = sum(len(z) for z, _ in groups)
+    dof = n - sum(len(z) > 0 for z, _ in groups) - 1
+    zz = np.concatenate([z for z, _ in groups])
+    ee = np.concatenate([e for _, e in groups])
+    beta = zz @ ee / (zz @ zz)
+    if n < 3 or dof < 1 or zc @ zc <= 1e-12 * (zz @ zz) or ec @ ec <= 1e-12 * (ee @ ee):
+        return n, np.nan, max(dof, 0), beta
+    return n, zc @ ec / np.sqrt((zc @ zc) * (ec @ ec)), dof, beta
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n_src=st.integers(1, 4), slope=st.floats(-2, 2))
+def test_fit_stats_match_slow(seed, n_src, slope):
+    from usae.analysis.metrics import fit_stats
+
+    rng = np.random.default_rng(seed)
+    groups = []
+    for _ in range(n_src):
+        n = int(rng.integers(0, 12))
+        z = rng.uniform(0.1, 3, n)
+        groups.append((z, slope * z + rng.normal(rng.normal(0, 3), 0.5, n)))
+    if sum(len(z) for z, _ in groups) == 0:
+        groups[0] = (np.array([1.0]), np.array([2.0]))
+    sums = np.zeros((6, n_src, 1, 1))
+    for i, (z, e) in enumerate(groups):
+        sums[:, i, 0, 0] = [len(z), z.sum(), z @ z, e.sum(), e @ e, z @ e]
+    got = fit_stats(sums)
+    n, r, dof, beta = slow_fit_stats(groups)
+    assert got.n_mm[0, 0] == n and got.dof_mm[0, 0] == dof
+    np.testing.assert_allclose(got.corr_mm[0, 0], r, rtol=1e-9, atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(got.beta_mm[0, 0], beta, rtol=1e-9)
+
+
+def test_fit_rule_thresholds():
+    from scipy import stats
+    from usae.analysis.membership import fit_members
+
+    corr = np.array([[0.9, 0.35, 0.25, np.nan, 0.9], [0.2, -0.9, 0.99, 0.9, 0.9]])
+    dof = np.array([[100, 100, 100, 100, 100], [100, 100, 100, 5, 100]])
+    fires = np.ones((2, 5))
+    fires[:, 4] = 0  # dead: lives nowhere
+    # 10 tests: p <= 0.005. 0.35 on 100 dof: t = 3.7, p = 1.6e-4; 0.9 on 5 dof: p = 2.9e-3
+    assert stats.t.sf(0.9 * np.sqrt(5 / (1 - 0.81)), 5) < 0.005
+    want = [[1, 1, 0, 0, 0], [0, 0, 1, 1, 0]]
+    np.testing.assert_array_equal(fit_members(fires, corr, dof), want)
+    # the family-wise correction: more tests, a stricter bar
+    assert not fit_members(np.ones((2, 500)), np.full((2, 500), 0.35), np.full((2, 500), 100)).any()
+    assert fit_members(fires, corr, dof, alpha=1.0)[0, 1]
+    # with gains: the data's slope must not exceed 2x the learned gain (a gain driven to ~0)
+    slope = np.ones((2, 5))
+    gain = np.array([[1.0, 0.49, 0.1, 1, 1], [1, 1, 0.6, 1, 1]])
+    want_g = [[1, 0, 0, 0, 0], [0, 0, 1, 1, 0]]
+    np.testing.assert_array_equal(fit_members(fires, corr, dof, slope, gain), want_g)
+    with pytest.raises(ValueError):
+        fit_members(fires, corr, dof[:, :3])
+
+
+def _gain_oracle(tmp, store_path, spread_gain=1.0):
+    """The planted dictionaries as a USAE with gains: each model's code is the concept's shared
+    magnitude, each member row's gain its planted per-model strength; an absent row points in a
+    random direction with gain ``spread_gain`` (a gain that training did not drive to 0)."""
+    import torch
+    from test_metrics import identity_bn_, write_run
+    from usae.pipeline.store import Store
+    from usae.trainer.model import USAE, ModelSpec
+    from usae.trainer.truth import load_truth
+
+    truth = load_truth(store_path)
+    n, m = len(truth.backbones), int(truth.rate.shape[0])
+    spec = ModelSpec(truth.backbones, tuple(int(d.shape[1]) for d in truth.dictionaries),
+                     tuple(float(o) for o in truth.offset), tuple(float(s) - 1e-5 for s in truth.scale),
+                     concepts=m, k=8, gains=True)  # fmt: skip
+    model = USAE(spec)
+    identity_bn_(model)
+    g = np.full((n, m), spread_gain)
+    with torch.no_grad():
+        for i in range(n):
+            ids = torch.as_tensor(truth.concept_ids[i])
+            dct = torch.as_tensor(truth.dictionaries[i], dtype=torch.float32)
+            f = torch.as_tensor(truth.factors[i], dtype=torch.float32)
+            model.encoders[i].weight.zero_()
+            model.encoders[i].bias.fill_(-1.0)  # concepts this model lacks never fire from it
+            model.encoders[i].weight[ids] = torch.linalg.pinv(dct).T / f[:, None]
+            model.encoders[i].bias[ids] = 0.0
+            model.decoders[i][ids] = dct
+            g[i, truth.concept_ids[i]] = truth.factors[i]
+            model.gains[i].copy_(torch.as_tensor(np.log(np.expm1(g[i])), dtype=torch.float32))
+    return Store.open(store_path), write_run(tmp / "oracle", model, Store.open(store_path)), truth
+
+
+def test_fit_rule_right_where_the_gain_rule_is_fooled(tmp_path):
+    """Planted strengths 0.15-3 between member models and absent rows whose gain stayed at 1:
+    the gain ratio calls weak members absent and absent models members; the fit test is right
+    on every concept, and the gain rule stays available."""
+    import torch
+    from usae.analysis import metrics as mx
+    from usae.analysis.membership import member_matrix, members_of
+    from usae.trainer.model import load_run
+    from usae.trainer.synth import SynthConfig, run_synth
+
+    cfg = SynthConfig(store=tmp_path / "s.zarr", models=3, dims=(160, 192, 176),
+                      groups="all:8,0+1:4,1+2:4,only:4", tokens=6000, tokens_per_image=16,
+                      active=2.0, noise=0.05, seed=3, gain=(0.15, 3.0), save_codes=False)  # fmt: skip
+    run_synth(cfg, progress=False)
+    store, run, truth = _gain_oracle(tmp_path, cfg.store)
+    model, _ = load_run(run)
+    s = mx.stream_sums(model, store, list(model.spec.backbones), store.valid, dtype=torch.float64)
+    with torch.no_grad():
+        gains = np.stack([model.gain(j).double().numpy() for j in range(3)])
+    t = mx.concept_table(s, gains)
+    want = truth.members.T
+    fit, gain = members_of("fit", t), members_of("gain", t, gains)
+    np.testing.assert_array_equal(gain, member_matrix(t.fires_mm, t.energy_mm, gains))
+    assert (gain != want).any(0).mean() > 0.3  # the gain rule is fooled on many concepts
+    assert (gain & ~want).any() and (~gain & want).any()  # in both directions
+    np.testing.assert_array_equal(fit, want)
+    assert np.nan_to_num(t.fit_corr_mm[~want]).max() < 0.3  # absent: no link, gain 1 or not
+
+
+@pytest.mark.parametrize("rule", ["fit", "gain"])
+def test_analyze_member_rule_option(tmp_path, rule):
+    """`usae analyze --member-rule`: both rules name the planted member sets of an exact USAE
+    (universal concepts everywhere, specific ones in their model); the report records the rule
+    and the fit statistics."""
+    import json
+
+    import pandas as pd
+    from test_metrics import planted
+    from usae.analysis.report import AnalyzeConfig, AnalyzeError, run_analyze
+
+    p = planted(tmp_path, n_images=30)
+    out = tmp_path / "rep"
+    cfg = AnalyzeConfig(run=str(p.run), store=str(p.store.path), out=str(out), top_concepts=1,
+                        top_images=1, dtype="fp64", member_rule=rule)  # fmt: skip
+    run_analyze(cfg, progress=False)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["membership"]["rule"] == ("fit" if rule == "fit" else "energy")
+    df = pd.read_parquet(out / "concepts.parquet")
+    keys = ["m0", "m1", "m2"]
+    assert {f"fit_corr_{k}" for k in keys} | {f"fit_beta_{k}" for k in keys} <= set(df.columns)
+    assert (df["members"][p.universal] == "all").all()
+    for i, cs in p.specific.items():
+        assert (df["members"][cs] == keys[i]).all(), (rule, df["members"][cs])
+        assert (df[f"fit_corr_{keys[i]}"][cs] > 0.9).all()
+    assert df["members"][p.dead].tolist() == [""]
+    with pytest.raises(AnalyzeError, match="member-rule"):
+        AnalyzeConfig(run="r", store="s", out="o", member_rule="ratio")
