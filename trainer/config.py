@@ -56,6 +56,8 @@ class TrainConfig:
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 1e-5
     """AdamW weight decay."""
+    optimizer: Literal["adamw", "rowadamw"] = "adamw"
+    """adamw (per-coordinate second moments), or rowadamw: one second moment per concept row of each encoder and decoder (and one per decoder bias), so training does not depend on the basis of a backbone's activations (docs/method.md section 8)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0: off)."""
     batch_tokens: int = 6272
@@ -118,6 +120,10 @@ class TrainConfig:
                 f"init must be recipe, {', '.join(DECODER_INITS)}, got {self.init!r}",
             ),
             (self.k > 0, "k must be positive"),
+            (
+                self.optimizer in ("adamw", "rowadamw"),
+                f"optimizer must be adamw or rowadamw, got {self.optimizer!r}",
+            ),
             (
                 self.agree_weight >= 0 or self.agree_weight == -1.0,
                 "agree_weight must be >= 0 (-1: the recipe's)",

@@ -64,6 +64,8 @@ class Truth(NamedTuple):
     """Label of each group: "all", or the member indices joined by "+" (e.g. "0+1", "2")."""
     channel_offsets: list[np.ndarray] | None = None
     """Per model (d_i,) per-channel offset o_i (before scale), zeros when not planted."""
+    maps: dict[str, np.ndarray] | None = None
+    """{key: A} for the models a --transform mapped (their data is the unmapped data times A)."""
 
     def direction(self, c: int, i: int) -> np.ndarray:
         """Unit direction of global concept c in model i (c must live in model i)."""
@@ -135,6 +137,7 @@ def load_truth(store_path: str | Path) -> Truth:
             group_id=group_id,
             group_labels=labels,
             channel_offsets=offsets,
+            maps={k: get(f"map.{k}") for k in keys if f"map.{k}" in names},
         )
 
 
