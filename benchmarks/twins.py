@@ -43,6 +43,9 @@ RECIPES = {
     "fidelity": dict(recipe="fidelity"),
     # per-concept second moments (RowAdamW): updates that do not depend on the basis
     "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),
+    # and encoders that read whitened inputs (affine maps then look like rotations to them)
+    "fidelity-rowadamw-whiten": dict(recipe="fidelity", optimizer="rowadamw", whiten=True),
+    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw"),
 }
 
 

@@ -111,3 +111,52 @@ def test_training_in_a_rotated_basis_gives_the_rotated_model(tmp_path, optimizer
             (one.dec_bias[0] @ q - two.dec_bias[0]).abs().max(),
         )
     assert (err < 1e-8) == equivariant, float(err)
+
+
+def test_whitening_turns_an_invertible_map_into_a_rotation():
+    """x and x @ A whitened by their own `whitening_matrix`: x' P' = x P R with R orthogonal
+    (exactly without the ridge; near it with the default ridge on well-conditioned data)."""
+    from usae.trainer.inputs import whitening_matrix
+    from usae.trainer.synth import random_map
+
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    d = 10
+    x = torch.randn(4000, d, generator=gen, dtype=torch.float64) @ torch.randn(
+        d, d, generator=gen, dtype=torch.float64
+    )
+    a = torch.from_numpy(random_map(np.random.default_rng(1), d, "affine", 0.8))
+    iso = torch.randn(4000, d, generator=gen, dtype=torch.float64)
+    for x, eps, tol in ((x, 0.0, 1e-8), (iso, 1e-2, 0.2)):
+        p, p2 = whitening_matrix(x, eps), whitening_matrix(x @ a, eps)
+        torch.testing.assert_close(p, p.T)
+        r = torch.linalg.solve(p, a @ p2)  # x' P' = x P R  <=>  R = P^-1 A P'
+        torch.testing.assert_close(x @ a @ p2, x @ p @ r)
+        assert (r @ r.T - torch.eye(d, dtype=torch.float64)).abs().max() < tol
+        if eps == 0:
+            w = x @ p
+            torch.testing.assert_close(w.T @ w / len(w), torch.eye(d, dtype=torch.float64))
+
+
+def test_whitened_model_start_and_round_trip(tmp_path):
+    """The data-aligned start of a whitened model: encoder rows = whitened token, decoder rows =
+    the token itself; the whitening is saved and loaded with the weights."""
+    from usae.trainer.model import USAE, ModelSpec
+
+    spec = ModelSpec(("a",), (6,), (0.0,), (1.0,), 8, 2, decoder_init="data", whiten=True)
+    model = USAE(spec)
+    q = torch.randn(6, 6)
+    p = q @ q.T + torch.eye(6)
+    model.white_0.copy_(p)
+    x = torch.randn(5, 6)
+    model.seed_from_tokens([model.encoder_input(0, x)])
+    torch.testing.assert_close(
+        model.decoders[0][:5], torch.nn.functional.normalize(x, dim=1), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        model.encoders[0].weight[:5], torch.nn.functional.normalize(x @ p, dim=1)
+    )
+    model.save(tmp_path / "w.safetensors")
+    back = USAE.load(spec, tmp_path / "w.safetensors")
+    torch.testing.assert_close(back.white_0, p)

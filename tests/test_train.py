@@ -415,6 +415,7 @@ def store(tmp_path_factory):
         dict(mode="paper", init="data"),
         dict(mode="paper", optimizer="rowadamw"),
         dict(mode="reference", optimizer="rowadamw"),
+        dict(mode="paper", optimizer="rowadamw", whiten=True),
     ],
 )
 def test_resume_is_bitwise_identical(store, tmp_path, mode):

@@ -40,9 +40,6 @@ class TrainState:
     """Sum and count of step losses since the last metrics line."""
 
 
-OPTIMIZERS = ("adamw", "rowadamw")
-
-
 class RowAdamW(torch.optim.Optimizer):
     """AdamW whose second moment is shared along a parameter's channel axis, so the update of
     a backbone's parameters does not depend on the basis of its activations.
@@ -102,10 +99,10 @@ def make_optimizer(model: USAE, cfg: TrainConfig) -> torch.optim.Optimizer:
             params.append(model.dec_bias[j])
             moments.append("all")
         group = {"params": params, "lr": cfg.lr}
-        if cfg.optimizer == "rowadamw":
+        if cfg.optimizer_name() == "rowadamw":
             group["moments"] = moments
         groups.append(group)
-    if cfg.optimizer == "rowadamw":
+    if cfg.optimizer_name() == "rowadamw":
         return RowAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
