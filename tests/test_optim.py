@@ -116,19 +116,18 @@ def test_training_in_a_rotated_basis_gives_the_rotated_model(tmp_path, optimizer
 def test_whitening_turns_an_invertible_map_into_a_rotation():
     """x and x @ A whitened by their own `whitening_matrix`: x' P' = x P R with R orthogonal
     (exactly without the ridge; near it with the default ridge on well-conditioned data)."""
+    import numpy as np
     from usae.trainer.inputs import whitening_matrix
     from usae.trainer.synth import random_map
 
-    import numpy as np
-
     gen = torch.Generator().manual_seed(0)
     d = 10
-    x = torch.randn(4000, d, generator=gen, dtype=torch.float64) @ torch.randn(
+    skew = torch.randn(4000, d, generator=gen, dtype=torch.float64) @ torch.randn(
         d, d, generator=gen, dtype=torch.float64
     )
     a = torch.from_numpy(random_map(np.random.default_rng(1), d, "affine", 0.8))
     iso = torch.randn(4000, d, generator=gen, dtype=torch.float64)
-    for x, eps, tol in ((x, 0.0, 1e-8), (iso, 1e-2, 0.2)):
+    for x, eps, tol in ((skew, 0.0, 1e-8), (iso, 1e-2, 0.2)):
         p, p2 = whitening_matrix(x, eps), whitening_matrix(x @ a, eps)
         torch.testing.assert_close(p, p.T)
         r = torch.linalg.solve(p, a @ p2)  # x' P' = x P R  <=>  R = P^-1 A P'
