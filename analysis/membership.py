@@ -165,21 +165,36 @@ def twin_agreement(
     members_mk: np.ndarray,
     i: int,
     j: int,
+    map_dd: np.ndarray | None = None,
+    cosine: float = 0.9,
 ) -> dict:
     """What two identical backbones i and j must show (the twins check): over the live concepts,
     the share at firing entropy >= 0.9, the median cosine between each concept's two decoder
-    rows, and the share called a member of both."""
+    rows, and the share called a member of both. With `map_dd` (j's activations are i's times
+    A, row vectors: a twin in another basis) also the mapped cosine: i's row times A,
+    renormalised, against j's row (its median and the share >= `cosine`); without a map the
+    mapped cosine is the plain one."""
     live = ~np.asarray(dead_m, bool)
-    a = dec_i_md / np.maximum(np.linalg.norm(dec_i_md, axis=1, keepdims=True), 1e-12)
-    b = dec_j_md / np.maximum(np.linalg.norm(dec_j_md, axis=1, keepdims=True), 1e-12)
+
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    a, b = unit(dec_i_md), unit(dec_j_md)
     cos = (a * b).sum(1)[live]
+    mapped = cos if map_dd is None else (unit(a @ np.asarray(map_dd, a.dtype)) * b).sum(1)[live]
     fe = np.asarray(firing_entropy_m)[live]
     both = (np.asarray(members_mk)[i] & np.asarray(members_mk)[j])[live]
+
+    def stat(f):
+        return float(f()) if live.any() else float("nan")
+
     return {
         "live": int(live.sum()),
-        "fe_share": float(np.mean(fe >= 0.9)) if live.any() else float("nan"),
-        "median_cos": float(np.median(cos)) if live.any() else float("nan"),
-        "both_share": float(np.mean(both)) if live.any() else float("nan"),
+        "fe_share": stat(lambda: np.mean(fe >= 0.9)),
+        "median_cos": stat(lambda: np.median(cos)),
+        "median_mapped_cos": stat(lambda: np.median(mapped)),
+        "mapped_cos_share": stat(lambda: np.mean(mapped >= cosine)),
+        "both_share": stat(lambda: np.mean(both)),
     }
 
 

@@ -45,6 +45,9 @@ from usae.runtime import heldout_images
 RECIPES = {
     "paper": dict(recipe="paper"),
     "fidelity": dict(recipe="fidelity"),
+    # the default with per-coordinate AdamW (before RowAdamW), and with RowAdamW named
+    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw"),
+    "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),
     "paper+auxdead": dict(recipe="paper", aux="dead"),
     "fidelity+auxdead": dict(recipe="fidelity", aux="dead"),
     # the default started at random unit rows (the recipe before the data-aligned start)

@@ -163,12 +163,16 @@ def main() -> None:
     fid_init = USAE(replace(spec, decoder_init="unit", gains=True, decoder_bias=True)).train()
     fid_cfg = TrainConfig(lr=3e-4, recipe="fidelity", agree_weight=0.0)
     agree_cfg = replace(fid_cfg, agree_weight=1.0, agree_start=0.0)
+    cfgs = {"fid": fid_cfg, "agree": agree_cfg, "agree_adamw": replace(agree_cfg, optimizer="adamw"),
+            "agree_row": replace(agree_cfg, optimizer="rowadamw")}  # fmt: skip
     variants = {
         "dense fp32 (baseline)": "dense",
         "usae fp32": None,
         f"usae fp32 --aux dead ({a.dead_share:.0%} dead)": "dead",
         "fidelity fp32, agreement off": "fid",
         "fidelity fp32 (default)": "agree",
+        "fidelity fp32, --optimizer adamw": "agree_adamw",
+        "fidelity fp32, --optimizer rowadamw": "agree_row",
     }
     if fast_bf16("cpu"):
         variants["usae bf16"] = torch.bfloat16
@@ -180,10 +184,8 @@ def main() -> None:
                 dt, ls = run_dense(init, cfg, batches, sources)
             elif kind == "dead":
                 dt, ls = run_fast(init, dead_cfg, batches, None, sources, a.dead_share)
-            elif kind in ("fid", "agree"):
-                dt, ls = run_fast(
-                    fid_init, fid_cfg if kind == "fid" else agree_cfg, batches, None, None
-                )
+            elif kind in cfgs:
+                dt, ls = run_fast(fid_init, cfgs[kind], batches, None, None)
             else:
                 dt, ls = run_fast(init, cfg, batches, kind, sources)
             times[name].append(dt)

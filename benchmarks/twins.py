@@ -5,9 +5,15 @@ concept at cosine near 1, and cross R2 equal to self R2 -> a table and a JSON fi
 The data of the two twins are identical, so every concept is shared by definition; a recipe
 that learns a concept twice (once per twin) or leaves one twin's decoder behind fails here.
 Full-size backbones: real weights when they are in the local cache, else random init (said so).
+With --transform rotate|affine the twin is the backbone's activations times a random map A
+(`usae.trainer.synth.twin_store`, saved in the store's _usae/maps.safetensors): the same
+information in another basis, so the twins no longer start equal and the check cannot pass by
+symmetry; then each concept's first-twin row times A (renormalised) must match its second-twin
+row (the mapped cosine).
 
     python benchmarks/twins.py                         # dinov2, 300 demo images, every recipe
     python benchmarks/twins.py --backbone vit --steps 600 --recipes fidelity
+    python benchmarks/twins.py --recipes fidelity --transform rotate
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from usae.pipeline.extract import ExtractConfig, run_extract
 from usae.pipeline.hub import cached_weights
 from usae.pipeline.registry import resolve
 from usae.trainer.model import load_run
+from usae.trainer.synth import load_maps, twin_store
 from usae.trainer.train import TrainConfig, run_train
 
 RECIPES = {
@@ -34,21 +41,30 @@ RECIPES = {
     "fidelity-noagree": dict(recipe="fidelity", init="unit", agree_weight=0.0, gain_rate=1.0),
     "fidelity-unit": dict(recipe="fidelity", init="unit"),  # before the data-aligned start
     "fidelity": dict(recipe="fidelity"),
+    # per-concept second moments (RowAdamW): updates that do not depend on the basis
+    "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),
+    # and encoders that read whitened inputs (affine maps then look like rotations to them)
+    "fidelity-rowadamw-whiten": dict(recipe="fidelity", optimizer="rowadamw", whiten=True),
+    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw"),
 }
 
 
 def twins_figures(run: Path, report: Path) -> dict:
-    """Twin agreement of a run over the backbones (a, b) = the first two, from its report."""
+    """Twin agreement of a run over the backbones (a, b) = the first two, from its report (with
+    the mapped cosine when the store maps b from a)."""
     import pandas as pd
 
-    model, _ = load_run(run)
+    model, cfg = load_run(run)
+    maps, meta = load_maps(cfg["train"]["store"])
+    b = model.spec.backbones[1]
+    a_map = maps[b] if meta.get("of", {}).get(b) == model.spec.backbones[0] else None
     df = pd.read_parquet(report / "concepts.parquet")
     keys = model.spec.backbones
     members = np.stack([df[f"member_{k}"].to_numpy() for k in keys])
     with torch.no_grad():
         dec = [model.decoder_weight(j).double().numpy() for j in (0, 1)]
     out = twin_agreement(
-        *dec, df["firing_entropy"].to_numpy(), df["dead"].to_numpy(), members, 0, 1
+        *dec, df["firing_entropy"].to_numpy(), df["dead"].to_numpy(), members, 0, 1, a_map
     )
     m = json.loads((report / "metrics.json").read_text())
     r2 = np.array(m["r2"], dtype=float)
@@ -65,9 +81,12 @@ def main() -> None:
     ap.add_argument(
         "--recipes", default=",".join(RECIPES), help=f"comma-separated subset of {list(RECIPES)}"
     )
+    ap.add_argument("--transform", default="none", choices=("none", "rotate", "affine"))
     ap.add_argument("--root", default="bench_out/twins")
-    ap.add_argument("--out", default="benchmarks/twins.json")
+    ap.add_argument("--out", default="")
     a = ap.parse_args()
+    tag = "" if a.transform == "none" else f"_{a.transform}"
+    a.out = a.out or f"benchmarks/twins{tag}.json"
     torch.set_num_threads(1)
     root = Path(a.root)
     spec = resolve(a.backbone)
@@ -78,11 +97,17 @@ def main() -> None:
     )
     manifest = build_demo_images(root / "data", n=a.images, seed=0)
     store = root / "store.zarr"
-    run_extract(ExtractConfig(manifest=manifest, store=store, backbones=(a.backbone, f"twin={a.backbone}"),
-                              weights=weights, random_init=not hit, chunk_images=32, progress=False))  # fmt: skip
+    if a.transform == "none":
+        run_extract(ExtractConfig(manifest=manifest, store=store, backbones=(a.backbone, f"twin={a.backbone}"),
+                                  weights=weights, random_init=not hit, chunk_images=32, progress=False))  # fmt: skip
+    else:
+        one = root / "store-one.zarr"
+        run_extract(ExtractConfig(manifest=manifest, store=one, backbones=(a.backbone,), weights=weights[:1],
+                                  random_init=not hit, chunk_images=32, progress=False))  # fmt: skip
+        store = twin_store(one, root / f"store{tag}.zarr", spec.key, transform=a.transform)
     rows = []
     for recipe in a.recipes.split(","):
-        run, report = root / f"run_{recipe}", root / f"report_{recipe}"
+        run, report = root / f"run_{recipe}{tag}", root / f"report_{recipe}{tag}"
         t0, cached = time.perf_counter(), (run / "metrics.json").exists()
         timed = run / "bench_wall.json"  # train + analyse time, kept for later invocations
         if not cached:
@@ -96,13 +121,17 @@ def main() -> None:
         if not cached:
             timed.write_text(json.dumps({"wall_s": time.perf_counter() - t0}))
         wall = json.loads(timed.read_text())["wall_s"] if timed.exists() else None
-        r = {"recipe": recipe, "pretrained": bool(hit), "steps": a.steps, "wall_s": wall,
+        r = {"recipe": recipe, "transform": a.transform, "pretrained": bool(hit), "steps": a.steps, "wall_s": wall,
              **twins_figures(run, report)}  # fmt: skip
         rows.append(r)
         print(f"{recipe:16} live {r['live']:5d}  FE>=0.9 {r['fe_share']:.2f}  median twin cosine {r['median_cos']:.2f}  "
+              f"mapped cosine >= 0.9 {r['mapped_cos_share']:.2f} (median {r['median_mapped_cos']:.2f})  "
               f"in both {r['both_share']:.2f}  duplicated pairs {r['duplicates']}  self R2 {r['self_r2']:.3f}  cross R2 {r['cross_r2']:.3f}", flush=True)  # fmt: skip
     Path(a.out).write_text(
-        json.dumps({"backbone": a.backbone, "images": a.images, "rows": rows}, indent=1)
+        json.dumps(
+            {"backbone": a.backbone, "images": a.images, "transform": a.transform, "rows": rows},
+            indent=1,
+        )
     )
     print(f"written {a.out}")
 

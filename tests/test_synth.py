@@ -546,7 +546,8 @@ def test_extended_defaults_keep_the_first_generator(tmp_path, small):
         SynthConfig(store=small, **SMALL)
     )  # the first generator's fingerprint dict
     for f in ("store", "groups", "gain", "channel_offset", "zipf", "noise_decay", "labels",
-              "label_tokens", "shuffle_labels"):  # fmt: skip
+              "label_tokens", "shuffle_labels", "transform", "transform_models",
+              "transform_sigma"):  # fmt: skip
         first.pop(f)
     assert Store.open(small).attrs["fingerprint"] == fingerprint(
         {**first, "generator": "usae-synth-1"}
@@ -714,3 +715,81 @@ def test_labels_validation_and_cli(tmp_path):
                                     "--tokens", "240", "--labels", "3", "--shuffle-labels"])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert set(Store.open(out).labels) == {"label0", "label1", "label2"}
+
+
+# ---------------------------------------------------------------- --transform
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kind=st.sampled_from(["rotate", "affine"]),
+    d=st.integers(2, 10),
+    models=st.integers(2, 3),
+    seed=st.integers(0, 1000),
+    noise=st.sampled_from([0.0, 0.1]),
+    chosen=st.sampled_from([(), (0,), (0, 1)]),
+)
+def test_transform_maps_data_and_truth(tmp_path_factory, kind, d, models, seed, noise, chosen):
+    """A mapped store is the unmapped one times A (before scale and offset), and its mapped
+    truth reproduces its own data: codes @ rows + mapped offset, exactly when noise is 0,
+    else up to the unmapped residual times A."""
+    root = tmp_path_factory.mktemp("tr")
+    base = dict(models=models, dims=(d,), groups="all:3,only:2", tokens=120, tokens_per_image=4,
+                active=2.0, noise=noise, seed=seed, channel_offset=0.5, noise_decay=0.3)  # fmt: skip
+    run_synth(SynthConfig(store=root / "a.zarr", **base), progress=False)
+    cfg = SynthConfig(store=root / "b.zarr", transform=kind, transform_models=chosen, **base)
+    run_synth(cfg, progress=False)
+    sa, sb = Store.open(root / "a.zarr"), Store.open(root / "b.zarr")
+    ta, tb = load_truth(root / "a.zarr"), load_truth(root / "b.zarr")
+    mapped = set(chosen or range(1, models))
+    assert set(tb.maps) == {sb.backbones[i] for i in mapped}
+    for i, k in enumerate(sb.backbones):
+        xa, xb = _all_rows(sa, k), _all_rows(sb, k)
+        sc, of = float(tb.scale[i]), float(tb.offset[i])
+        a = tb.maps[k].astype(np.float64) if i in mapped else np.eye(d)
+        if kind == "rotate":
+            np.testing.assert_allclose(a @ a.T, np.eye(d), atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(tb.dictionaries[i], axis=1), 1, atol=1e-5)
+        tol = 2e-3 * max(1.0, np.abs(xb).max())  # float16 storage
+        np.testing.assert_allclose(xb, ((xa - of) / sc) @ a * sc + of, atol=tol)
+        n = sa.n_rows
+        resid = {}
+        for t, x in ((ta, xa), (tb, xb)):
+            z = _dense(t, i, n)[:, t.concept_ids[i]]
+            clean = z @ t.dictionaries[i].astype(np.float64) + t.channel_offsets[i]
+            resid[id(t)] = (x - of) / sc - clean
+        if noise == 0:
+            assert np.abs(resid[id(tb)]).max() < tol / sc
+        np.testing.assert_allclose(resid[id(tb)], resid[id(ta)] @ a, atol=2 * tol / sc)
+        # the planted directions and gains map alike: row_b * factor_b = row_a * factor_a @ A
+        ra = ta.dictionaries[i].astype(np.float64) * ta.factors[i][:, None]
+        rb = tb.dictionaries[i].astype(np.float64) * tb.factors[i][:, None]
+        np.testing.assert_allclose(rb, ra @ a, atol=1e-4)
+
+
+def test_transform_validation_and_legacy(tmp_path):
+    with pytest.raises(ValueError, match="--transform must be"):
+        SynthConfig(store=tmp_path / "x", transform="shear")
+    with pytest.raises(ValueError, match="--transform-models"):
+        SynthConfig(
+            store=tmp_path / "x", models=2, dims=(8,), transform="rotate", transform_models=(2,)
+        )
+    assert not SynthConfig(store=tmp_path / "x", transform="rotate").is_legacy()
+    assert SynthConfig(store=tmp_path / "x", models=3).mapped_models() == ()
+    assert SynthConfig(store=tmp_path / "x", transform="affine").mapped_models() == (1, 2)
+
+
+def test_twin_store_maps_a_backbone(small, tmp_path):
+    from usae.trainer.synth import load_maps, twin_store
+
+    src = Store.open(small)
+    out = twin_store(small, tmp_path / "t.zarr", "m1", transform="affine", seed=3)
+    st_ = Store.open(out)
+    assert st_.backbones == ["m1", "twin"] and st_.n_rows == src.n_rows
+    maps, meta = load_maps(out)
+    assert meta["of"] == {"twin": "m1"} and meta["transform"] == "affine"
+    assert st_.attrs["extra"]["maps"] == {"twin": {"transform": "affine", "of": "m1"}}
+    x, y = _all_rows(st_, "m1"), _all_rows(st_, "twin")
+    np.testing.assert_array_equal(x, _all_rows(src, "m1"))
+    np.testing.assert_allclose(y, x @ maps["twin"].astype(np.float64), atol=2e-3 * np.abs(y).max())
+    assert twin_store(small, tmp_path / "t.zarr", "m1", transform="affine", seed=3) == out

@@ -413,6 +413,9 @@ def store(tmp_path_factory):
         dict(mode="independent"),
         dict(mode="paper", aux="dead", dead_window_tokens=64),
         dict(mode="paper", init="data"),
+        dict(mode="paper", optimizer="rowadamw"),
+        dict(mode="reference", optimizer="rowadamw"),
+        dict(mode="paper", optimizer="rowadamw", whiten=True),
     ],
 )
 def test_resume_is_bitwise_identical(store, tmp_path, mode):

@@ -26,6 +26,7 @@ from usae.trainer.model import DECODER_INITS
 from usae.errors import UsaeError
 from usae.runtime import check_device_name
 
+OPTIMIZERS = ("adamw", "rowadamw")
 Mode = Literal["paper", "reference", "independent"]
 MODES: tuple[str, ...] = ("paper", "reference", "independent")
 
@@ -56,6 +57,8 @@ class TrainConfig:
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 1e-5
     """AdamW weight decay."""
+    optimizer: Literal["recipe", "adamw", "rowadamw"] = "recipe"
+    """recipe: the recipe's; adamw (per-coordinate second moments); rowadamw: AdamW with one second moment per concept row of each encoder and decoder (and one per decoder bias), so a backbone's updates do not depend on the basis of its activations (docs/method.md section 8)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0: off)."""
     batch_tokens: int = 6272
@@ -78,6 +81,8 @@ class TrainConfig:
     """fidelity (default): decoder and encoder rows started at one same training token in every backbone, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch), a constant lr with a short final decay, and from half of the steps a code agreement between the backbones' encoders; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
     mode: Mode = "paper"
     """paper: the source's codes rebuild every backbone and the summed loss trains every decoder; reference: one AdamW per backbone and only the source backbone steps (the authors' code); independent: one separate SAE per backbone (the paper's baseline)."""
+    whiten: bool = False
+    """Encoders read their input whitened ((x - b) times the regularised inverse square root of the training tokens' second moment, estimated at the start); decoders and the loss stay in the data's basis, so backbones that differ by an invertible linear map train alike (docs/method.md section 8)."""
     holdout: float = 0.1
     """Fraction of images held out for the final metrics (the store's split when it has one)."""
     seed: int = 0
@@ -118,6 +123,10 @@ class TrainConfig:
                 f"init must be recipe, {', '.join(DECODER_INITS)}, got {self.init!r}",
             ),
             (self.k > 0, "k must be positive"),
+            (
+                self.optimizer in ("recipe", *OPTIMIZERS),
+                f"optimizer must be recipe, {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+            ),
             (
                 self.agree_weight >= 0 or self.agree_weight == -1.0,
                 "agree_weight must be >= 0 (-1: the recipe's)",
@@ -162,11 +171,12 @@ class TrainConfig:
         kw.setdefault("agree_weight", 0.0)  # and runs written before code agreement without it,
         kw.setdefault("gain_rate", 1.0)  # and before gain rates at the common rate,
         kw.setdefault("init", "unit" if kw["recipe"] == "fidelity" else "randn")  # and inits
+        kw.setdefault("optimizer", "adamw")  # and before the optimizer was a choice, with AdamW
         kw["backbones"] = tuple(kw.get("backbones", ()))
         return cls(**kw)
 
     def resolved(self) -> TrainConfig:
-        """This config with every "the recipe's" field (agree_weight, agree_start, gain_rate, init)
+        """This config with every "the recipe's" field (agree_weight, agree_start, gain_rate, init, optimizer)
         set from its recipe; gain_rate is 1 for a recipe without gains."""
         rc = RECIPES[self.recipe]
         rate = (self.gain_rate if self.gain_rate > 0 else rc.gain_rate) if rc.gains else 1.0
@@ -176,7 +186,12 @@ class TrainConfig:
             agree_start=self.agree_start if self.agree_start >= 0 else rc.agree_start,
             gain_rate=rate,
             init=rc.decoder_init if self.init == "recipe" else self.init,
+            optimizer=self.optimizer_name(),
         )
+
+    def optimizer_name(self) -> str:
+        """adamw or rowadamw: the optimizer field, or the recipe's."""
+        return RECIPES[self.recipe].optimizer if self.optimizer == "recipe" else self.optimizer
 
 
 @dataclass(frozen=True)
@@ -202,6 +217,8 @@ class Recipe:
     """Fraction of the steps before the agreement starts (`agreement_ramp`)."""
     gain_rate: float = 1.0
     """`ModelSpec.gain_rate`: how much faster than the other parameters the gains learn."""
+    optimizer: str = "adamw"
+    """adamw | rowadamw (`TrainConfig.optimizer`)."""
 
 
 RECIPES: dict[str, Recipe] = {

@@ -78,6 +78,7 @@ def model_spec(st: Store, keys: Sequence[str], cfg: TrainConfig) -> ModelSpec:
         gains=recipe.gains,
         decoder_bias=recipe.decoder_bias,
         gain_rate=cfg.resolved().gain_rate,
+        whiten=cfg.resolved().whiten,
     )
 
 
@@ -123,6 +124,20 @@ def seed_tokens(
     the rest of the m are the pool's others, in its order. Tokens that are non-finite or zero in
     some backbone are left out. Held-out images are never read, and the draw depends only on the
     store, the images and the seed (every DDP rank draws the same)."""
+    rows = seed_pool(st, keys, model, images, seed)
+    m, dev = model.spec.concepts, model.mu.device
+    z = torch.cat([F.normalize(t, dim=1) for t in rows], 1) / math.sqrt(len(rows))
+    kept = spread_out(z, SEED_COSINE, limit=m)
+    rest = np.setdiff1d(np.arange(len(z)), kept, assume_unique=True)  # pool order
+    pick = torch.from_numpy(np.concatenate([kept, rest])[:m]).to(dev)
+    return [t[pick] for t in rows]
+
+
+def seed_pool(
+    st: Store, keys: Sequence[str], model: USAE, images: np.ndarray, seed: int
+) -> list[Tensor]:
+    """`seed_tokens`' pool: up to SEED_POOL x m random training tokens from up to SEED_CHUNKS
+    random chunks, as each backbone's encoder input, finite and non-zero in every backbone."""
     tpi = st.tokens_per_image
     per_chunk = [images[slice(*st.chunk_images_range(c))] for c in range(st.n_chunks)]
     have = [c for c in range(st.n_chunks) if per_chunk[c].any()]
@@ -149,12 +164,38 @@ def seed_tokens(
     ok = torch.ones(len(pool), dtype=torch.bool, device=dev)
     for t in rows:
         ok &= torch.isfinite(t).all(1) & (t.norm(dim=1) > 1e-6)
-    rows = [t[ok] for t in rows]
-    z = torch.cat([F.normalize(t, dim=1) for t in rows], 1) / math.sqrt(len(rows))
-    kept = spread_out(z, SEED_COSINE, limit=m)
-    rest = np.setdiff1d(np.arange(len(z)), kept, assume_unique=True)  # pool order
-    pick = torch.from_numpy(np.concatenate([kept, rest])[:m]).to(dev)
-    return [t[pick] for t in rows]
+    return [t[ok] for t in rows]
+
+
+WHITEN_EPS = 1e-2
+"""Whitening's ridge, relative to the mean eigenvalue of the second moment: directions weaker
+than this are amplified at most 1/sqrt(WHITEN_EPS) times less than full whitening would."""
+
+
+@torch.no_grad()
+def start_whitening(
+    model: USAE, st: Store, keys: Sequence[str], images: np.ndarray, seed: int
+) -> None:
+    """Set `ModelSpec.whiten`'s P_j = (C_j + eps I)^(-1/2), C_j the second moment of backbone
+    j's encoder input (standardised, less the decoder bias) over `seed_pool`'s tokens, eps =
+    WHITEN_EPS x mean eigenvalue of C_j. Under x -> x A (A invertible) C -> A^T C A, and the
+    whitened inputs x P of the two differ by an orthogonal map (exactly when eps = 0)."""
+    if not model.spec.whiten:
+        return
+    for j in range(model.n_models):
+        model.whitening(j).copy_(torch.eye(model.spec.widths[j]))
+    rows = seed_pool(st, keys, model, images, seed)
+    for j, r in enumerate(rows):
+        model.whitening(j).copy_(whitening_matrix(r).float())
+
+
+def whitening_matrix(x_nd: Tensor, eps: float = WHITEN_EPS) -> Tensor:
+    """(C + eps mean(eig C) I)^(-1/2), float64, with C = x^T x / n the second moment of the rows."""
+    x = x_nd.double()
+    lam, v = torch.linalg.eigh(x.T @ x / max(len(x), 1))
+    lam = lam.clamp_min(0)
+    lam = lam + eps * lam.mean().clamp_min(1e-12)
+    return (v * lam.rsqrt()) @ v.T
 
 
 def spread_out(z: Tensor, cosine: float, limit: int | None = None, block: int = 256) -> np.ndarray:

@@ -69,6 +69,12 @@ class ModelSpec:
     """gain = softplus(gain_rate * g_jk): under Adam the gains then move gain_rate times faster than
     the other parameters (every parameter moves ~lr per step), so a new concept's member set is
     settled soon after it forms (the fidelity recipe's code agreement reads the gains)."""
+    whiten: bool = False
+    """Encoder i reads its input whitened, (x - b_i) @ P_i with P_i a fixed symmetric
+    (d_i, d_i) buffer ``white_<i>`` (`usae.trainer.inputs.start_whitening`: the regularised
+    inverse square root of the training tokens' second moment); the decoder, the loss and the
+    codes' meaning stay in the data's basis. Two backbones that differ by an invertible linear
+    map then feed their encoders inputs that differ by a rotation only."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +93,7 @@ class ModelSpec:
             gains=bool(d.get("gains", False)),
             decoder_bias=bool(d.get("decoder_bias", False)),
             gain_rate=float(d.get("gain_rate", 1.0)),
+            whiten=bool(d.get("whiten", False)),
         )
 
 
@@ -121,6 +128,9 @@ class USAE(nn.Module):
             )
         if spec.decoder_bias:
             self.dec_bias = nn.ParameterList(nn.Parameter(torch.zeros(d)) for d in spec.widths)
+        if spec.whiten:
+            for j, d in enumerate(spec.widths):
+                self.register_buffer(f"white_{j}", torch.eye(d), persistent=True)
         self.register_buffer("mu", torch.tensor(spec.mu, dtype=torch.float32), persistent=True)
         self.register_buffer(
             "sigma", torch.tensor(spec.sigma, dtype=torch.float32), persistent=True
@@ -142,11 +152,15 @@ class USAE(nn.Module):
         less the decoder bias) of the same n tokens in every backbone. Concept c < n starts with
         decoder row and encoder row rows[j][c] / |rows[j][c]| in every backbone j, and encoder bias
         0, so it first fires most for its own token; concepts c >= n keep their random start.
-        Tokens are aligned across backbones, so two identical backbones start identical."""
+        Tokens are aligned across backbones, so two identical backbones start identical.
+        With `ModelSpec.whiten` the decoder row is the token itself (the encoder input un-whitened)."""
         for j, r in enumerate(rows):
             n = r.shape[0]
-            u = F.normalize(r.to(self.decoders[j].dtype), dim=1)
-            self.decoders[j][:n].copy_(u)
+            r = r.to(self.decoders[j].dtype)
+            u = F.normalize(r, dim=1)
+            p = self.whitening(j)
+            data = r if p is None else torch.linalg.solve(p.to(r.dtype), r.T).T  # P symmetric
+            self.decoders[j][:n].copy_(F.normalize(data, dim=1))
             self.encoders[j].weight[:n].copy_(u)
             self.encoders[j].bias[:n].zero_()
 
@@ -167,9 +181,16 @@ class USAE(nn.Module):
         """Backbone j's decoder bias (None without one)."""
         return self.dec_bias[j] if self.spec.decoder_bias else None
 
+    def whitening(self, j: int) -> Tensor | None:
+        """Backbone j's encoder-input whitening P_j (None without `ModelSpec.whiten`)."""
+        return getattr(self, f"white_{j}") if self.spec.whiten else None
+
     def encoder_input(self, i: int, x_bd: Tensor) -> Tensor:
-        """What encoder i reads: the standardised input, less the decoder bias when there is one."""
-        return x_bd - self.dec_bias[i] if self.spec.decoder_bias else x_bd
+        """What encoder i reads: the standardised input, less the decoder bias when there is one,
+        whitened (times P_i) with `ModelSpec.whiten`."""
+        x_bd = x_bd - self.dec_bias[i] if self.spec.decoder_bias else x_bd
+        p = self.whitening(i)
+        return x_bd if p is None else x_bd @ p.to(x_bd.dtype)
 
     def encode_pre(
         self, i: int, x_bd: Float[Tensor, "... d"], concepts: Tensor | None = None

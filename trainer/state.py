@@ -40,16 +40,70 @@ class TrainState:
     """Sum and count of step losses since the last metrics line."""
 
 
-def make_optimizer(model: USAE, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with one parameter group per backbone (= one AdamW per backbone)."""
+class RowAdamW(torch.optim.Optimizer):
+    """AdamW whose second moment is shared along a parameter's channel axis, so the update of
+    a backbone's parameters does not depend on the basis of its activations.
+
+    Each parameter has a kind (the group's "moments", parallel to its params):
+    "row"   (m, d): one second moment per row (concept), the mean of g^2 over its d channels;
+    "all"   (d,):   one second moment for the whole vector (the decoder bias);
+    "coord" any:    per coordinate, as AdamW (concept-indexed vectors: biases, BN, gains).
+    Under x -> x Q (Q orthogonal) a backbone's gradients are the old ones times Q, their row
+    norms unchanged, so the update is the old one times Q (AdamW's per-channel moments are not).
+    Update, bias-corrected as AdamW's: p -= lr (m_hat / (sqrt(v_hat) + eps) + wd p)."""
+
+    def __init__(self, groups, lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ARG002 (no closure: the trainer calls step() alone)
+        for g in self.param_groups:
+            b1, b2 = g["betas"]
+            kinds = g.get("moments") or ["coord"] * len(g["params"])
+            for p, kind in zip(g["params"], kinds, strict=True):
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    shape = {"row": (p.shape[0], 1), "all": (1,) * p.dim()}.get(kind, p.shape)
+                    st["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+                st["step"] += 1
+                t = float(st["step"])
+                grad = p.grad
+                g2 = grad.square()
+                if kind == "row":
+                    g2 = g2.mean(dim=1, keepdim=True)
+                elif kind == "all":
+                    g2 = g2.mean().reshape(st["exp_avg_sq"].shape)
+                p.mul_(1 - g["lr"] * g["weight_decay"])
+                st["exp_avg"].lerp_(grad, 1 - b1)
+                st["exp_avg_sq"].mul_(b2).add_(g2, alpha=1 - b2)
+                denom = (st["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(g["eps"])
+                p.addcdiv_(st["exp_avg"], denom, value=-g["lr"] / (1 - b1**t))
+
+
+def make_optimizer(model: USAE, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """One parameter group per backbone (= one optimiser per backbone): AdamW, or `RowAdamW`
+    (cfg.optimizer) with per-concept second moments for the encoder and decoder rows."""
     groups = []
     for j in range(model.n_models):
-        params = [*model.encoders[j].parameters(), *model.bns[j].parameters(), model.decoders[j]]
+        enc, bn = model.encoders[j], model.bns[j]
+        params = [enc.weight, enc.bias, bn.weight, bn.bias, model.decoders[j]]
+        moments = ["row", "coord", "coord", "coord", "row"]
         if model.spec.gains:
             params.append(model.gains[j])
+            moments.append("coord")
         if model.spec.decoder_bias:
             params.append(model.dec_bias[j])
-        groups.append({"params": params, "lr": cfg.lr})
+            moments.append("all")
+        group = {"params": params, "lr": cfg.lr}
+        if cfg.optimizer_name() == "rowadamw":
+            group["moments"] = moments
+        groups.append(group)
+    if cfg.optimizer_name() == "rowadamw":
+        return RowAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

@@ -14,10 +14,21 @@ stage reads it like an extracted one. The generator plants:
 Harder structure, all off by default (then the store is bit for bit what the first generator
 wrote): per-model log-uniform gains (``--gain 0.5,2``), a dense per-channel offset vector per
 model (``--channel-offset``), Zipf concept frequencies (``--zipf``) and anisotropic noise with a
-power-law spectrum in a random basis (``--noise-decay``).
+power-law spectrum in a random basis (``--noise-decay``), and a random linear map of chosen
+models' activations (``--transform rotate|affine``, below).
 
 Model i's tokens are ``x_i = scale_i * (z_i @ D_i + noise_i + o_i) + offset_i``, with o_i the
 per-channel offset (zero unless ``--channel-offset``).
+
+Transform (``--transform``, for the models ``--transform-models``, default every model but the
+first): model i's signal is drawn as above and then put through a random (d_i, d_i) map A_i
+before the scale and offset, ``x_i = scale_i * ((z_i @ D_i + noise_i + o_i) @ A_i) + offset_i``:
+the same information in another basis. ``rotate``: A = Q, a Haar-random orthogonal matrix.
+``affine``: A = Q diag(s), the rotation then log-normal channel scales s_j = exp(sigma n_j)
+(``--transform-sigma``), rescaled to mean s^2 = 1, so an invertible map that changes which
+channels carry the power. The truth describes the mapped data: dictionary rows D_i A_i
+renormalised, their norms moved into the factors (and so into the codes), o_i A_i. The map is
+saved as ``map.<key>`` in the truth file and in ``_usae/maps.safetensors`` (`save_maps`).
 With ``shuffle_alignment`` (a control) each model's codes are permuted across the tokens of
 each chunk, so a token no longer shows the same concepts in every model.
 
@@ -50,6 +61,7 @@ Ground truth, ``S.zarr/_usae/truth.safetensors`` (read it with :func:`load_truth
 | ``channel_offset.<key>`` | (d_i,) f32 | o_i, the per-channel offset before scale (version 2) |
 | ``label_concept`` | (L,) i64 | the universal concept tied to each planted label (``--labels``) |
 | ``image_label`` | (N,) i64 | each image's true label (the store's ``label`` array is permuted with ``--shuffle-labels``) |
+| ``map.<key>`` | (d_i, d_i) f32 | A_i, only for the models a ``--transform`` mapped |
 | ``codes.<key>.indptr/.concept/.value`` | CSR over rows | per-token code z_i (only when
   ``save_codes``): row r's active global ids and magnitudes are
   ``concept[indptr[r]:indptr[r+1]]``, ``value[...]`` |
@@ -88,6 +100,7 @@ from usae.runtime import atomic_path, progress_bar
 if TYPE_CHECKING:
     pass
 
+TRANSFORMS = ("none", "rotate", "affine")
 _MAG_SIGMA = 0.4  # lognormal sigma of concept magnitudes (median 1)
 _CHUNK_BYTES = 16 * 2**20  # target chunk size of the widest backbone when chunk_images=0
 
@@ -142,6 +155,18 @@ class SynthConfig:
     """Labels: share of an image's tokens on which its label's concept fires."""
     shuffle_labels: bool = False
     """Control: the store's label array is permuted across images (the concepts still follow the true labels)."""
+    transform: str = "none"
+    """none, rotate (a random orthogonal map of a model's activations) or affine (a random rotation then log-normal channel scales); the truth is mapped alike (module docstring)."""
+    transform_models: tuple[int, ...] = ()
+    """Indices of the models that --transform maps (empty: every model but the first)."""
+    transform_sigma: float = 0.5
+    """Log-normal sigma of the affine map's channel scales."""
+
+    def mapped_models(self) -> tuple[int, ...]:
+        """Models whose activations --transform maps (none without one)."""
+        if self.transform == "none":
+            return ()
+        return tuple(self.transform_models) or tuple(range(1, self.models))
 
     def widths(self) -> tuple[int, ...]:
         if len(self.dims) == 1:
@@ -171,6 +196,7 @@ class SynthConfig:
             and self.zipf == 0
             and self.noise_decay == 0
             and self.labels == 0
+            and self.transform == "none"
         )
 
     def __post_init__(self) -> None:
@@ -218,6 +244,15 @@ class SynthConfig:
             )
         if self.labels and not 0 < self.label_tokens <= 1:
             raise ValueError("--label-tokens must be in (0, 1]")
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"--transform must be {', '.join(TRANSFORMS)}, got {self.transform!r}")
+        bad = [i for i in self.transform_models if not 0 <= i < self.models]
+        if bad or len(set(self.transform_models)) != len(self.transform_models):
+            raise ValueError(
+                f"--transform-models must be distinct indices in [0, {self.models}), got {self.transform_models}"
+            )
+        if self.transform_sigma < 0:
+            raise ValueError("--transform-sigma must be >= 0")
 
 
 class SynthResult(NamedTuple):
@@ -329,6 +364,8 @@ class _Plan(NamedTuple):
     """Per model (d_i,) f32 per-channel offset (zeros when off)."""
     noise_basis: list[np.ndarray | None]
     """Per model (d_i, d_i) f32: noise = eps @ basis (spectrum x orthogonal); None = isotropic."""
+    maps: list[np.ndarray | None] = []
+    """Per model (d_i, d_i) f32 A_i of --transform (None: not mapped)."""
 
 
 def choose_grid(t: int) -> tuple[int, int]:
@@ -361,6 +398,42 @@ def _noise_basis(rng: np.random.Generator, d: int, decay: float) -> np.ndarray:
     s = np.arange(1, d + 1, dtype=np.float64) ** -decay
     s /= np.sqrt((s**2).mean())
     return (s[:, None] * q.T).astype(np.float32)
+
+
+def random_map(rng: np.random.Generator, d: int, kind: str, sigma: float = 0.5) -> np.ndarray:
+    """A (d, d) float64 map for row vectors (x -> x @ A): rotate = Q, Haar-random orthogonal;
+    affine = Q diag(s), s_j = exp(sigma n_j) rescaled to mean s^2 = 1 (invertible)."""
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    q *= np.sign(np.diag(r))
+    if kind == "rotate":
+        return q
+    if kind != "affine":
+        raise ValueError(f"transform must be rotate or affine, got {kind!r}")
+    s = np.exp(sigma * rng.standard_normal(d))
+    return q * (s / np.sqrt((s**2).mean()))[None, :]
+
+
+def _map_plan(cfg: SynthConfig, plan: _Plan) -> _Plan:
+    """The plan of the mapped data: model i's signal, noise and offset through A_i, the truth's
+    rows renormalised with their norms moved into the factors (so the codes follow)."""
+    rng = _extra_rng(cfg, 5)
+    dicts, factors = list(plan.dictionaries), list(plan.factors)
+    offsets, bases = list(plan.channel_offsets), list(plan.noise_basis)
+    maps: list[np.ndarray | None] = [None] * cfg.models
+    for i in cfg.mapped_models():
+        d = cfg.widths()[i]
+        a = random_map(rng, d, cfg.transform, cfg.transform_sigma)
+        rows = dicts[i].astype(np.float64) @ a
+        norm = np.linalg.norm(rows, axis=1).clip(1e-12)
+        dicts[i] = (rows / norm[:, None]).astype(np.float32)
+        factors[i] = (factors[i] * norm).astype(np.float32)
+        offsets[i] = (offsets[i].astype(np.float64) @ a).astype(np.float32)
+        basis = np.eye(d) if bases[i] is None else bases[i].astype(np.float64)
+        bases[i] = (basis @ a).astype(np.float32)
+        maps[i] = a.astype(np.float32)
+    return plan._replace(
+        dictionaries=dicts, factors=factors, channel_offsets=offsets, noise_basis=bases, maps=maps
+    )
 
 
 def make_plan(cfg: SynthConfig) -> _Plan:
@@ -413,7 +486,7 @@ def make_plan(cfg: SynthConfig) -> _Plan:
         offset = rng.uniform(-0.5, 0.5, size=m)
     else:
         scale, offset = np.ones(m), np.zeros(m)
-    return _Plan(
+    plan = _Plan(
         dicts,
         ids,
         factors,
@@ -426,7 +499,9 @@ def make_plan(cfg: SynthConfig) -> _Plan:
         members,
         offsets,
         bases,
+        [None] * m,
     )
+    return _map_plan(cfg, plan) if cfg.transform != "none" else plan
 
 
 class _ChunkCodes(NamedTuple):
@@ -528,7 +603,7 @@ def chunk_tokens(cfg: SynthConfig, plan: _Plan, chunk: int, codes: _ChunkCodes) 
         if plan.noise_basis[i] is not None:
             eps = eps @ plan.noise_basis[i]
         x += eps * plan.noise_std[i]
-        if cfg.channel_offset:
+        if cfg.channel_offset or plan.maps[i] is not None:
             x += plan.channel_offsets[i]
         out.append(x * plan.scale[i] + plan.offset[i])
     return out
@@ -549,7 +624,7 @@ def _chunk_images(cfg: SynthConfig) -> int:
 
 
 _EXTENDED = ("groups", "gain", "channel_offset", "zipf", "noise_decay", "labels", "label_tokens",
-             "shuffle_labels")  # fmt: skip
+             "shuffle_labels", "transform", "transform_models", "transform_sigma")  # fmt: skip
 
 
 def _fingerprint_of(cfg: SynthConfig) -> dict:
@@ -612,6 +687,9 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> SynthResult:
     if not st.complete:
         st.finalize()
     truth_path = _save_truth(cfg, plan, csr if cfg.save_codes else None)
+    maps = {k: a for k, a in zip(keys, plan.maps, strict=True) if a is not None}
+    if maps:
+        save_maps(cfg.store, maps, cfg.transform)
     return SynthResult(
         Path(cfg.store), truth_path, n_images, n_images * cfg.tokens_per_image, grid, ci
     )
@@ -648,6 +726,8 @@ def _save_truth(cfg: SynthConfig, plan: _Plan, csr: list[list[tuple]] | None) ->
         t[f"concept_ids.{k}"] = torch.from_numpy(plan.concept_ids[i])
         t[f"factor.{k}"] = torch.from_numpy(plan.factors[i])
         t[f"channel_offset.{k}"] = torch.from_numpy(plan.channel_offsets[i])
+        if plan.maps[i] is not None:
+            t[f"map.{k}"] = torch.from_numpy(plan.maps[i])
         if csr is not None:
             counts = np.concatenate([p[0] for p in csr[i]])
             indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -679,3 +759,89 @@ def _save_truth(cfg: SynthConfig, plan: _Plan, csr: list[list[tuple]] | None) ->
     with atomic_path(path) as tmp:
         save_file(t, str(tmp), metadata=meta)
     return path
+
+
+# ---------------------------------------------------------------- maps of a store's backbones
+MAPS_FILE = "maps.safetensors"
+MAPS_FORMAT = "usae-maps"
+
+
+def save_maps(store: str | Path, maps: dict[str, np.ndarray], transform: str, of=None) -> Path:
+    """Write ``S.zarr/_usae/maps.safetensors``: ``map.<key>`` (d, d) f32 per mapped backbone, so
+    that its activations are those of `of[key]` (a backbone of the store; None: the generator's
+    unmapped data, before the scale and offset) times A, row vectors (x @ A)."""
+    import torch
+    from safetensors.torch import save_file
+
+    t = {f"map.{k}": torch.from_numpy(np.ascontiguousarray(a, np.float32)) for k, a in maps.items()}
+    meta = {"format": MAPS_FORMAT, "transform": transform, "of": json.dumps(of or {})}
+    path = Path(store) / "_usae" / MAPS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(t, str(tmp), metadata=meta)
+    return path
+
+
+def load_maps(store: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """`save_maps`' file -> ({key: A}, metadata with "of" parsed); ({}, {}) when the store has none."""
+    from safetensors import safe_open
+
+    path = Path(store) / "_usae" / MAPS_FILE
+    if not path.exists():
+        return {}, {}
+    with safe_open(str(path), framework="np") as f:
+        meta = dict(f.metadata() or {})
+        maps = {n.removeprefix("map."): f.get_tensor(n) for n in f.keys()}
+    meta["of"] = json.loads(meta.get("of", "{}"))
+    return maps, meta
+
+
+def twin_store(
+    src: str | Path,
+    out: str | Path,
+    key: str,
+    twin: str = "twin",
+    transform: str = "rotate",
+    seed: int = 0,
+    sigma: float = 0.5,
+) -> Path:
+    """A store holding backbone `key` of `src` twice: as `key`, and as `twin` = its activations
+    (tokens and prefix tokens) times a `random_map` A (rotate or affine), the same information in
+    another basis; A is saved with `save_maps` (of = {twin: key}). Rows, images, validity and
+    split are the source's; an existing store of the same settings is returned as it is."""
+    s = Store.open(src)
+    out = Path(out)
+    if (out / "_usae" / MAPS_FILE).exists() and Store.open(out).complete:
+        return out
+    d = s.widths[key]
+    a = random_map(np.random.default_rng([seed, 6]), d, transform, sigma).astype(np.float32)
+    spec = dict(s.spec(key))
+    layouts = [BackboneLayout(b, d, s.prefix_tokens[key], spec) for b in (key, twin)]
+    split = s.split
+    st = Store.create(
+        out,
+        list(s.image_ids),
+        layouts,
+        grid=s.grid,
+        chunk_images=s.chunk_images,
+        source=s.attrs.get("source", "extract"),
+        fingerprint_of={
+            "twin_of": s.attrs["fingerprint"],
+            "key": key,
+            "transform": transform,
+            "seed": seed,
+            "sigma": sigma,
+        },  # fmt: skip
+        split=None if split is None else list(split),
+        extra={**s.attrs.get("extra", {}), "maps": {twin: {"transform": transform, "of": key}}},
+    )
+    valid = s.valid
+    for c in range(s.n_chunks):
+        ia, ib = s.chunk_images_range(c)
+        x = np.asarray(s.read_chunk(key, c), np.float32)
+        p = s.read_prefix(key, ia, ib)
+        prefix = None if p is None else {key: p, twin: np.asarray(p, np.float32) @ a}
+        st.write_chunk(c, {key: x, twin: x @ a}, valid[ia:ib], prefix=prefix)
+    save_maps(out, {twin: a}, transform, of={twin: key})
+    st.finalize()
+    return out

@@ -40,6 +40,7 @@ from usae.trainer.inputs import (
     open_store,
     seed_tokens,
     start_bias,
+    start_whitening,
 )
 from usae.trainer.objective import (
     LossParts,
@@ -337,6 +338,8 @@ def _run(
     s = new_state(spec, cfg, d.device)
     start_bias(s.model, st, keys)  # resuming overwrites it with the checkpoint's
     restoring = resuming and has_checkpoint(paths)
+    if not restoring:  # the checkpoint holds the whitening of a resumed run
+        start_whitening(s.model, st, keys, train_images, cfg.seed)
     if spec.decoder_init == "data" and not restoring:  # read with the bias just set
         s.model.seed_from_tokens(seed_tokens(st, keys, s.model, train_images, cfg.seed))
     if resuming:

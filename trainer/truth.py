@@ -70,6 +70,8 @@ class Truth(NamedTuple):
     """(L,) global id of the concept tied to each planted label."""
     image_labels: np.ndarray | None = None
     """(N,) true label index of each image (the store's label array may be shuffled)."""
+    maps: dict[str, np.ndarray] | None = None
+    """{key: A} for the models a --transform mapped (their data is the unmapped data times A)."""
 
     def direction(self, c: int, i: int) -> np.ndarray:
         """Unit direction of global concept c in model i (c must live in model i)."""
@@ -144,6 +146,7 @@ def load_truth(store_path: str | Path) -> Truth:
             label_names=tuple(json.loads(meta.get("labels", "[]"))),
             label_concepts=get("label_concept") if "label_concept" in names else None,
             image_labels=get("image_label") if "image_label" in names else None,
+            maps={k: get(f"map.{k}") for k in keys if f"map.{k}" in names},
         )
 
 
