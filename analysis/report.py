@@ -150,6 +150,8 @@ class AnalyzeConfig:
             (
                 min(self.label_top_images, self.probe_images, self.probe_labels) >= 1,
                 "--label-top-images, --probe-images and --probe-labels must be >= 1",
+            ),
+            (
                 self.member_rule in MemberRule.__args__,
                 f"--member-rule must be one of {', '.join(MemberRule.__args__)}",
             ),
