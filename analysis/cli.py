@@ -1,4 +1,4 @@
-"""Command line -> the analysis stage: `usae analyze` and `usae maximize`.
+"""Command line -> the analysis stage: `usae analyze`, `usae maximize` and `usae compare`.
 
 Both commands are generated from their frozen configs (``usae.options.config_command``): one
 option per field, help = the field's docstring, ``Literal`` fields as choices. The run
@@ -8,6 +8,7 @@ functions are imported when a command runs, so `usae --help` stays fast.
 from __future__ import annotations
 
 import typer
+from usae.analysis.compare import CompareConfig
 from usae.analysis.maximize import MaximizeConfig
 from usae.analysis.report import AnalyzeConfig
 
@@ -34,6 +35,33 @@ def _maximize(cfg: MaximizeConfig) -> None:
         typer.echo(f"report: {res.report}")
 
 
+def _compare(cfg: CompareConfig) -> None:
+    from usae.analysis.compare import run_compare
+
+    res = run_compare(cfg)
+    s = res.summary
+    for k, v in s["per_model"].items():
+        vals = ", ".join(f"cos >= {t:g} {v[f'matched_{t:g}']:.3f}" for t in s["thresholds"])
+        typer.echo(f"{k} alone: {v['n']} concepts of A, matched {vals}")
+    if s["joint"]:
+        a = s["joint"]["a"]
+        vals = ", ".join(
+            f"cos >= {t:g} {a['all_live'][f'matched_{t:g}']:.3f}" for t in s["thresholds"]
+        )
+        typer.echo(
+            f"jointly ({s['joint_rule']}): {a['live']} live concepts of A ({a['dead']} dead), matched {vals}"
+        )
+    secs = ", ".join(f"{k} {v:.2f} s" for k, v in s["assignment_seconds"].items())
+    typer.echo(f"assignments: {secs}")
+    typer.echo(f"report: {res.out / 'index.html'}")
+
+
+COMPARE_OPTS = {
+    "run_a": Opt(argument=True, metavar="RUN_A"),
+    "run_b": Opt(argument=True, metavar="RUN_B"),
+}
+"""The two runs are positional: `usae compare RUN_A RUN_B --out DIR`."""
+
 MAXIMIZE_OPTS = {
     "concepts": Opt(flags=("--concept",), multiple=True, parse=lambda v: tuple(int(x) for x in v),
                     extra_help="Repeatable.", metavar="K"),
@@ -43,9 +71,10 @@ MAXIMIZE_OPTS = {
 
 
 def register(app: typer.Typer) -> None:
-    """Add `usae analyze` and `usae maximize` to the app."""
+    """Add `usae analyze`, `usae maximize` and `usae compare` to the app."""
     config_command(app, "analyze", AnalyzeConfig, _analyze)
     register_maximize(app)
+    config_command(app, "compare", CompareConfig, _compare, opts=COMPARE_OPTS)
 
 
 def register_maximize(app: typer.Typer) -> None:
