@@ -264,7 +264,7 @@ class Sharing(NamedTuple):
     """(n, 2) the duplicate pairs."""
 
 
-def sharing(model, keys, t, gains: np.ndarray, rule: str = "fit") -> Sharing:
+def sharing(model, keys, t, gains: np.ndarray, rule: str = "gain") -> Sharing:
     """A trained USAE and its concept table (`usae.analysis.metrics.ConceptTable`) -> member
     sets by ``rule`` (``members_of``: the fit test, or the decoder gains of models that learn
     them, else the energies), and the concepts learned twice (same decoder direction, firing

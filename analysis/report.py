@@ -120,8 +120,8 @@ class AnalyzeConfig:
     """Labels: at most N labelled images probed (a stable hash sample); memory ~ N x distinct concepts per image x 8 bytes per backbone."""
     probe_labels: int = 50
     """Labels: the N most frequent labels are probed."""
-    member_rule: MemberRule = "fit"
-    """Which backbones a concept lives in: fit (backbone i's activations follow the concept's code along its direction, tested per backbone) or gain (the earlier rule: decoder gain >= 0.25 x the concept's largest; energies without gains)."""
+    member_rule: MemberRule = "gain"
+    """Which backbones a concept lives in: gain (decoder gain >= 0.25 x the concept's largest; energies without gains) or fit (backbone i's activations follow the concept's code along its direction, tested per backbone; right on planted data, not yet on real-feature twins)."""
 
     def __post_init__(self) -> None:
         checks = [
