@@ -34,6 +34,20 @@ class Target(NamedTuple):
     """Differentiable Backbone (forward(images in [0, 1], grid) -> Activations)."""
 
 
+def run_store_path(run: Path, run_cfg: dict, override: Path | None) -> Path:
+    """The run's store: ``override`` (--store), else the path recorded in the run's config.json
+    (as given, or relative to the run directory)."""
+    if override is not None:
+        return Path(override)
+    rec = (run_cfg.get("store") or {}).get("path")
+    if not rec:
+        raise BackboneError(f"{run}/config.json records no store path; pass --store")
+    for p in (Path(rec), Path(run) / rec):
+        if p.exists():
+            return p
+    raise BackboneError(f"the run's store {rec} was not found (moved?); pass --store PATH")
+
+
 def parse_weights(items: Sequence[str]) -> dict[str, Path]:
     """KEY=FILE pairs -> {key: path} (`usae.pipeline.weights.parse_weight_files`'s rules)."""
     from usae.pipeline.weights import parse_weight_files

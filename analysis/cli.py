@@ -1,4 +1,5 @@
-"""Command line -> the analysis stage: `usae analyze`, `usae maximize` and `usae compare`.
+"""Command line -> the analysis stage: `usae analyze`, `usae maximize`, `usae compare` and
+`usae explain`.
 
 Both commands are generated from their frozen configs (``usae.options.config_command``): one
 option per field, help = the field's docstring, ``Literal`` fields as choices. The run
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import typer
 from usae.analysis.compare import CompareConfig
+from usae.analysis.explain import ExplainConfig
 from usae.analysis.maximize import MaximizeConfig
 from usae.analysis.report import AnalyzeConfig
 
@@ -56,6 +58,25 @@ def _compare(cfg: CompareConfig) -> None:
     typer.echo(f"report: {res.out / 'index.html'}")
 
 
+def _explain(cfg: ExplainConfig) -> None:
+    from usae.analysis.explain import run_explain
+
+    res = run_explain(cfg)
+    rate = res.n_images / res.seconds if res.seconds > 0 else float("nan")
+    typer.echo(
+        f"explained {res.explained} of {res.n_images} images ({len(res.failures)} skipped), "
+        f"{rate:.1f} images/s"
+    )
+    typer.echo(f"codes: {res.out / 'codes.parquet'}")
+    if res.index is not None:
+        typer.echo(f"page: {res.index}")
+
+
+EXPLAIN_OPTS = {
+    "weights": Opt(multiple=True, parse=tuple, extra_help="Repeatable.", metavar="KEY=FILE"),
+}
+"""`--weights KEY=FILE` repeats, as for maximize."""
+
 COMPARE_OPTS = {
     "run_a": Opt(argument=True, metavar="RUN_A"),
     "run_b": Opt(argument=True, metavar="RUN_B"),
@@ -71,10 +92,11 @@ MAXIMIZE_OPTS = {
 
 
 def register(app: typer.Typer) -> None:
-    """Add `usae analyze`, `usae maximize` and `usae compare` to the app."""
+    """Add `usae analyze`, `usae maximize`, `usae compare` and `usae explain` to the app."""
     config_command(app, "analyze", AnalyzeConfig, _analyze)
     register_maximize(app)
     config_command(app, "compare", CompareConfig, _compare, opts=COMPARE_OPTS)
+    config_command(app, "explain", ExplainConfig, _explain, opts=EXPLAIN_OPTS)
 
 
 def register_maximize(app: typer.Typer) -> None:

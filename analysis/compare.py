@@ -440,9 +440,9 @@ def run_compare(cfg: CompareConfig) -> CompareResult:
 def draw_figures(fig_dir: Path, df: pd.DataFrame, s: dict) -> None:
     """cosine_histogram.png (joint and per-model cosines of A's live concepts) and, with a
     joint matching, matched_by_decile.png (share matched per importance decile, each threshold)."""
-    from usae.analysis.figures import _plt, _save
+    from usae.analysis.figures import pyplot, save_png
 
-    plt = _plt()
+    plt = pyplot()
     keys, live = s["backbones"], ~df["dead_a"].to_numpy(bool)
     fig, ax = plt.subplots(figsize=(5.6, 3.6))
     bins = np.linspace(-0.2, 1.0, 49)
@@ -458,7 +458,7 @@ def draw_figures(fig_dir: Path, df: pd.DataFrame, s: dict) -> None:
            title="matched cosines")  # fmt: skip
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, fig_dir / "cosine_histogram.png", 110)
+    save_png(fig, fig_dir / "cosine_histogram.png", 110)
     plt.close(fig)
     path = fig_dir / "matched_by_decile.png"
     if not s["joint"]:
@@ -474,21 +474,23 @@ def draw_figures(fig_dir: Path, df: pd.DataFrame, s: dict) -> None:
            xticks=range(1, 11), title="matched share vs importance")  # fmt: skip
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path, 110)
+    save_png(fig, path, 110)
     plt.close(fig)
 
 
 def _share_cells(r: dict, th: list[float]) -> str:
-    from usae.analysis.render import _td
+    from usae.analysis.render import table_cell
 
     return (
-        _td(r["n"], "{:d}") + "".join(_td(r[f"matched_{t:g}"]) for t in th) + _td(r["mean_cosine"])
+        table_cell(r["n"], "{:d}")
+        + "".join(table_cell(r[f"matched_{t:g}"]) for t in th)
+        + table_cell(r["mean_cosine"])
     )
 
 
 def render_compare(out: str | Path) -> Path:
     """DIR/compare.json -> DIR/index.html (self-contained: embedded CSS, relative figure links)."""
-    from usae.analysis.render import _card, _fmt, _page, _td
+    from usae.analysis.render import fmt_value, html_page, summary_card, table_cell
 
     out, esc = Path(out), html.escape
     s = json.loads((out / "compare.json").read_text())
@@ -497,16 +499,20 @@ def render_compare(out: str | Path) -> Path:
     cards = []
     if j:
         cards += [
-            _card(_fmt(j["a"]["all_live"][f"matched_{t:g}"]), f"joint, matched at cos >= {t:g}")
+            summary_card(
+                fmt_value(j["a"]["all_live"][f"matched_{t:g}"]), f"joint, matched at cos >= {t:g}"
+            )
             for t in th
         ]
-        cards += [_card(f"{j['a']['dead']} / {j['b']['dead']}", "dead concepts A / B (left out)")]
+        cards += [
+            summary_card(f"{j['a']['dead']} / {j['b']['dead']}", "dead concepts A / B (left out)")
+        ]
     cards += [
-        _card(_fmt(v[f"matched_{th[0]:g}"]), f"{k} alone, cos >= {th[0]:g}")
+        summary_card(fmt_value(v[f"matched_{th[0]:g}"]), f"{k} alone, cos >= {th[0]:g}")
         for k, v in s["per_model"].items()
     ]
     secs = ", ".join(f"{k} {v:.2f} s" for k, v in s["assignment_seconds"].items())
-    model_rows = "".join(f"<tr><th>{esc(k)}</th>{_share_cells(v, th)}{_td(v['n_b'], '{:d}')}</tr>"
+    model_rows = "".join(f"<tr><th>{esc(k)}</th>{_share_cells(v, th)}{table_cell(v['n_b'], '{:d}')}</tr>"
                          for k, v in s["per_model"].items())  # fmt: skip
     parts = [
         f"""<header><h1>Concepts of two runs, matched</h1><div class="meta">A {esc(s["run_a"])} &middot;
@@ -527,10 +533,10 @@ concepts &middot; member sets from A: {esc(s["membership"]["a"])}, B: {esc(s["me
         for side, name in (("a", "A"), ("b", "B")):
             d = j[side]
             rows = f"<tr><th>every live concept</th>{_share_cells(d['all_live'], th)}<td></td></tr>"
-            rows += "".join(f"<tr><th>{esc(lab)}</th>{_share_cells(r, th)}{_td(r['same_members'])}</tr>"
+            rows += "".join(f"<tr><th>{esc(lab)}</th>{_share_cells(r, th)}{table_cell(r['same_members'])}</tr>"
                             for lab, r in d["by_members"].items())  # fmt: skip
-            dec = "".join(f"<tr><th>{r['decile']}</th>{_share_cells(r, th)}{_td(r['importance_min'], '{:.3g}')}"
-                          f"{_td(r['importance_max'], '{:.3g}')}</tr>" for r in d["by_importance_decile"])  # fmt: skip
+            dec = "".join(f"<tr><th>{r['decile']}</th>{_share_cells(r, th)}{table_cell(r['importance_min'], '{:.3g}')}"
+                          f"{table_cell(r['importance_max'], '{:.3g}')}</tr>" for r in d["by_importance_decile"])  # fmt: skip
             parts.append(
                 f"<h3>Concepts of {name} ({d['live']} live, {d['dead']} dead)</h3>"
                 f'<div class="figs"><table><thead><tr><th>lives in</th>{head}<th>same members</th></tr></thead>'
@@ -545,5 +551,5 @@ concepts &middot; member sets from A: {esc(s["membership"]["a"])}, B: {esc(s["me
     parts.append(f'<p class="meta">Assignment time (scipy linear_sum_assignment): {esc(secs)}; '
                  f"whole comparison {s['seconds']:.1f} s. Pairs: pairs.parquet.</p>")  # fmt: skip
     index = out / "index.html"
-    atomic_write(index, _page("usae compare", "\n".join(parts)))
+    atomic_write(index, html_page("usae compare", "\n".join(parts)))
     return index

@@ -21,7 +21,7 @@ from usae.trainer.evaluate import Reconstruction
 from usae.runtime import atomic_path
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +30,7 @@ def _plt():
     return plt
 
 
-def _save(fig: Any, path: Path, dpi: int) -> None:
+def save_png(fig: Any, path: Path, dpi: int) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
 
@@ -49,17 +49,17 @@ def write_thumbs(
     maps_mhw: np.ndarray,
     keys: Sequence[str],
     *,
-    photo: str,
+    photo: str | None,
     heat: dict[str, str],
 ) -> None:
     """One top image's thumbnails (JPEG, THUMB px): the photo to out/``photo`` (none without
-    one), and each backbone's token map over it to out/``heat[key]`` (over a blank square
+    one, or with ``photo`` None), and each backbone's token map over it to out/``heat[key]`` (over a blank square
     without a photo). One colour scale per image, so the backbones compare fairly."""
     from PIL import Image
 
     sq = _squash(pic_hw3, THUMB) if pic_hw3 is not None else None
     vmax = max(float(maps_mhw.max()), 1e-6)
-    if sq is not None:
+    if sq is not None and photo is not None:
         _save_jpeg(Image.fromarray(sq), out / photo)
     for i, key in enumerate(keys):
         _save_jpeg(Image.fromarray(overlay(sq, maps_mhw[i] / vmax)), out / heat[key])
@@ -98,7 +98,7 @@ def _squash(pic_hw3: np.ndarray, size: int = 224) -> np.ndarray:
 def write_figures(
     fig_dir: Path, keys: Sequence[str], rec: Reconstruction, t: mx.ConceptTable, m: dict
 ) -> None:
-    plt = _plt()
+    plt = pyplot()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for name, draw in (
@@ -109,7 +109,7 @@ def write_figures(
         ):
             fig = draw(plt, keys, rec, t, m)
             fig.tight_layout()
-            _save(fig, fig_dir / f"{name}.png", 90)
+            save_png(fig, fig_dir / f"{name}.png", 90)
             plt.close(fig)
 
 
@@ -198,7 +198,7 @@ def draw_layer_alignment(path: Path, entry: dict) -> None:
     """metrics.json's ``layer_alignment`` -> heatmap of shared concepts, rows and columns the
     (model, layer) groups in the entry's order, annotated counts, lines between models, the
     best depth of each other model per row outlined."""
-    plt = _plt()
+    plt = pyplot()
     keys = [g["key"] for g in entry["groups"]]
     shared = np.asarray(entry["shared"], dtype=np.float64)
     n = len(keys)
@@ -241,5 +241,5 @@ def draw_layer_alignment(path: Path, entry: dict) -> None:
     )
     fig.colorbar(im, ax=ax, fraction=0.046, label="shared concepts (diagonal: live)")
     fig.tight_layout()
-    _save(fig, path, 90)
+    save_png(fig, path, 90)
     plt.close(fig)

@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from usae.analysis.backbones import BackboneError, Target, load_targets
+from usae.analysis.backbones import BackboneError, Target, load_targets, run_store_path
 from usae.analysis.objective import Final, Maximizer
 from usae.analysis.render import render_report
 from usae.trainer.model import USAE
@@ -304,19 +304,6 @@ def top_photos(cfg: MaximizeConfig, store: Any, ks: Sequence[int], notes: list[s
     return found
 
 
-def _store_path(run: Path, run_cfg: dict, override: Path | None) -> Path:
-    """The run's store: --store, else the recorded path (as given, or relative to the run)."""
-    if override is not None:
-        return Path(override)
-    rec = (run_cfg.get("store") or {}).get("path")
-    if not rec:
-        raise MaximizeError(f"{run}/config.json records no store path; pass --store")
-    for p in (Path(rec), run / rec):
-        if p.exists():
-            return p
-    raise MaximizeError(f"the run's store {rec} was not found (moved?); pass --store PATH")
-
-
 # ---------------------------------------------------------------- run
 class MaximizeResult(NamedTuple):
     """Everything `usae maximize` wrote."""
@@ -353,8 +340,8 @@ def run_maximize(cfg: MaximizeConfig, progress: bool = True) -> MaximizeResult:
         ) from e
     ks = select_concepts(cfg, model.spec.concepts)
     try:
-        store = Store.open(_store_path(Path(cfg.run), run_cfg, cfg.store))
-    except StoreError as e:
+        store = Store.open(run_store_path(Path(cfg.run), run_cfg, cfg.store))
+    except (StoreError, BackboneError) as e:
         raise MaximizeError(str(e)) from e
     try:
         targets = load_targets(model, run_cfg, store, cfg.weights, device, cfg.dtype)

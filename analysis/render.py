@@ -32,12 +32,17 @@ FIGURES = ("r2_matrix", "firing_entropy", "cofire_proportion", "cofire_vs_import
 """REPORT/figures/<name>.png shown on the index page."""
 
 
+def file_key(key: str) -> str:
+    """A backbone key as part of a file name (characters outside [A-Za-z0-9._-] as _)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key)
+
+
 def thumb_file(k: int, n: int, key: str | None = None) -> str:
     """Path, relative to the report, of concept k's n-th top image thumbnail: the photo
     (``key`` None) or backbone ``key``'s token map over it."""
     if key is None:
         return f"thumbs/{k}/{n}.jpg"
-    return f"thumbs/{k}/{n}_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.jpg"
+    return f"thumbs/{k}/{n}_{file_key(key)}.jpg"
 
 
 def page_concepts(m: dict) -> list[int]:
@@ -68,10 +73,10 @@ def render_report(report: str | Path, maximize: str | Path | None = None) -> Pat
         nav = (pages[n - 1] if n else None, pages[n + 1] if n + 1 < len(pages) else None)
         tops = m["top_images"].get(str(k), [])
         body = _concept_body(k, keys, df.iloc[k], tops, maxi.get(k), nav, out, m.get("photos"))
-        atomic_write(out / "concepts" / f"{k}.html", _page(f"concept {k}", body))
+        atomic_write(out / "concepts" / f"{k}.html", html_page(f"concept {k}", body))
     index = out / "index.html"
     atomic_write(
-        index, _page("usae report", _index_body(keys, df, m, set(pages), out), script=True)
+        index, html_page("usae report", _index_body(keys, df, m, set(pages), out), script=True)
     )
     return index
 
@@ -96,7 +101,7 @@ def _asset(name: str) -> str:
     return resources.files("usae.analysis").joinpath(name).read_text(encoding="utf-8")
 
 
-def _page(title: str, body: str, script: bool = False) -> str:
+def html_page(title: str, body: str, script: bool = False) -> str:
     js = f"<script>\n{_asset('report.js')}\n</script>" if script else ""
     return (
         f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -106,7 +111,7 @@ def _page(title: str, body: str, script: bool = False) -> str:
     )
 
 
-def _td(v: Any, fmt: str = "{:.3f}", link: str | None = None) -> str:
+def table_cell(v: Any, fmt: str = "{:.3f}", link: str | None = None) -> str:
     """A table cell with its sort key in data-v (empty when missing)."""
     if v is None or (isinstance(v, float | np.floating) and not np.isfinite(v)):
         return '<td data-v="">n/a</td>'
@@ -116,27 +121,31 @@ def _td(v: Any, fmt: str = "{:.3f}", link: str | None = None) -> str:
     return f'<td data-v="{v}">{text}</td>'
 
 
-def _card(value: str, label: str) -> str:
+def summary_card(value: str, label: str) -> str:
     return f'<div class="card"><div class="v">{html.escape(value)}</div><div class="l">{html.escape(label)}</div></div>'
 
 
 def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int], out: Path) -> str:
     esc = html.escape
     fe, corr = m["firing_entropy"], m["cofire_vs_importance"]
-    cards = [_card(_fmt(m["r2_self"][k]), f"R2 {k} (self)") for k in keys]
-    cards += [_card(_fmt(m["l0"][k], 1), f"L0 {k}") for k in keys]
+    cards = [summary_card(fmt_value(m["r2_self"][k]), f"R2 {k} (self)") for k in keys]
+    cards += [summary_card(fmt_value(m["l0"][k], 1), f"L0 {k}") for k in keys]
     cards += [
-        _card(f"{m['dead']} / {m['concepts']}", "dead concepts"),
-        _card(_fmt(fe.get("mean")), "mean firing entropy"),
-        _card(_fmt(corr["all"]["r"], 2), "r(log co-fires, log energy)"),
-        _card(_fmt(corr["cofires_ge_1000"]["r"], 2), "same, >= 1000 co-fires"),
+        summary_card(f"{m['dead']} / {m['concepts']}", "dead concepts"),
+        summary_card(fmt_value(fe.get("mean")), "mean firing entropy"),
+        summary_card(fmt_value(corr["all"]["r"], 2), "r(log co-fires, log energy)"),
+        summary_card(fmt_value(corr["cofires_ge_1000"]["r"], 2), "same, >= 1000 co-fires"),
     ]
     mem = m.get("membership")
     if mem:
-        cards.append(_card(f"{mem['in_all']} / {m['concepts']}", "concepts in all backbones"))
-        cards.append(_card(str(len(mem["duplicate_pairs"])), "duplicated concepts (pairs)"))
+        cards.append(
+            summary_card(f"{mem['in_all']} / {m['concepts']}", "concepts in all backbones")
+        )
+        cards.append(summary_card(str(len(mem["duplicate_pairs"])), "duplicated concepts (pairs)"))
     for k, v in (m["baseline_matching"] or {}).items():
-        cards.append(_card(_fmt(v["all"]["share_matched"]), f"{k}: share matched at cos > 0.5"))
+        cards.append(
+            summary_card(fmt_value(v["all"]["share_matched"]), f"{k}: share matched at cos > 0.5")
+        )
     warn = "".join(f'<div class="warn">{esc(w)}</div>' for w in m["warnings"])
     if m["image_failures"]:
         items = "".join(
@@ -144,7 +153,7 @@ def _index_body(keys: Sequence[str], df: pd.DataFrame, m: dict, pages: set[int],
         )
         warn += f'<div class="warn">Top images that could not be loaded (placeholders shown):<ul>{items}</ul></div>'
     r2 = "".join(
-        f"<tr><th>{esc(k)}</th>" + "".join(_td(v) for v in m["r2"][i]) + "</tr>"
+        f"<tr><th>{esc(k)}</th>" + "".join(table_cell(v) for v in m["r2"][i]) + "</tr>"
         for i, k in enumerate(keys)
     )
     r2_table = f"<table><thead><tr><th>codes from \\ R2 of</th>{''.join(f'<th>{esc(k)}</th>' for k in keys)}</tr></thead><tbody>{r2}</tbody></table>"
@@ -176,7 +185,7 @@ def _photos_note(m: dict) -> str:
     )
 
 
-def _thumb(out: Path, rel: str, alt: str, prefix: str = "", cls: str = "") -> str:
+def thumb_img(out: Path, rel: str, alt: str, prefix: str = "", cls: str = "") -> str:
     """An <img> of a thumbnail, or a blank placeholder square when the file is missing."""
     c = f' class="{cls}"' if cls else ""
     if (out / rel).is_file():
@@ -241,16 +250,16 @@ def _gallery_card(k: int, keys: Sequence[str], row: pd.Series, m: dict, out: Pat
     if not tops:
         return f'<a class="gcard" href="concepts/{k}.html">{head}<p class="meta">no activating image</p></a>'
     photos = m.get("photos", True)
-    first = _thumb(out, thumb_file(k, 0), f"top image {tops[0]['image_id']}")
+    first = thumb_img(out, thumb_file(k, 0), f"top image {tops[0]['image_id']}")
     heats = "".join(
-        f"<figure>{_thumb(out, thumb_file(k, 0, key), f'{key} token map')}"
+        f"<figure>{thumb_img(out, thumb_file(k, 0, key), f'{key} token map')}"
         f"<figcaption>{esc(key)}</figcaption></figure>"
         for key in keys
     )
     main = f"<figure>{first}<figcaption>top image</figcaption></figure>{heats}"
     strip = (
         "".join(
-            _thumb(out, thumb_file(k, n), f"top image {t['image_id']}", cls="small")
+            thumb_img(out, thumb_file(k, n), f"top image {t['image_id']}", cls="small")
             for n, t in enumerate(tops[1:], start=1)
         )
         if photos
@@ -272,9 +281,11 @@ def _concept_thumbs(k: int, keys: Sequence[str], tops: list[dict], out: Path, ph
     for n, t in enumerate(tops):
         iid = t["image_id"]
         why = f'<div class="why">{esc(t["failure"])}</div>' if t.get("failure") else ""
-        cells = f"<td>{_thumb(out, thumb_file(k, n), f'image {iid}', '../')}</td>" if photos else ""
+        cells = (
+            f"<td>{thumb_img(out, thumb_file(k, n), f'image {iid}', '../')}</td>" if photos else ""
+        )
         cells += "".join(
-            f"<td>{_thumb(out, thumb_file(k, n, key), f'{key} token map of {iid}', '../')}</td>"
+            f"<td>{thumb_img(out, thumb_file(k, n, key), f'{key} token map of {iid}', '../')}</td>"
             for key in keys
         )
         rows.append(
@@ -295,7 +306,7 @@ def _layer_section(entry: dict | None) -> str:
     rows = "".join(
         f"<tr><th>{esc(b['key_a'])}</th><td>{esc(b['model_b'])}</td>"
         f"<td>{esc(b['key_b']) if b['key_b'] is not None else 'none shared'}</td>"
-        f"{_td(b['shared'], '{:d}')}</tr>"
+        f"{table_cell(b['shared'], '{:d}')}</tr>"
         for b in entry["best"]
     )
     table = (
@@ -326,15 +337,17 @@ def _labels_section(entry: dict | None, keys: Sequence[str], pages: set[int]) ->
     )
     rows = []
     for e in entry["per_label"]:
-        cells = f"<td>{esc(e['label'])}</td>{_td(e['n_images'], '{:d}')}"
+        cells = f"<td>{esc(e['label'])}</td>{table_cell(e['n_images'], '{:d}')}"
         for k in keys:
             r = e["models"].get(k)
             if r is None:
                 cells += '<td data-v="">n/a</td>' * (2 + len(ks))
                 continue
             c = r["best_concept"]
-            cells += _td(c, "{:d}", f"concepts/{c}.html" if c in pages else None) + _td(r["auroc"])
-            cells += "".join(_td(r["probe"][q]["balanced_accuracy"]) for q in ks)
+            cells += table_cell(
+                c, "{:d}", f"concepts/{c}.html" if c in pages else None
+            ) + table_cell(r["auroc"])
+            cells += "".join(table_cell(r["probe"][q]["balanced_accuracy"]) for q in ks)
         rows.append(f"<tr>{cells}</tr>")
     sampled = f" (a sample of the {entry['n_labelled']} labelled)" if entry["sampled"] else ""
     return f"""
@@ -370,11 +383,11 @@ def _concept_table(keys: Sequence[str], df: pd.DataFrame, pages: set[int]) -> st
     rows = []
     for r in range(len(df)):
         k = int(df["concept"].iat[r])
-        cells = _td(k, "{:d}", f"concepts/{k}.html" if k in pages else None)
+        cells = table_cell(k, "{:d}", f"concepts/{k}.html" if k in pages else None)
         members = str(df["members"].iat[r]) if has_members else ""
         if has_members:
             cells += f"<td>{html.escape(members or '-')}</td>"
-        cells += "".join(_td(_py(data[c][r]), f) for c, f in cols)
+        cells += "".join(table_cell(_py(data[c][r]), f) for c, f in cols)
         attrs = (
             " class=dead" if df["dead"].iat[r] else ""
         ) + f' data-members="{html.escape(members)}"'
@@ -410,28 +423,30 @@ def _concept_body(
     links += f'<a href="{nav[0]}.html">previous ({nav[0]})</a>' if nav[0] is not None else ""
     links += f'<a href="{nav[1]}.html">next ({nav[1]})</a>' if nav[1] is not None else ""
     stats = "".join(
-        f"<tr><th>{esc(k_)}</th>{_td(_py(row[f'fires_{k_}']), '{:d}')}{_td(_py(row[f'cfp_{k_}']))}"
-        f"{_td(_py(row[f'energy_{k_}']), '{:.4g}')}"
-        + (_td(_py(row[f"match_cosine_{k_}"])) if f"match_cosine_{k_}" in row else "")
+        f"<tr><th>{esc(k_)}</th>{table_cell(_py(row[f'fires_{k_}']), '{:d}')}{table_cell(_py(row[f'cfp_{k_}']))}"
+        f"{table_cell(_py(row[f'energy_{k_}']), '{:.4g}')}"
+        + (table_cell(_py(row[f"match_cosine_{k_}"])) if f"match_cosine_{k_}" in row else "")
         + "</tr>"
         for k_ in keys
     )
     mhead = "<th>matched cosine (independent SAE)</th>" if f"match_cosine_{keys[0]}" in row else ""
     cards = [
-        _card(_fmt(_py(row["firing_entropy"])), "firing entropy"),
-        _card(str(int(row["cofires"])), "co-fires"),
-        _card(_fmt(_py(row["cofire_iou"])), "co-fire IoU"),
-        _card(f"{_py(row['importance']):.4g}", "importance"),
-        _card(f"#{int(row['importance_rank'])}", "importance rank"),
+        summary_card(fmt_value(_py(row["firing_entropy"])), "firing entropy"),
+        summary_card(str(int(row["cofires"])), "co-fires"),
+        summary_card(fmt_value(_py(row["cofire_iou"])), "co-fire IoU"),
+        summary_card(f"{_py(row['importance']):.4g}", "importance"),
+        summary_card(f"#{int(row['importance_rank'])}", "importance rank"),
     ]
     if _label_text(row):
-        cards.insert(0, _card(_label_text(row), "manifest label (share of top images)"))
+        cards.insert(0, summary_card(_label_text(row), "manifest label (share of top images)"))
     if str(row.get("labels_top", "") or ""):
-        cards.append(_card(str(row["labels_top"]), "labels of its top images"))
+        cards.append(summary_card(str(row["labels_top"]), "labels of its top images"))
     if "members" in row:
-        cards.insert(0, _card(str(row["members"]) or "-", "lives in"))
+        cards.insert(0, summary_card(str(row["members"]) or "-", "lives in"))
         if int(row["duplicate_of"]) >= 0:
-            cards.append(_card(f"#{int(row['duplicate_of'])}", "same direction as (duplicate)"))
+            cards.append(
+                summary_card(f"#{int(row['duplicate_of'])}", "same direction as (duplicate)")
+            )
     parts = [
         f"<nav>{links}</nav><h1>Concept {k}</h1>",
         f'<div class="cards">{"".join(cards)}</div>',
@@ -481,7 +496,7 @@ def print_summary(m: dict) -> None:
     keys = m["backbones"]
     title = f"usae analyze: {m['n_images']} images ({m['images']}), {m['n_tokens']} tokens"
     tab = matrix_table(
-        title, "codes from \\ R2 of", keys, m["r2"], {"L0": [_fmt(m["l0"][k]) for k in keys]}
+        title, "codes from \\ R2 of", keys, m["r2"], {"L0": [fmt_value(m["l0"][k]) for k in keys]}
     )
     con = Console()
     con.print(tab)
@@ -490,9 +505,9 @@ def print_summary(m: dict) -> None:
     c = m["cofire_vs_importance"]
     fe = m["firing_entropy"]
     con.print(
-        f"dead {m['dead']}/{m['concepts']}; firing entropy mean {_fmt(fe.get('mean'))}, "
-        f"share > 0.9 {_fmt(fe.get('share_above_0.9'))}; co-fire vs importance r {_fmt(c['all']['r'])} "
-        f"(>= 1000 co-fires: {_fmt(c['cofires_ge_1000']['r'])})",
+        f"dead {m['dead']}/{m['concepts']}; firing entropy mean {fmt_value(fe.get('mean'))}, "
+        f"share > 0.9 {fmt_value(fe.get('share_above_0.9'))}; co-fire vs importance r {fmt_value(c['all']['r'])} "
+        f"(>= 1000 co-fires: {fmt_value(c['cofires_ge_1000']['r'])})",
         highlight=False,
     )
     mem = m.get("membership")
@@ -512,8 +527,10 @@ def print_summary(m: dict) -> None:
     lab = m.get("labels")
     if lab and lab.get("summary"):
         parts = [
-            f"{k} AUROC {_fmt(v['mean_auroc'])}, "
-            + ", ".join(f"{q}-sparse {_fmt(a)}" for q, a in v["mean_balanced_accuracy"].items())
+            f"{k} AUROC {fmt_value(v['mean_auroc'])}, "
+            + ", ".join(
+                f"{q}-sparse {fmt_value(a)}" for q, a in v["mean_balanced_accuracy"].items()
+            )
             for k, v in lab["summary"].items()
         ]
         con.print(
@@ -524,8 +541,8 @@ def print_summary(m: dict) -> None:
     if m["baseline_matching"]:
         for k, v in m["baseline_matching"].items():
             con.print(
-                f"baseline {k}: matched at cos > 0.5 {_fmt(v['all']['share_matched'])}, "
-                f"mean cosine {_fmt(v['all']['mean_cosine'])}",
+                f"baseline {k}: matched at cos > 0.5 {fmt_value(v['all']['share_matched'])}, "
+                f"mean cosine {fmt_value(v['all']['mean_cosine'])}",
                 highlight=False,
             )
     for w in m["warnings"]:
@@ -537,7 +554,7 @@ def print_summary(m: dict) -> None:
         )
 
 
-def _fmt(v: Any, nd: int = 3) -> str:
+def fmt_value(v: Any, nd: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     if isinstance(v, float):

@@ -137,7 +137,7 @@ class _Decoded(NamedTuple):
     reason: str | None  # why decoding failed
 
 
-def _decode(path: str, sizes: Sequence[int]) -> _Decoded:
+def decode_image(path: str, sizes: Sequence[int]) -> _Decoded:
     """One image file -> one resized copy per input size, or the reason it failed."""
     try:
         rgb_hw3 = load_image(path)
@@ -164,17 +164,22 @@ class _ChunkOut(NamedTuple):
     failures: list[dict]  # {image_id, path, reason}
 
 
-def _compute_chunk(
-    plan: TaskPlan,
+def compute_images(
     backbones: Sequence[Backbone],
+    groups: Sequence[Sequence[str]],
     images: Sequence[tuple[str, str, str]],
     decoded: Sequence[Future],
-    on_images: Callable[[int], None] | None,
+    *,
+    grid: tuple[int, int],
+    batch_size: int,
+    device: str | torch.device,
+    on_images: Callable[[int], None] | None = None,
 ) -> _ChunkOut:
-    """Run every backbone over one chunk's images, once per batch for all of its layers
-    (failed images stay zero and invalid)."""
-    n, t = len(images), plan.grid[0] * plan.grid[1]
-    groups = group_keys(plan, backbones)
+    """Run every backbone over the images (``decoded[j]``: a future of ``decode_image``), once
+    per batch of ``batch_size`` for all of its layers; ``groups[b]`` names backbone b's layers.
+    The patch tokens come back as float16 (n * T, d) per group, as a store holds them; failed
+    images stay zero and invalid. The one forward path of `usae extract` and `usae explain`."""
+    n, t = len(images), grid[0] * grid[1]
     tok_ntd, pre_npd = {}, {}
     for bb, keys in zip(backbones, groups, strict=True):
         for layer, k in zip(bb.layers, keys, strict=True):
@@ -184,10 +189,9 @@ def _compute_chunk(
                 pre_npd[k] = np.zeros((n, bb.spec.prefix_tokens, d), np.float16)
     valid = np.zeros(n, bool)
     failures: list[dict] = []
-    device = plan.models.device
-    for b0 in range(0, n, plan.batch_size):
+    for b0 in range(0, n, batch_size):
         idx, batch = [], []
-        for j in range(b0, min(b0 + plan.batch_size, n)):
+        for j in range(b0, min(b0 + batch_size, n)):
             d = decoded[j].result()
             if d.images is None:
                 failures.append(
@@ -203,12 +207,12 @@ def _compute_chunk(
                     x_b3hw = torch.stack([im[bb.spec.img_size] for im in batch]).to(
                         device, non_blocking=True
                     )
-                    for k, acts in zip(keys, bb.forward_layers(x_b3hw, plan.grid), strict=True):
+                    for k, acts in zip(keys, bb.forward_layers(x_b3hw, grid), strict=True):
                         tok_ntd[k][idx] = acts.patch_btd.to(torch.float16).cpu().numpy()
                         if k in pre_npd:
                             pre_npd[k][idx] = acts.prefix_bpd.to(torch.float16).cpu().numpy()
         if on_images is not None:
-            on_images(min(b0 + plan.batch_size, n) - b0)
+            on_images(min(b0 + batch_size, n) - b0)
     tokens = {k: v.reshape(n * t, -1) for k, v in tok_ntd.items()}
     return _ChunkOut(tokens, pre_npd, valid, failures)
 
@@ -246,13 +250,16 @@ def run_chunks(
     with ThreadPoolExecutor(max(1, plan.decode_threads)) as pool, ThreadPoolExecutor(1) as writer:
 
         def submit(ims):
-            return [pool.submit(_decode, f, plan.sizes) for _, f, _ in ims]
+            return [pool.submit(decode_image, f, plan.sizes) for _, f, _ in ims]
 
         pending: Future | None = None
         nxt = submit(work[0][1]) if work else []
         for w, (i, ims) in enumerate(work):
             cur, nxt = nxt, (submit(work[w + 1][1]) if w + 1 < len(work) else [])
-            out = _compute_chunk(plan, backbones, ims, cur, on_images)
+            out = compute_images(
+                backbones, group_keys(plan, backbones), ims, cur, grid=plan.grid,
+                batch_size=plan.batch_size, device=plan.models.device, on_images=on_images,
+            )  # fmt: skip
             if pending is not None:
                 pending.result()
             pending = writer.submit(

@@ -105,6 +105,7 @@ USER_ERRORS = {
         "no-run",
     ),
     "maximize": (["--run", "{tmp}/no-run", "--out", "{tmp}/mx", "--concept", "1"], "no-run"),
+    "explain": (["--run", "{tmp}/no-run", "--images", "{tmp}", "--out", "{tmp}/ex"], "no-run"),
     "compare": (["{tmp}/no-run-a", "{tmp}/no-run-b", "--out", "{tmp}/cmp"], "no-run-a"),
     "demo": (["--out", "{tmp}/d", "--backbones", "no-such-backbone", "--tiny"], "no-such-backbone"),
     "weights fetch": (["no-such-backbone"], "no-such-backbone"),
