@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -347,6 +348,7 @@ def run_explain(cfg: ExplainConfig) -> ExplainResult:
     grid = tuple(store.grid)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "thumbs", ignore_errors=True)  # a previous explain's maps would linger
     codes_w = _CodesWriter(out / "codes.parquet")
     per_image, failures, forward_s = [], [], 0.0
     chunks = [items[a : a + cfg.chunk_images] for a in range(0, len(items), cfg.chunk_images)]

@@ -485,7 +485,8 @@ def _trained(m: dict) -> str:
     t = m.get("training")
     if not t:
         return ""
-    return f"trained: recipe {t['recipe']}, mode {t['mode']}, init {t['init']}, {t['steps']} steps"
+    steps = f", {t['steps']} steps" if t.get("steps") is not None else ""
+    return f"trained: recipe {t['recipe']}, mode {t['mode']}, init {t['init']}{steps}"
 
 
 def print_summary(m: dict) -> None:

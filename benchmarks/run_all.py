@@ -28,6 +28,8 @@ BENCHMARKS = {
     "extract_layers": [],  # extract.py with 4 layers of one backbone (SCRIPTS)
     "recovery": [],  # slow: 18 trainings of 3000 steps (reused from bench_out/ when present)
     "twins": [],
+    "labels": [],
+    "explain": [],
 }
 SCRIPTS = {
     "extract_layers": (
@@ -44,7 +46,7 @@ SCRIPTS = {
             "--out",
             "benchmarks/extract_layers.json",
         ],
-    )
+    ),
 }
 
 

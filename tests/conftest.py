@@ -93,3 +93,15 @@ def shared_image_set(tmp_path_factory: pytest.TempPathFactory) -> ImageSet:
 def photo_crops():
     """The `write_photo_crops(folder, n, seed)` helper, for tests that build their own folder."""
     return write_photo_crops
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    its numbers (and timings) do not depend on the machine's core count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

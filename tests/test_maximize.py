@@ -43,12 +43,7 @@ GRID = (7, 7)
 M_CONCEPTS = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(key: str, seed: int = 0):

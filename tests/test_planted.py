@@ -11,7 +11,7 @@ from usae.trainer.synth import SynthConfig, run_synth
 from usae.trainer.train import TrainConfig, run_train
 from usae.trainer.truth import load_truth, recovery
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 # Small enough for CI (each run ~10-30 s on 2 busy cores). k equals the planted number of
 # active concepts per token: recovery needs it (k >> active: see benchmarks/planted.py).
@@ -56,14 +56,6 @@ def _train(tmp_path, name, steps, recipe="fidelity", **synth_kw):
     )
     model, _ = load_run(res.run_dir)
     return model, load_truth(store), np.array(res.metrics["r2_matrix"], dtype=float)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

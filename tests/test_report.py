@@ -248,3 +248,13 @@ def test_top_images_from_manifest_with_a_broken_one(tmp_path):
         run_analyze(
             dataclasses.replace(cfg, manifest=str(tmp_path / "missing.csv")), progress=False
         )
+
+
+def test_training_line_omits_an_unknown_step_count():
+    from usae.analysis.render import _trained
+
+    t = {"recipe": "fidelity", "mode": "paper", "init": "data"}
+    assert _trained({"training": {**t, "steps": 600}}).endswith("init data, 600 steps")
+    line = _trained({"training": {**t, "steps": None}})
+    assert "None" not in line and line.endswith("init data")
+    assert _trained({"training": None}) == ""
