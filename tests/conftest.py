@@ -105,3 +105,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def dense_inputs_and_codes(model, store, image_mask: np.ndarray):
+    """Slow, obvious: per backbone, the standardised inputs and dense codes (numpy) of every
+    token row of the selected images, all in memory (``model`` in float64 eval mode)."""
+    import torch
+
+    rows = np.repeat(image_mask, store.tokens_per_image)
+    xs, zs = [], []
+    with torch.no_grad():
+        for i, key in enumerate(model.spec.backbones):
+            a = torch.from_numpy(store.read_rows(key, 0, store.n_rows)[rows]).double()
+            x = model.standardize(i, a)
+            xs.append(x.numpy())
+            zs.append(model.dense_codes(model.encode(i, x)).numpy())
+    return xs, zs

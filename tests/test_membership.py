@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import dense_inputs_and_codes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from usae.analysis.membership import member_matrix
@@ -157,15 +158,9 @@ def dense_fit_sums(model, store, mask, tau):
     import torch
 
     model = model.double().eval()
-    rows = np.repeat(mask, store.tokens_per_image)
     n, m = model.n_models, model.spec.concepts
-    xs, zs = [], []
+    xs, zs = dense_inputs_and_codes(model, store, mask)
     with torch.no_grad():
-        for i, key in enumerate(model.spec.backbones):
-            a = torch.from_numpy(store.read_rows(key, 0, store.n_rows)[rows]).double()
-            x = model.standardize(i, a)
-            xs.append(x.numpy())
-            zs.append(model.dense_codes(model.encode(i, x)).numpy())
         dec = [model.decoder_weight(j).double().numpy() for j in range(n)]
         gain = [model.gain(j).double().numpy() for j in range(n)]
         bias = [model.bias(j).double().numpy() for j in range(n)]

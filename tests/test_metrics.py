@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from conftest import dense_inputs_and_codes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -211,13 +212,7 @@ def dense_reference(
     t = store.tokens_per_image
     rows = np.repeat(image_mask, t)
     n_models, m = model.n_models, model.spec.concepts
-    xs, zs = [], []
-    with torch.no_grad():
-        for i, key in enumerate(model.spec.backbones):
-            a = torch.from_numpy(store.read_rows(key, 0, store.n_rows)[rows]).double()
-            x = model.standardize(i, a)
-            xs.append(x.numpy())
-            zs.append(model.dense_codes(model.encode(i, x)).numpy())
+    xs, zs = dense_inputs_and_codes(model, store, image_mask)
     dec = [model.decoder_weight(j).detach().double().numpy() for j in range(n_models)]
     r2 = np.full((n_models, n_models), np.nan)
     r2c, mse = r2.copy(), r2.copy()
