@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -50,6 +50,7 @@ from usae.runtime import (
     atomic_write,
     atomic_write_json,
     check_device_name,
+    config_json,
     progress_bar,
     resolve_device,
 )
@@ -152,7 +153,7 @@ def member_sets(model: USAE, keys: Sequence[str], report: Path | None) -> tuple[
     """Each concept's member set as text ("all", "a+b", "a", "") and where it came from: the
     report's concepts.parquet, else the gain rule on the run's decoder gains alone (gain >=
     GAIN_RATIO x the concept's largest; liveness unknown), else none (a model without gains)."""
-    from usae.analysis.membership import GAIN_RATIO, member_labels
+    from usae.analysis.membership import GAIN_RATIO, member_labels, member_matrix
 
     m = model.spec.concepts
     if report is not None:
@@ -169,8 +170,9 @@ def member_sets(model: USAE, keys: Sequence[str], report: Path | None) -> tuple[
         return [""] * m, "none (the run learns no gains; pass --report for member sets)"
     with torch.no_grad():
         g_mk = torch.stack([model.gain(j).float().cpu() for j in range(model.n_models)]).numpy()
-    rel = g_mk / np.maximum(g_mk.max(0, keepdims=True), 1e-30)
-    return member_labels(rel >= GAIN_RATIO, keys), f"decoder gains (>= {GAIN_RATIO:g} x largest)"
+    every = np.ones_like(g_mk)  # no data: every concept counted as firing in every backbone
+    members = member_matrix(every, every, g_mk)
+    return member_labels(members, keys), f"decoder gains (>= {GAIN_RATIO:g} x largest)"
 
 
 # ---------------------------------------------------------------- one image
@@ -412,7 +414,7 @@ def run_explain(cfg: ExplainConfig) -> ExplainResult:
         "forward_seconds": forward_s,
         "images_per_second": len(items) / seconds if seconds > 0 else None,
         "images": per_image,
-        "config": _config_json(cfg),
+        "config": config_json(cfg),
     }
     atomic_write_json(out / "explain.json", summary, indent=1)
     _write_top_table(out / "top.parquet", per_image, keys)
@@ -422,14 +424,6 @@ def run_explain(cfg: ExplainConfig) -> ExplainResult:
             f"none of the {len(items)} images could be read (reasons in {out / 'explain.json'})"
         )
     return ExplainResult(out, len(items), len(per_image), failures, seconds, index)
-
-
-def _config_json(cfg: ExplainConfig) -> dict:
-    d = asdict(cfg)
-    return {
-        k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-        for k, v in d.items()
-    }
 
 
 def _write_top_table(path: Path, per_image: list[dict], keys: Sequence[str]) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -35,6 +35,7 @@ from usae.runtime import (
     atomic_write,
     atomic_write_json,
     check_device_name,
+    config_json,
     progress_bar,
     resolve_device,
 )
@@ -316,11 +317,6 @@ class MaximizeResult(NamedTuple):
     """index.html of the report rendered again (OUT is REPORT/maximize), else None."""
 
 
-def _config_json(cfg: MaximizeConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
-
 def run_maximize(cfg: MaximizeConfig, progress: bool = True) -> MaximizeResult:
     """Load the run, its store's backbones, and maximise every requested concept."""
     from usae.pipeline.store import Store, StoreError
@@ -355,7 +351,7 @@ def run_maximize(cfg: MaximizeConfig, progress: bool = True) -> MaximizeResult:
         print(f"warning: {note}", file=sys.stderr)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", _config_json(cfg), indent=1)
+    atomic_write_json(out / "config.json", config_json(cfg), indent=1)
     results = []
     with progress_bar(progress) as bar:
         for k in ks:

@@ -147,6 +147,15 @@ def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO
             f.write(data.encode() if isinstance(data, str) else data)
 
 
+def config_json(cfg: Any) -> dict:
+    """A config dataclass as a JSON-ready dict (paths as text): what a command saves of its settings."""
+    import dataclasses
+
+    return {
+        k: (os.fspath(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()
+    }
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:
     atomic_write(path, json.dumps(obj, indent=indent))  # dumps uses the C encoder; dump does not
 
