@@ -126,7 +126,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 def image_items(images: Path, image_root: Path | None) -> list[tuple[str, str, str]]:
     """(image_id, file to read, path as listed) of every image of a folder, manifest or file."""
-    from usae.pipeline.manifest import ManifestError, build_manifest, read_manifest, resolve_path
+    from usae.pipeline.manifest import ManifestError, build_manifest, manifest_items, read_manifest
 
     images = Path(images)
     try:
@@ -142,11 +142,7 @@ def image_items(images: Path, image_root: Path | None) -> list[tuple[str, str, s
         raise ExplainError(f"--images {images}: {e}") from None
     if len(df) == 0:
         raise ExplainError(f"--images {images}: no images")
-    root = df.attrs.get("image_root")
-    return [
-        (str(i), os.fspath(resolve_path(root, str(p))), str(p))
-        for i, p in zip(df["image_id"], df["path"], strict=True)
-    ]
+    return manifest_items(df)
 
 
 def member_sets(model: USAE, keys: Sequence[str], report: Path | None) -> tuple[list[str], str]:

@@ -33,7 +33,7 @@ from usae.pipeline.extract_task import (
     run_chunks,
 )
 from usae.pipeline.images import has_scheme
-from usae.pipeline.manifest import read_manifest, resolve_path
+from usae.pipeline.manifest import manifest_items, read_manifest
 from usae.pipeline.registry import DEFAULT_BACKBONES, join_layer_lists, layer_key, parse_backbone
 from usae.pipeline.store import BackboneLayout, Store
 
@@ -141,11 +141,7 @@ class _Prepared(NamedTuple):
 
 def _manifest_items(cfg: ExtractConfig):
     df = read_manifest(cfg.manifest, cfg.image_root)
-    root = df.attrs["image_root"]
-    items = [
-        (str(i), os.fspath(resolve_path(root, p)), str(p))
-        for i, p in zip(df["image_id"], df["path"], strict=True)
-    ]
+    items = manifest_items(df)
     split = list(df["split"]) if "split" in df.columns else None
     labels = None
     if "label" in df.columns:  # a missing label (NaN/None) is stored as ""

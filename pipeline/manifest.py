@@ -83,6 +83,16 @@ def resolve_path(root: str | os.PathLike | None, rel: str) -> str | Path:
     return Path(root) / p
 
 
+def manifest_items(df: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(image_id, file to read, path as listed) of every row of a manifest table, paths
+    resolved against its ``attrs["image_root"]`` (`read_manifest`, `build_manifest`)."""
+    root = df.attrs.get("image_root")
+    return [
+        (str(i), os.fspath(resolve_path(root, str(p))), str(p))
+        for i, p in zip(df["image_id"], df["path"], strict=True)
+    ]
+
+
 def open_path(resolved: str | os.PathLike):
     """Binary file object for a resolved path: through fsspec for URLs, ``open`` otherwise."""
     if has_scheme(resolved):
