@@ -48,6 +48,27 @@ def run_store_path(run: Path, run_cfg: dict, override: Path | None) -> Path:
     raise BackboneError(f"the run's store {rec} was not found (moved?); pass --store PATH")
 
 
+def open_run(run: Path, store: Path | None, device: str):
+    """(model, run config, store) of a run directory and its store (``store``, else the one the
+    run records); every problem as a BackboneError with the reason."""
+    from usae.pipeline.store import Store, StoreError
+    from usae.trainer.checkpoint import CheckpointError
+    from usae.trainer.model import load_run
+
+    try:
+        model, run_cfg = load_run(run, device=device)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise BackboneError(str(e)) from e
+    except (KeyError, ValueError) as e:  # config.json unreadable or incomplete
+        raise BackboneError(
+            f"{run}/config.json is not a usae run config ({type(e).__name__}: {e})"
+        ) from e
+    try:
+        return model, run_cfg, Store.open(run_store_path(Path(run), run_cfg, store))
+    except StoreError as e:
+        raise BackboneError(str(e)) from e
+
+
 def parse_weights(items: Sequence[str]) -> dict[str, Path]:
     """KEY=FILE pairs -> {key: path} (`usae.pipeline.weights.parse_weight_files`'s rules)."""
     from usae.pipeline.weights import parse_weight_files

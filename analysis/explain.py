@@ -40,7 +40,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-from usae.analysis.backbones import BackboneError, load_targets, run_store_path
+from usae.analysis.backbones import BackboneError, load_targets, open_run
 from usae.trainer.evaluate import encode_batch, prepare_model
 from usae.trainer.model import USAE
 
@@ -300,34 +300,16 @@ class _CodesWriter:
 
 
 # ---------------------------------------------------------------- run
-def _open(cfg: ExplainConfig):
-    """(model, run config, store) of the run, errors as ExplainError."""
-    from usae.pipeline.store import Store, StoreError
-    from usae.trainer.checkpoint import CheckpointError
-    from usae.trainer.model import load_run
-
-    try:
-        model, run_cfg = load_run(cfg.run, device=cfg.device)
-    except (FileNotFoundError, CheckpointError) as e:
-        raise ExplainError(str(e)) from e
-    except (KeyError, ValueError) as e:
-        raise ExplainError(
-            f"{cfg.run}/config.json is not a usae run config ({type(e).__name__}: {e})"
-        ) from e
-    try:
-        store = Store.open(run_store_path(Path(cfg.run), run_cfg, cfg.store))
-    except (StoreError, BackboneError) as e:
-        raise ExplainError(f"{e} (explain reads the backbones' record from the run's store)") from e
-    return model, run_cfg, store
-
-
 def run_explain(cfg: ExplainConfig) -> ExplainResult:
     """Run the run's backbones over the images, encode them, write OUT/ (module docstring)."""
     from usae.pipeline.extract_task import compute_images, decode_image
 
     t0 = time.perf_counter()
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))
-    model, run_cfg, store = _open(cfg)
+    try:
+        model, run_cfg, store = open_run(cfg.run, cfg.store, cfg.device)
+    except BackboneError as e:
+        raise ExplainError(str(e)) from e
     items = image_items(cfg.images, cfg.image_root)
     keys = list(model.spec.backbones)
     try:

@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from usae.analysis.backbones import BackboneError, Target, load_targets, run_store_path
+from usae.analysis.backbones import BackboneError, Target, load_targets, open_run
 from usae.analysis.objective import Final, Maximizer
 from usae.analysis.render import render_report
 from usae.trainer.model import USAE
@@ -319,26 +319,14 @@ class MaximizeResult(NamedTuple):
 
 def run_maximize(cfg: MaximizeConfig, progress: bool = True) -> MaximizeResult:
     """Load the run, its store's backbones, and maximise every requested concept."""
-    from usae.pipeline.store import Store, StoreError
-    from usae.trainer.checkpoint import CheckpointError
-    from usae.trainer.model import load_run
-
     cfg = replace(cfg, device=str(resolve_device(cfg.device)))
     device = cfg.device
     torch.manual_seed(cfg.seed)
     try:
-        model, run_cfg = load_run(cfg.run, device=device)
-    except (FileNotFoundError, CheckpointError) as e:
+        model, run_cfg, store = open_run(cfg.run, cfg.store, device)
+    except BackboneError as e:
         raise MaximizeError(str(e)) from e
-    except (KeyError, ValueError) as e:  # config.json unreadable or incomplete
-        raise MaximizeError(
-            f"{cfg.run}/config.json is not a usae run config ({type(e).__name__}: {e})"
-        ) from e
     ks = select_concepts(cfg, model.spec.concepts)
-    try:
-        store = Store.open(run_store_path(Path(cfg.run), run_cfg, cfg.store))
-    except (StoreError, BackboneError) as e:
-        raise MaximizeError(str(e)) from e
     try:
         targets = load_targets(model, run_cfg, store, cfg.weights, device, cfg.dtype)
     except BackboneError as e:
