@@ -1,8 +1,26 @@
 """Per-concept, per-model statistics -> the set of models each learned concept lives in.
 
-Pure numpy. Two rules (``MEMBER_RULES``; `usae analyze --member-rule`):
+Pure numpy. Three rules (``MEMBER_RULES``; `usae analyze --member-rule`):
 
-``fit`` (opt-in, `--member-rule fit`): concept k lives in model i when model i's activations need it, tested
+``need`` (the default, ``DEFAULT_RULE``): concept k lives in model i when model i's
+reconstruction needs it, measured on model i alone: over the (held-out) tokens where k fires,
+from every source model that decodes into i, the share of i's activation along k's unit decoder
+direction that k's contribution explains (``metrics.FitStats.need_mm``: the loss that taking k
+away adds, over the loss along its direction without it; 1 when the contribution is exactly
+what the data has there, <= 0 when it explains nothing or moves the reconstruction away from
+the data). k is a member where that share is >= ``NEED_SHARE``, or >= ``NEED_RELATIVE`` x its
+share in the model that needs it most. The statistic is a share, so it does not depend on k's
+strength in model i relative to the others (a weak member's contribution still explains its
+own direction), nor on the model's scale: on planted truth members read 0.9-1.0 and absent
+models <= 0.15 whatever the gains, offsets and Zipf exponent, which is why the two constants
+matter little there (benchmarks/membership.py). It reads no centred correlation, the statistic
+the ``fit`` rule fails on with real features (below): on a real-feature concept the code's
+level (fires or not) carries the signal, which centring on the firing tokens removes. A live
+concept no model needs (share <= 0 everywhere: its contribution does not help any model's
+held-out reconstruction; 13-22% of the live concepts of the tiny real-feature twins) takes the
+``gain`` rule's member set, and is counted in metrics.json (``needed_nowhere``).
+
+``fit`` (`--member-rule fit`): concept k lives in model i when model i's activations need it, tested
 on model i alone: over the tokens where k fires (codes z > tau, from every source model that
 decodes into i), the correlation between z and e, model i's activation along k's unit decoder
 direction once every other concept and the decoder bias are taken away (the residual with k
@@ -21,12 +39,11 @@ whatever k's strength in model i relative to the others. The test is per model, 
 ratio between models and no constant tied to the range of strengths a dataset happens to have.
 The statistics are ``metrics.fit_stats`` of the analysis pass's fit sums (``Sums.fit_6mmm``).
 
-The fit rule is right on planted stores but fails on real features: with many co-active
-concepts on decoder rows that are not orthogonal, the other concepts' spill-over dominates e,
-and most live concepts of a real-feature twin store fall below ``FIT_CORR`` in both twins
-(docs/recipes.md). So ``gain`` is the default.
+The fit rule is right on planted stores but fails on real features: most live concepts of a
+real-feature twin store fall below ``FIT_CORR`` in both twins and so live nowhere
+(docs/recipes.md).
 
-``gain`` (the default; calibrated on planted truth, `usae synth --groups ...`,
+``gain`` (the rule before ``need``; calibrated on planted truth, `usae synth --groups ...`,
 benchmarks/recovery.py): a concept lives in model i when model i's share of it, relative to
 the model where it is strongest, passes a threshold:
 
@@ -67,8 +84,47 @@ FIT_ALPHA = 0.05
 """Fit rule: ... and significant at family-wise error FIT_ALPHA over the M x m tests (Bonferroni)."""
 FIT_GAIN_SLACK = 2.0
 """Fit rule, models with gains: ... and the data's slope is <= FIT_GAIN_SLACK x the learned gain."""
-MEMBER_RULES = ("fit", "gain")
-"""``fit``: the per-model fit test (opt-in); ``gain``: the gain (or energy) ratio rule (default)."""
+NEED_SHARE = 0.5
+"""Need rule: member where k's contribution explains >= this share of the activation along its
+direction on its tokens (``metrics.FitStats.need_mm``) ..."""
+NEED_RELATIVE = 0.25
+"""... or >= this fraction of its need in the model that needs it most. Both chosen on planted
+m3, m3hard, h3ext, h5hard, h8hard (any share in 0.2-0.5 and fraction in 0.25-0.5 gave the same
+member sets there) and on the tiny real-feature twins (fraction 0.25: 94% of the live concepts
+of an affine twin members of both, 0.5: 90%); then scored once on the held-out stores of
+benchmarks/membership.py."""
+DEFAULT_RULE = "need"
+"""The member rule of `usae analyze` and `usae compare` unless told otherwise."""
+MEMBER_RULES = ("need", "fit", "gain")
+"""``need``: the reconstruction-need test; ``fit``: the per-model fit test; ``gain``: the gain
+(or energy) ratio rule."""
+
+
+def need_members(
+    need_mk: np.ndarray,
+    fires_mk: np.ndarray,
+    fallback_mk: np.ndarray,
+    *,
+    share: float = NEED_SHARE,
+    relative: float = NEED_RELATIVE,
+) -> np.ndarray:
+    """(M, m) bool member matrix of the need rule (module docstring).
+
+    need_mk: (M, m) reconstruction need (NaN: no codes read, counted as 0);
+    fires_mk: (M, m) fire counts (a concept that never fires lives nowhere);
+    fallback_mk: (M, m) the member sets used for a concept no model needs (need <= 0 in all).
+    """
+    need = np.nan_to_num(np.asarray(need_mk, np.float64), nan=0.0)
+    fires = np.asarray(fires_mk, np.float64)
+    fallback = np.asarray(fallback_mk, bool)
+    if not (need.shape == fires.shape == fallback.shape) or need.ndim != 2:
+        raise ValueError(
+            f"need {need.shape}, fires {fires.shape}, fallback {fallback.shape} must all be (M, m)"
+        )
+    best = need.max(0, keepdims=True)
+    needed = best > 0
+    ok = (need >= share) | (need >= relative * best)
+    return np.where(needed, ok, fallback) & (fires.max(0) > 0)[None, :]
 
 
 def fit_members(
@@ -116,6 +172,10 @@ def members_of(rule: str, t, gain_mk: np.ndarray | None = None) -> np.ndarray:
     """(M, m) member matrix of a concept table (`usae.analysis.metrics.ConceptTable`) by rule
     ``fit`` (needs the table's fit statistics; with gains, the slope check too) or ``gain``
     (gains when given, else energies). Pass ``gain_mk`` only for a model that learns gains."""
+    if rule == "need":
+        if t.fit_need_mm is None:
+            raise ValueError("the need rule needs the pass's fit sums (stream_sums(..., fit=True))")
+        return need_members(t.fit_need_mm, t.fires_mm, member_matrix(t.fires_mm, t.energy_mm, gain_mk))
     if rule == "fit":
         if t.fit_corr_mm is None:
             raise ValueError("the fit rule needs the pass's fit sums (stream_sums(..., fit=True))")
@@ -267,9 +327,19 @@ class Sharing(NamedTuple):
     """(m,) the concept learned as the same direction but firing from other backbones (-1: none)."""
     pairs: np.ndarray
     """(n, 2) the duplicate pairs."""
+    needed_nowhere_m: np.ndarray
+    """(m,) bool: live, and no model's reconstruction needs it (need rule only: its member set is
+    the gain rule's)."""
 
 
-def sharing(model, keys, t, gains: np.ndarray, rule: str = "gain") -> Sharing:
+def needed_nowhere(t) -> np.ndarray:
+    """(m,) live concepts whose reconstruction need is <= 0 (or unread) in every model."""
+    if t.fit_need_mm is None:
+        return np.zeros(t.fires_mm.shape[1], bool)
+    return (np.nan_to_num(t.fit_need_mm, nan=0.0).max(0) <= 0) & (t.fires_mm.max(0) > 0)
+
+
+def sharing(model, keys, t, gains: np.ndarray, rule: str = DEFAULT_RULE) -> Sharing:
     """A trained USAE and its concept table (`usae.analysis.metrics.ConceptTable`) -> member
     sets by ``rule`` (``members_of``: the fit test, or the decoder gains of models that learn
     them, else the energies), and the concepts learned twice (same decoder direction, firing
@@ -288,7 +358,8 @@ def sharing(model, keys, t, gains: np.ndarray, rule: str = "gain") -> Sharing:
     for a, b in pairs:
         dup[a] = b if dup[a] < 0 else dup[a]
         dup[b] = a if dup[b] < 0 else dup[b]
-    return Sharing(members, member_labels(members, keys), dup, pairs)
+    nowhere = needed_nowhere(t) if rule == "need" else np.zeros(members.shape[1], bool)
+    return Sharing(members, member_labels(members, keys), dup, pairs, nowhere)
 
 
 def membership_summary(sh: Sharing, rule: str) -> dict:
@@ -302,4 +373,5 @@ def membership_summary(sh: Sharing, rule: str) -> dict:
         "by_set": dict(sorted(labels.items(), key=lambda kv: -kv[1])),
         "in_all": int(sum(lab == "all" for lab in sh.labels)),
         "duplicate_pairs": sh.pairs.tolist(),
+        "needed_nowhere": int(sh.needed_nowhere_m.sum()),
     }

@@ -409,6 +409,9 @@ class ConceptTable(NamedTuple):
     """(M, m) degrees of freedom of fit_corr_mm (``FitStats.dof_mm``)."""
     fit_slope_mm: np.ndarray | None = None
     """(M, m) within-source slope of that activation on the code (``FitStats.slope_mm``)."""
+    fit_need_mm: np.ndarray | None = None
+    """(M, m) reconstruction need of k in backbone i (``FitStats.need_mm``): the share of i's
+    activation along k's direction, on k's tokens, that k's contribution explains."""
 
 
 class FitStats(NamedTuple):
@@ -424,10 +427,17 @@ class FitStats(NamedTuple):
     """(M, m) least-squares amplitude through 0, sum z e / sum z^2 (NaN: no codes)."""
     slope_mm: np.ndarray
     """(M, m) within-source least-squares slope of e on z, cov / var_z (NaN where corr is)."""
+    need_mm: np.ndarray
+    """(M, m) reconstruction need: the share of the activation along k's direction, over the
+    tokens where k fires, that k's contribution explains, 1 - sum (e - g z)^2 / sum e^2 =
+    (2 g sum z e - g^2 sum z^2) / sum e^2: the loss that taking k away from the reconstruction
+    adds, over the loss along its direction without k (<= 1; < 0 where k's contribution moves
+    the reconstruction away from the data; NaN: no codes)."""
 
 
-def fit_stats(fit_6mmm: np.ndarray) -> FitStats:
-    """(6, M, M, m) fit sums -> the member test's statistics per target backbone and concept.
+def fit_stats(fit_6mmm: np.ndarray, gain_mm: np.ndarray | None = None) -> FitStats:
+    """(6, M, M, m) fit sums -> the member test's statistics per target backbone and concept
+    (``gain_mm``: the (M, m) decoder gains the sums were taken with; ones without gains).
 
     The correlation is taken within sources (each source's codes and projections centred on
     their own means, then pooled): codes of k from different sources may differ in level, and
@@ -445,7 +455,10 @@ def fit_stats(fit_6mmm: np.ndarray) -> FitStats:
         corr = np.where(ok, cov / np.sqrt(np.where(ok, var_z * var_e, 1.0)), np.nan)
         beta = np.where(szz_t > 0, sze.sum(0) / np.where(szz_t > 0, szz_t, 1.0), np.nan)
         slope = np.where(ok, cov / np.where(ok, var_z, 1.0), np.nan)
-    return FitStats(n_t, np.clip(corr, -1.0, 1.0), np.maximum(dof, 0), beta, slope)
+        g = np.ones_like(szz_t) if gain_mm is None else np.asarray(gain_mm, np.float64)
+        has = see_t > 0
+        need = np.where(has, (2 * g * sze.sum(0) - g * g * szz_t) / np.where(has, see_t, 1.0), np.nan)
+    return FitStats(n_t, np.clip(corr, -1.0, 1.0), np.maximum(dof, 0), beta, slope, need)
 
 
 def concept_table(s: Sums, decoder_norms_mm: np.ndarray | None = None) -> ConceptTable:
@@ -454,7 +467,7 @@ def concept_table(s: Sums, decoder_norms_mm: np.ndarray | None = None) -> Concep
     norms = np.ones((n_models, m)) if decoder_norms_mm is None else decoder_norms_mm
     energy = np.abs(s.sum_z_mm / max(s.n_tokens, 1)) * norms
     total = s.fires_mm.sum(0)
-    fit = None if s.fit_6mmm is None else fit_stats(s.fit_6mmm)
+    fit = None if s.fit_6mmm is None else fit_stats(s.fit_6mmm, decoder_norms_mm)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = s.fires_mm / total
         plogp = np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
@@ -477,6 +490,7 @@ def concept_table(s: Sums, decoder_norms_mm: np.ndarray | None = None) -> Concep
         fit_beta_mm=None if fit is None else fit.beta_mm,
         fit_dof_mm=None if fit is None else fit.dof_mm,
         fit_slope_mm=None if fit is None else fit.slope_mm,
+        fit_need_mm=None if fit is None else fit.need_mm,
     )
 
 

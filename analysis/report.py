@@ -56,7 +56,7 @@ from usae.runtime import (
 ImageChoice = Literal["auto", "holdout", "train", "all"]
 AnalyzeDtype = Literal["auto", "fp32", "bf16", "fp64"]
 LayerChoice = Literal["auto", "on", "off"]
-MemberRule = Literal["fit", "gain"]
+MemberRule = Literal["need", "fit", "gain"]
 
 
 class AnalyzeError(UsaeError, RuntimeError):
@@ -120,7 +120,7 @@ class AnalyzeConfig:
     """Labels: at most N labelled images probed (a stable hash sample); memory ~ N x distinct concepts per image x 8 bytes per backbone."""
     probe_labels: int = 50
     """Labels: the N most frequent labels are probed."""
-    member_rule: MemberRule = "gain"
+    member_rule: MemberRule = "need"
     """Which backbones a concept lives in: gain (decoder gain >= 0.25 x the concept's largest; energies without gains) or fit (backbone i's activations follow the concept's code along its direction, tested per backbone; right on planted data, not yet on real-feature twins)."""
 
     def __post_init__(self) -> None:
@@ -328,7 +328,7 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     metrics["photos"] = paths is not None
     rule = cfg.member_rule
     metrics["membership"] = membership.membership_summary(
-        shared, rule if rule == "fit" or inp.model.spec.gains else "energy"
+        shared, rule if rule != "gain" or inp.model.spec.gains else "energy"
     )
     metrics["labels"] = None
     if labels is not None:
@@ -419,6 +419,7 @@ def concept_frame(
             cols[f"fit_beta_{k}"] = t.fit_beta_mm[i]
             cols[f"fit_slope_{k}"] = t.fit_slope_mm[i]
             cols[f"fit_n_{k}"] = t.fit_n_mm[i].astype(np.int64)
+            cols[f"need_{k}"] = t.fit_need_mm[i]
         if base is not None:
             cols[f"match_cosine_{k}"] = base["cosine"][k]
             cols[f"match_partner_{k}"] = base["partner"][k]

@@ -58,6 +58,11 @@ HELD = {
                    seed=53, tokens=120_000, **HARD),
     "h8plain": dict(models=8, dims=(120, 96, 144, 112, 160, 128, 104, 136),
                     groups="all:24,0+1+2:8,3+4:8,5+6+7:8,1+5:8,only:6", seed=57),
+    "h5hard2": dict(models=5, dims=(200, 136, 176, 120, 240), groups="all:26,0+2:10,1+3+4:10,0+1:8,only:8",
+                    seed=61, gain=(0.2, 2.5), channel_offset=0.5, zipf=1.4, noise=0.08),
+    "h8hard2": dict(models=8, dims=(112, 144, 96, 128, 152, 100, 136, 120),
+                    groups="all:18,0+1:8,2+3+4:8,5+6:8,1+7:8,0+3+5+7:8,only:6", seed=63,
+                    gain=(0.25, 4.0), channel_offset=1.0, zipf=1.2),
 }  # fmt: skip
 STEPS = {"h3ext": 5000, "h3ext2": 5000}
 """Steps of 1024 tokens per store (default 3000, recovery.py's)."""
@@ -67,6 +72,8 @@ SEEN = ("h3ext", "h8hard", "h5hard")
 members of h8hard at r = 0.40; the gain check after an absent direction of h5hard at r = 0.35,
 gain 0.03): reported as "seen", not as held out."""
 R.STORES.update(HELD)
+RULES = ("need", "fit", "gain")
+"""The member rules scored side by side (`usae.analysis.membership.MEMBER_RULES`)."""
 
 
 def train(store: str, root: Path, recipe: str) -> tuple[Path, Path, float]:
@@ -128,6 +135,7 @@ def evaluate(store_path: Path, run: Path) -> dict:
     mem = truth.members[c].T
     corr = np.nan_to_num(table.fit_corr_mm[:, rec.match_c[c]], nan=-1.0)  # -1: untestable
     ratio = (gains / gains.max(0, keepdims=True))[:, rec.match_c[c]]
+    need = np.nan_to_num(table.fit_need_mm[:, rec.match_c[c]], nan=0.0)
     out = {
         "models": model.n_models,
         "recovered": int(len(c)),
@@ -140,8 +148,10 @@ def evaluate(store_path: Path, run: Path) -> dict:
         "absent_corr_max": float(corr[~mem].max()) if (~mem).any() else math.nan,
         "member_gain_ratio_min": float(ratio[mem].min()) if mem.any() else math.nan,
         "absent_gain_ratio_max": float(ratio[~mem].max()) if (~mem).any() else math.nan,
+        "member_need_p1": float(np.percentile(need[mem], 1)) if mem.any() else math.nan,
+        "absent_need_max": float(need[~mem].max()) if (~mem).any() else math.nan,
     }
-    for rule in ("gain", "fit"):
+    for rule in RULES:
         out[rule] = score(members_of(rule, table, gains if model.spec.gains else None), truth, rec)
     return out
 
@@ -165,8 +175,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     head = (f"{'store':8} {'set':5} {'M':>2} {'recov':>7} {'univ':>6} {'subset':>6} {'spec':>6} | "
-            f"{'gain ok':>7} {'miss':>6} {'extra':>6} | {'fit ok':>7} {'miss':>6} {'extra':>6} | "
-            f"{'r mem':>6} {'r abs':>6} {'g mem':>6} {'g abs':>6} {'nofire':>6} {'cost':>5}")  # fmt: skip
+            + " | ".join(f"{r + ' ok':>7} {'miss':>6} {'extra':>6}" for r in RULES)
+            + f" | {'n mem':>6} {'n abs':>6} {'r mem':>6} {'r abs':>6} {'g mem':>6} {'g abs':>6} {'nofire':>6} {'cost':>5}")  # fmt: skip
     print(head)
     for s in a.stores.split(","):
         path, run, wall = train(s, root, a.recipe)
@@ -176,11 +186,11 @@ def main() -> None:
         r = {"store": s, "set": "calib" if s in CALIBRATION else "seen" if s in SEEN else "held", "recipe": a.recipe,
              "steps": STEPS.get(s, 3000), "train_s": wall, "synth": R.STORES[s], **evaluate(path, run)}  # fmt: skip
         rows.append(r)
-        g, f = r["gain"], r["fit"]
+        rules = " | ".join(f"{_f(r[x]['exact']):>7} {_f(r[x]['missed'])} {_f(r[x]['extra'])}" for x in RULES)
         print(f"{s:8} {r['set']:5} {r['models']:2d} {r['recovered']:3d}/{r['planted']:<3d} {_f(r['universal'])} "
-              f"{_f(r['subset'])} {_f(r['specific'])} | {_f(g['exact']):>7} {_f(g['missed'])} {_f(g['extra'])} | "
-              f"{_f(f['exact']):>7} {_f(f['missed'])} {_f(f['extra'])} | {_f(r['member_corr_min'])} "
-              f"{_f(r['absent_corr_max'])} {_f(r['member_gain_ratio_min'])} {_f(r['absent_gain_ratio_max'])} {r['never_fire']:6d} {r['fit_cost_ratio']:5.2f}", flush=True)  # fmt: skip
+              f"{_f(r['subset'])} {_f(r['specific'])} | {rules} | {_f(r['member_need_p1'])} {_f(r['absent_need_max'])} "
+              f"{_f(r['member_corr_min'])} {_f(r['absent_corr_max'])} {_f(r['member_gain_ratio_min'])} "
+              f"{_f(r['absent_gain_ratio_max'])} {r['never_fire']:6d} {r['fit_cost_ratio']:5.2f}", flush=True)  # fmt: skip
         Path(a.out).write_text(
             json.dumps({"common": R.COMMON, "rows": rows}, indent=1, default=float)
         )

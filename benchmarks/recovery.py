@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from usae.analysis import metrics as mx
-from usae.analysis.membership import members_of, twin_agreement
+from usae.analysis.membership import DEFAULT_RULE, members_of, twin_agreement
 from usae.pipeline.store import BackboneLayout, Store
 from usae.trainer.model import load_run
 from usae.trainer.synth import SynthConfig, run_synth
@@ -116,7 +116,7 @@ def evaluate(run: Path, store: Path, twins: bool) -> dict:
     off = r2[~np.eye(len(keys), dtype=bool)]
     out = {"self_r2": float(np.nanmean(np.diag(r2))), "cross_r2": float(np.nanmean(off)) if off.size else math.nan,
            "dead": float((sums.fires_mm.sum(0) == 0).mean())}  # fmt: skip
-    members = members_of("fit", table, gains)  # the analysis's default rule
+    members = members_of(DEFAULT_RULE, table, gains)  # the analysis's default rule
     if twins:
         with torch.no_grad():
             dec = [model.decoder_weight(j).double().numpy() for j in (0, 1)]

@@ -201,6 +201,69 @@ def test_fit_sums_equal_dense_reference(tmp_path, independent, batch):
     )
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_need_is_the_loss_change_without_the_concept(tmp_path, seed):
+    """Reconstruction need against the slow, obvious computation: per target backbone and
+    concept, the full-vector squared error of every reconstruction (each source whose codes
+    decode into it) with the concept's contribution taken away, less the error with it, over
+    the loss along the concept's unit direction without it, on the tokens where it fires."""
+    import torch
+    from usae.analysis import metrics as mx
+    from usae.trainer.model import load_run
+
+    store, run = _random_gain_run(tmp_path, seed=seed)
+    mask = np.arange(store.n_images) % 3 != 1
+    model, _ = load_run(run)
+    s = mx.stream_sums(model, store, list(model.spec.backbones), mask, tau=0.1, dtype=torch.float64)
+    with torch.no_grad():
+        gains = np.stack([model.gain(j).double().numpy() for j in range(model.n_models)])
+    got = mx.concept_table(s, gains).fit_need_mm
+    model = load_run(run)[0].double().eval()
+    xs, zs = dense_inputs_and_codes(model, store, mask)
+    n, m = model.n_models, model.spec.concepts
+    want = np.full((n, m), np.nan)
+    with torch.no_grad():
+        dec = [model.decoder_weight(j).double().numpy() for j in range(n)]
+        bias = [model.bias(j).double().numpy() for j in range(n)]
+    for j in range(n):
+        for c in range(m):
+            added = along = 0.0
+            for i in range(n):
+                on = zs[i][:, c] > 0.1
+                r = xs[j][on] - zs[i][on] @ dec[j] - bias[j]  # with the concept
+                r_without = r + np.outer(zs[i][on, c], dec[j][c])
+                added += (r_without**2).sum() - (r**2).sum()
+                along += ((r_without @ (dec[j][c] / np.linalg.norm(dec[j][c]))) ** 2).sum()
+            if along > 0:
+                want[j, c] = added / along
+    assert np.isfinite(want).sum() > 10 and (want > 0).any() and (want < 0).any()
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9, equal_nan=True)
+
+
+def test_need_rule():
+    from usae.analysis.membership import need_members
+
+    need = np.array([
+        [0.9, 0.6, 0.2, -0.5, np.nan, 0.9],
+        [0.1, 0.3, 0.11, -0.2, 0.05, 0.9],
+        [0.6, 0.1, np.nan, -0.1, -1.0, 0.9],
+    ])  # fmt: skip
+    fires = np.ones((3, 6))
+    fires[:, 5] = 0  # dead: lives nowhere
+    fallback = np.zeros((3, 6), bool)
+    fallback[1, 3] = True  # needed nowhere: the fallback decides
+    want = [[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0]]
+    # col 0: 0.9 and 0.6 >= 0.5; col 1: 0.3 >= 0.5 x 0.6; col 2: 0.11 >= 0.1, NaN is 0;
+    # col 4: only model 1 needs it
+    np.testing.assert_array_equal(need_members(need, fires, fallback), want)
+    np.testing.assert_array_equal(
+        need_members(need, fires, fallback, share=0.95, relative=0.99)[:, :3],
+        [[1, 1, 1], [0, 0, 0], [0, 0, 0]],
+    )
+    with pytest.raises(ValueError):
+        need_members(need[:, :3], fires, fallback)
+
+
 def slow_fit_stats(groups):
     """groups[i] = (z, e) arrays of one source: centred per source, pooled, correlated."""
     zc = np.concatenate([z - z.mean() for z, _ in groups if len(z)])
@@ -309,6 +372,7 @@ def test_fit_rule_right_where_the_gain_rule_is_fooled(tmp_path):
                       groups="all:8,0+1:4,1+2:4,only:4", tokens=6000, tokens_per_image=16,
                       active=2.0, noise=0.05, seed=3, gain=(0.15, 3.0), save_codes=False)  # fmt: skip
     run_synth(cfg, progress=False)
+    torch.manual_seed(0)  # the absent rows' random directions
     store, run, truth = _gain_oracle(tmp_path, cfg.store)
     model, _ = load_run(run)
     s = mx.stream_sums(model, store, list(model.spec.backbones), store.valid, dtype=torch.float64)
@@ -322,13 +386,15 @@ def test_fit_rule_right_where_the_gain_rule_is_fooled(tmp_path):
     assert (gain & ~want).any() and (~gain & want).any()  # in both directions
     np.testing.assert_array_equal(fit, want)
     assert np.nan_to_num(t.fit_corr_mm[~want]).max() < 0.3  # absent: no link, gain 1 or not
+    np.testing.assert_array_equal(members_of("need", t, gains), want)
+    assert np.nan_to_num(t.fit_need_mm[~want]).max() < 0  # an absent row at gain 1 only adds error
 
 
-@pytest.mark.parametrize("rule", ["fit", "gain"])
+@pytest.mark.parametrize("rule", ["need", "fit", "gain"])
 def test_analyze_member_rule_option(tmp_path, rule):
-    """`usae analyze --member-rule`: both rules name the planted member sets of an exact USAE
+    """`usae analyze --member-rule`: every rule names the planted member sets of an exact USAE
     (universal concepts everywhere, specific ones in their model); the report records the rule
-    and the fit statistics."""
+    and the fit statistics (the need among them)."""
     import json
 
     import pandas as pd
@@ -341,14 +407,16 @@ def test_analyze_member_rule_option(tmp_path, rule):
                         top_images=1, dtype="fp64", member_rule=rule)  # fmt: skip
     run_analyze(cfg, progress=False)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["membership"]["rule"] == ("fit" if rule == "fit" else "energy")
+    assert m["membership"]["rule"] == ("energy" if rule == "gain" else rule)  # no gains here
+    assert m["membership"]["needed_nowhere"] == 0
     df = pd.read_parquet(out / "concepts.parquet")
     keys = ["m0", "m1", "m2"]
-    assert {f"fit_corr_{k}" for k in keys} | {f"fit_beta_{k}" for k in keys} <= set(df.columns)
+    assert {f"{c}_{k}" for k in keys for c in ("fit_corr", "fit_beta", "need")} <= set(df.columns)
     assert (df["members"][p.universal] == "all").all()
     for i, cs in p.specific.items():
         assert (df["members"][cs] == keys[i]).all(), (rule, df["members"][cs])
         assert (df[f"fit_corr_{keys[i]}"][cs] > 0.9).all()
+        assert (df[f"need_{keys[i]}"][cs] > 0.9).all()
     assert df["members"][p.dead].tolist() == [""]
     with pytest.raises(AnalyzeError, match="member-rule"):
         AnalyzeConfig(run="r", store="s", out="o", member_rule="ratio")
