@@ -175,7 +175,9 @@ def members_of(rule: str, t, gain_mk: np.ndarray | None = None) -> np.ndarray:
     if rule == "need":
         if t.fit_need_mm is None:
             raise ValueError("the need rule needs the pass's fit sums (stream_sums(..., fit=True))")
-        return need_members(t.fit_need_mm, t.fires_mm, member_matrix(t.fires_mm, t.energy_mm, gain_mk))
+        return need_members(
+            t.fit_need_mm, t.fires_mm, member_matrix(t.fires_mm, t.energy_mm, gain_mk)
+        )
     if rule == "fit":
         if t.fit_corr_mm is None:
             raise ValueError("the fit rule needs the pass's fit sums (stream_sums(..., fit=True))")

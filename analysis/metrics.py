@@ -457,7 +457,9 @@ def fit_stats(fit_6mmm: np.ndarray, gain_mm: np.ndarray | None = None) -> FitSta
         slope = np.where(ok, cov / np.where(ok, var_z, 1.0), np.nan)
         g = np.ones_like(szz_t) if gain_mm is None else np.asarray(gain_mm, np.float64)
         has = see_t > 0
-        need = np.where(has, (2 * g * sze.sum(0) - g * g * szz_t) / np.where(has, see_t, 1.0), np.nan)
+        need = np.where(
+            has, (2 * g * sze.sum(0) - g * g * szz_t) / np.where(has, see_t, 1.0), np.nan
+        )
     return FitStats(n_t, np.clip(corr, -1.0, 1.0), np.maximum(dof, 0), beta, slope, need)
 
 

@@ -45,6 +45,13 @@ RECIPES = {
     "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),
     # and encoders that read whitened inputs (affine maps then look like rotations to them)
     "fidelity-rowadamw-whiten": dict(recipe="fidelity", optimizer="rowadamw", whiten=True),
+    # a shrunk whitening: weak directions amplified less (ridge 0.3 / 1 x the mean eigenvalue)
+    "fidelity-rowadamw-whiten0.3": dict(
+        recipe="fidelity", optimizer="rowadamw", whiten=True, whiten_ridge=0.3
+    ),
+    "fidelity-rowadamw-whiten1": dict(
+        recipe="fidelity", optimizer="rowadamw", whiten=True, whiten_ridge=1.0
+    ),
     "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw"),
 }
 

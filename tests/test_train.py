@@ -1073,3 +1073,24 @@ def test_resume_keeps_the_gain_rate_the_run_was_written_with(store, tmp_path, mo
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     for kk in wa:
         assert torch.equal(wa[kk], wb[kk]), kk
+
+
+def test_whiten_ridge(store, tmp_path):
+    """--whiten-ridge: P = (C + ridge mean(eig C) I)^(-1/2), so between two ridges P^-2 differs
+    by a multiple of the identity (the same C), (ridge_b - ridge_a) x mean(eig C)."""
+    ps = []
+    for ridge in (0.01, 1.0):
+        run_train(small_cfg(store, tmp_path / f"r{ridge}", optimizer="rowadamw", whiten=True,
+                            whiten_ridge=ridge))  # fmt: skip
+        ps.append(weights(tmp_path / f"r{ridge}")["white_0"].double())
+    inv2 = [torch.linalg.inv(p @ p) for p in ps]
+    diff = inv2[1] - inv2[0]
+    shift = torch.diagonal(diff).mean()
+    assert shift > 0
+    torch.testing.assert_close(
+        diff, shift * torch.eye(len(diff), dtype=diff.dtype), atol=1e-3 * shift, rtol=0
+    )
+    c_mean = torch.diagonal(inv2[0]).mean() / 1.01  # trace(C + 0.01 mean I) / d = 1.01 mean(eig C)
+    torch.testing.assert_close(shift, 0.99 * c_mean, rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="whiten_ridge"):
+        TrainConfig(store=str(store), out=str(tmp_path / "x"), whiten_ridge=0.0)

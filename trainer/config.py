@@ -16,6 +16,7 @@ The three modes (docs/method.md, section 3):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
@@ -83,6 +84,8 @@ class TrainConfig:
     """paper: the source's codes rebuild every backbone and the summed loss trains every decoder; reference: one AdamW per backbone and only the source backbone steps (the authors' code); independent: one separate SAE per backbone (the paper's baseline)."""
     whiten: bool = False
     """Encoders read their input whitened ((x - b) times the regularised inverse square root of the training tokens' second moment, estimated at the start); decoders and the loss stay in the data's basis, so backbones that differ by an invertible linear map train alike (docs/method.md section 8)."""
+    whiten_ridge: float = 0.01
+    """With --whiten: the ridge added to the second moment's eigenvalues, relative to their mean (0.01: near-full whitening; larger amplifies weak directions less, at the cost of basis independence)."""
     holdout: float = 0.1
     """Fraction of images held out for the final metrics (the store's split when it has one)."""
     seed: int = 0
@@ -140,6 +143,10 @@ class TrainConfig:
                 "gain_rate must be > 0 (-1: the recipe's)",
             ),
             (self.batch_tokens > 0, "batch_tokens must be positive"),
+            (
+                math.isfinite(self.whiten_ridge) and self.whiten_ridge > 0,
+                "whiten_ridge must be > 0",
+            ),
             (
                 self.buffer_chunks >= 0,
                 "buffer_chunks must be >= 0 (0: chosen by how the store is read)",

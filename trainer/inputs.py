@@ -174,11 +174,16 @@ than this are amplified at most 1/sqrt(WHITEN_EPS) times less than full whitenin
 
 @torch.no_grad()
 def start_whitening(
-    model: USAE, st: Store, keys: Sequence[str], images: np.ndarray, seed: int
+    model: USAE,
+    st: Store,
+    keys: Sequence[str],
+    images: np.ndarray,
+    seed: int,
+    ridge: float = WHITEN_EPS,
 ) -> None:
     """Set `ModelSpec.whiten`'s P_j = (C_j + eps I)^(-1/2), C_j the second moment of backbone
     j's encoder input (standardised, less the decoder bias) over `seed_pool`'s tokens, eps =
-    WHITEN_EPS x mean eigenvalue of C_j. Under x -> x A (A invertible) C -> A^T C A, and the
+    ridge (`TrainConfig.whiten_ridge`, default WHITEN_EPS) x mean eigenvalue of C_j. Under x -> x A (A invertible) C -> A^T C A, and the
     whitened inputs x P of the two differ by an orthogonal map (exactly when eps = 0)."""
     if not model.spec.whiten:
         return
@@ -186,7 +191,7 @@ def start_whitening(
         model.whitening(j).copy_(torch.eye(model.spec.widths[j]))
     rows = seed_pool(st, keys, model, images, seed)
     for j, r in enumerate(rows):
-        model.whitening(j).copy_(whitening_matrix(r).float())
+        model.whitening(j).copy_(whitening_matrix(r, ridge).float())
 
 
 def whitening_matrix(x_nd: Tensor, eps: float = WHITEN_EPS) -> Tensor:

@@ -339,7 +339,7 @@ def _run(
     start_bias(s.model, st, keys)  # resuming overwrites it with the checkpoint's
     restoring = resuming and has_checkpoint(paths)
     if not restoring:  # the checkpoint holds the whitening of a resumed run
-        start_whitening(s.model, st, keys, train_images, cfg.seed)
+        start_whitening(s.model, st, keys, train_images, cfg.seed, cfg.whiten_ridge)
     if spec.decoder_init == "data" and not restoring:  # read with the bias just set
         s.model.seed_from_tokens(seed_tokens(st, keys, s.model, train_images, cfg.seed))
     if resuming:
