@@ -564,17 +564,20 @@ def test_maximize_into_a_report_renders_its_pages(run_dir, store, tmp_path):
         progress=False,
     )
     data = {f: (rep / f).read_bytes() for f in ("metrics.json", "concepts.parquet")}
+    m = json.loads(data["metrics.json"])
+    free = next(c for c in range(64) if str(c) not in m["top_images"])  # no top image: no photo
+    shown = m["top_concepts"]["importance"][0]  # a concept with a page
     res = mx.run_maximize(
-        _cfg(run_dir, rep / "maximize", concepts=(9,), steps=2, canvas=48, crops=1), progress=False
+        _cfg(run_dir, rep / "maximize", concepts=(shown, free), steps=2, canvas=48, crops=1),
+        progress=False,
     )
     assert res.report == rep / "index.html"
-    page = (rep / "concepts" / "9.html").read_text()
-    assert "../maximize/9/panel.png" in page and "Activation maximisation" in page
-    assert 'href="concepts/9.html"' in (rep / "index.html").read_text()
+    page = (rep / "concepts" / f"{shown}.html").read_text()
+    assert f"../maximize/{shown}/panel.png" in page and "Activation maximisation" in page
+    assert f'href="concepts/{shown}.html"' in (rep / "index.html").read_text()
     assert {f: (rep / f).read_bytes() for f in data} == data
     # the store records its manifest: analyze showed photos, and a concept of the report's gets
     # its top photo first in its panel (without --manifest); a --manifest that is not there is refused
-    m = json.loads(data["metrics.json"])
     assert m["photos"] is True and m["warnings"] == []
     k = m["top_concepts"]["importance"][0]
     mx.run_maximize(
@@ -582,12 +585,14 @@ def test_maximize_into_a_report_renders_its_pages(run_dir, store, tmp_path):
     )
     obj = json.loads((rep / "maximize" / str(k) / "objective.json").read_text())
     assert obj["photo"] == m["top_images"][str(k)][0]["image_id"]
-    assert json.loads((rep / "maximize" / "9" / "objective.json").read_text())["photo"] is None
+    assert (
+        json.loads((rep / "maximize" / str(free) / "objective.json").read_text())["photo"] is None
+    )
     from PIL import Image
 
     assert (
         Image.open(rep / "maximize" / str(k) / "panel.png").width
-        > Image.open(rep / "maximize" / "9" / "panel.png").width
+        > Image.open(rep / "maximize" / str(free) / "panel.png").width
     )  # one more image: the photo
     with pytest.raises(mx.MaximizeError, match="cannot read manifest"):
         mx.run_maximize(
