@@ -100,6 +100,12 @@ MEMBER_RULES = ("need", "fit", "gain")
 (or energy) ratio rule."""
 
 
+def needed_nowhere(need_mk: np.ndarray, fires_mk: np.ndarray) -> np.ndarray:
+    """(m,) live concepts whose reconstruction need is <= 0 (or unread: NaN) in every model."""
+    need = np.nan_to_num(np.asarray(need_mk, np.float64), nan=0.0)
+    return (need.max(0) <= 0) & (np.asarray(fires_mk).max(0) > 0)
+
+
 def need_members(
     need_mk: np.ndarray,
     fires_mk: np.ndarray,
@@ -122,9 +128,10 @@ def need_members(
             f"need {need.shape}, fires {fires.shape}, fallback {fallback.shape} must all be (M, m)"
         )
     best = need.max(0, keepdims=True)
-    needed = best > 0
     ok = (need >= share) | (need >= relative * best)
-    return np.where(needed, ok, fallback) & (fires.max(0) > 0)[None, :]
+    return (
+        np.where(needed_nowhere(need, fires)[None, :], fallback, ok) & (fires.max(0) > 0)[None, :]
+    )
 
 
 def fit_members(
@@ -170,8 +177,9 @@ def fit_members(
 
 def members_of(rule: str, t, gain_mk: np.ndarray | None = None) -> np.ndarray:
     """(M, m) member matrix of a concept table (`usae.analysis.metrics.ConceptTable`) by rule
-    ``fit`` (needs the table's fit statistics; with gains, the slope check too) or ``gain``
-    (gains when given, else energies). Pass ``gain_mk`` only for a model that learns gains."""
+    ``need`` (needs the table's fit statistics; the gain rule for concepts no model needs),
+    ``fit`` (the same statistics; with gains, the slope check too) or ``gain`` (gains when
+    given, else energies). Pass ``gain_mk`` only for a model that learns gains."""
     if rule == "need":
         if t.fit_need_mm is None:
             raise ValueError("the need rule needs the pass's fit sums (stream_sums(..., fit=True))")
@@ -334,17 +342,10 @@ class Sharing(NamedTuple):
     the gain rule's)."""
 
 
-def needed_nowhere(t) -> np.ndarray:
-    """(m,) live concepts whose reconstruction need is <= 0 (or unread) in every model."""
-    if t.fit_need_mm is None:
-        return np.zeros(t.fires_mm.shape[1], bool)
-    return (np.nan_to_num(t.fit_need_mm, nan=0.0).max(0) <= 0) & (t.fires_mm.max(0) > 0)
-
-
 def sharing(model, keys, t, gains: np.ndarray, rule: str = DEFAULT_RULE) -> Sharing:
     """A trained USAE and its concept table (`usae.analysis.metrics.ConceptTable`) -> member
-    sets by ``rule`` (``members_of``: the fit test, or the decoder gains of models that learn
-    them, else the energies), and the concepts learned twice (same decoder direction, firing
+    sets by ``rule`` (``members_of``: the need or fit test, or the decoder gains of models that
+    learn them, else the energies), and the concepts learned twice (same decoder direction, firing
     from different backbones)."""
     import torch
 
@@ -360,7 +361,11 @@ def sharing(model, keys, t, gains: np.ndarray, rule: str = DEFAULT_RULE) -> Shar
     for a, b in pairs:
         dup[a] = b if dup[a] < 0 else dup[a]
         dup[b] = a if dup[b] < 0 else dup[b]
-    nowhere = needed_nowhere(t) if rule == "need" else np.zeros(members.shape[1], bool)
+    nowhere = (
+        needed_nowhere(t.fit_need_mm, t.fires_mm)
+        if rule == "need"
+        else np.zeros(members.shape[1], bool)
+    )
     return Sharing(members, member_labels(members, keys), dup, pairs, nowhere)
 
 

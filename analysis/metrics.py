@@ -449,17 +449,15 @@ def fit_stats(fit_6mmm: np.ndarray, gain_mm: np.ndarray | None = None) -> FitSta
         cov = (sze - sz * se / nn).sum(0)
         var_z = (szz - sz * sz / nn).sum(0)
         var_e = (see - se * se / nn).sum(0)
-        n_t, szz_t, see_t = n.sum(0), szz.sum(0), see.sum(0)
+        n_t, szz_t, see_t, sze_t = n.sum(0), szz.sum(0), see.sum(0), sze.sum(0)
         dof = n_t - (n > 0).sum(0) - 1
         ok = (n_t >= 3) & (dof >= 1) & (var_z > 1e-12 * szz_t) & (var_e > 1e-12 * see_t)
         corr = np.where(ok, cov / np.sqrt(np.where(ok, var_z * var_e, 1.0)), np.nan)
-        beta = np.where(szz_t > 0, sze.sum(0) / np.where(szz_t > 0, szz_t, 1.0), np.nan)
+        beta = np.where(szz_t > 0, sze_t / np.where(szz_t > 0, szz_t, 1.0), np.nan)
         slope = np.where(ok, cov / np.where(ok, var_z, 1.0), np.nan)
         g = np.ones_like(szz_t) if gain_mm is None else np.asarray(gain_mm, np.float64)
         has = see_t > 0
-        need = np.where(
-            has, (2 * g * sze.sum(0) - g * g * szz_t) / np.where(has, see_t, 1.0), np.nan
-        )
+        need = np.where(has, (2 * g * sze_t - g * g * szz_t) / np.where(has, see_t, 1.0), np.nan)
     return FitStats(n_t, np.clip(corr, -1.0, 1.0), np.maximum(dof, 0), beta, slope, need)
 
 

@@ -121,7 +121,7 @@ class AnalyzeConfig:
     probe_labels: int = 50
     """Labels: the N most frequent labels are probed."""
     member_rule: MemberRule = "need"
-    """Which backbones a concept lives in: gain (decoder gain >= 0.25 x the concept's largest; energies without gains) or fit (backbone i's activations follow the concept's code along its direction, tested per backbone; right on planted data, not yet on real-feature twins)."""
+    """Which backbones a concept lives in: need (default: backbone i's held-out reconstruction needs the concept, its contribution explaining >= 0.5 of i's activation along its direction, or >= 0.25 x that share where it is needed most; the gain rule for a concept no backbone needs), fit (backbone i's activations follow the concept's code along its direction, tested per backbone; right on planted data, not on real-feature twins) or gain (decoder gain >= 0.25 x the concept's largest; energies without gains)."""
 
     def __post_init__(self) -> None:
         checks = [

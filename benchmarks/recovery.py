@@ -5,8 +5,8 @@ Every run is the real trainer (`run_train`) on a planted store, scored against t
 a planted concept is recovered when ONE learned concept's decoder rows reach cosine >= 0.9 with
 its direction in EVERY model it lives in (`usae.trainer.truth.recovery`); the member set of each
 learned concept comes from the analysis (`usae.analysis.membership.members_of`, the default
-fit rule, on the held-out pass, as `usae analyze` computes it; benchmarks/membership.py
-compares it with the gain rule), and a recovered concept's
+need rule, on the held-out pass, as `usae analyze` computes it; benchmarks/membership.py
+compares it with the fit and gain rules), and a recovered concept's
 member set is right when it equals the planted one. R2 is the run's held-out R2 (metrics.json).
 
 Store kinds: groups of concepts shared by all, by some or by one model (M = 2, 3, 5, 8), the

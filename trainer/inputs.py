@@ -183,8 +183,9 @@ def start_whitening(
 ) -> None:
     """Set `ModelSpec.whiten`'s P_j = (C_j + eps I)^(-1/2), C_j the second moment of backbone
     j's encoder input (standardised, less the decoder bias) over `seed_pool`'s tokens, eps =
-    ridge (`TrainConfig.whiten_ridge`, default WHITEN_EPS) x mean eigenvalue of C_j. Under x -> x A (A invertible) C -> A^T C A, and the
-    whitened inputs x P of the two differ by an orthogonal map (exactly when eps = 0)."""
+    ridge (`TrainConfig.whiten_ridge`, default WHITEN_EPS) x mean eigenvalue of C_j. Under
+    x -> x A (A invertible) C -> A^T C A, and the whitened inputs x P of the two differ by an
+    orthogonal map (exactly when eps = 0)."""
     if not model.spec.whiten:
         return
     for j in range(model.n_models):
