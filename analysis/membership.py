@@ -18,7 +18,8 @@ the ``fit`` rule fails on with real features (below): on a real-feature concept 
 level (fires or not) carries the signal, which centring on the firing tokens removes. A live
 concept no model needs (share <= 0 everywhere: its contribution does not help any model's
 held-out reconstruction; 13-22% of the live concepts of the tiny real-feature twins) takes the
-``gain`` rule's member set, and is counted in metrics.json (``needed_nowhere``).
+``gain`` rule's member set, and is counted in metrics.json (``needed_nowhere``). On a model
+without gains the need rule takes the energy rule's sets (``need_applies``).
 
 ``fit`` (`--member-rule fit`): concept k lives in model i when model i's activations need it, tested
 on model i alone: over the tokens where k fires (codes z > tau, from every source model that
@@ -100,6 +101,15 @@ MEMBER_RULES = ("need", "fit", "gain")
 (or energy) ratio rule."""
 
 
+def need_applies(rule: str, gains: bool) -> bool:
+    """Whether the need rule decides: the rule asked for is ``need`` and the model learns gains.
+    A model without gains (`--recipe paper`) has unit decoder rows that cannot express a
+    concept's strength in each backbone, so its need reads a strength mismatch as absence (on
+    the paper recipe's planted runs, benchmarks/recovery.py: 68-91% of member sets right,
+    against 89-100% by energies); there the need rule takes the energy rule's sets."""
+    return rule == "need" and gains
+
+
 def needed_nowhere(need_mk: np.ndarray, fires_mk: np.ndarray) -> np.ndarray:
     """(m,) live concepts whose reconstruction need is <= 0 (or unread: NaN) in every model."""
     need = np.nan_to_num(np.asarray(need_mk, np.float64), nan=0.0)
@@ -177,9 +187,12 @@ def fit_members(
 
 def members_of(rule: str, t, gain_mk: np.ndarray | None = None) -> np.ndarray:
     """(M, m) member matrix of a concept table (`usae.analysis.metrics.ConceptTable`) by rule
-    ``need`` (needs the table's fit statistics; the gain rule for concepts no model needs),
-    ``fit`` (the same statistics; with gains, the slope check too) or ``gain`` (gains when
-    given, else energies). Pass ``gain_mk`` only for a model that learns gains."""
+    ``need`` (needs the table's fit statistics; the gain rule for concepts no model needs, and
+    for a model without gains: ``need_applies``), ``fit`` (the same statistics; with gains, the
+    slope check too) or ``gain`` (gains when given, else energies). Pass ``gain_mk`` only for a
+    model that learns gains."""
+    if rule == "need" and gain_mk is None:
+        return member_matrix(t.fires_mm, t.energy_mm)
     if rule == "need":
         if t.fit_need_mm is None:
             raise ValueError("the need rule needs the pass's fit sums (stream_sums(..., fit=True))")
@@ -363,7 +376,7 @@ def sharing(model, keys, t, gains: np.ndarray, rule: str = DEFAULT_RULE) -> Shar
         dup[b] = a if dup[b] < 0 else dup[b]
     nowhere = (
         needed_nowhere(t.fit_need_mm, t.fires_mm)
-        if rule == "need"
+        if need_applies(rule, model.spec.gains)
         else np.zeros(members.shape[1], bool)
     )
     return Sharing(members, member_labels(members, keys), dup, pairs, nowhere)

@@ -326,10 +326,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalyzeResult:
     metrics = summary_metrics(cfg, inp, which, sums, rec, table, base, top, tops, notes)
     metrics["gallery"] = gallery
     metrics["photos"] = paths is not None
-    rule = cfg.member_rule
-    metrics["membership"] = membership.membership_summary(
-        shared, rule if rule != "gain" or inp.model.spec.gains else "energy"
-    )
+    rule = cfg.member_rule  # without gains, need and gain both read energies
+    rule = rule if inp.model.spec.gains or rule == "fit" else "energy"
+    metrics["membership"] = membership.membership_summary(shared, rule)
     metrics["labels"] = None
     if labels is not None:
         metrics["labels"] = lb.labels_entry(

@@ -388,6 +388,8 @@ def test_fit_rule_right_where_the_gain_rule_is_fooled(tmp_path):
     assert np.nan_to_num(t.fit_corr_mm[~want]).max() < 0.3  # absent: no link, gain 1 or not
     np.testing.assert_array_equal(members_of("need", t, gains), want)
     assert np.nan_to_num(t.fit_need_mm[~want]).max() < 0  # an absent row at gain 1 only adds error
+    # a model without gains: the need rule takes the energy rule's sets
+    np.testing.assert_array_equal(members_of("need", t), member_matrix(t.fires_mm, t.energy_mm))
 
 
 @pytest.mark.parametrize("rule", ["need", "fit", "gain"])
@@ -407,7 +409,7 @@ def test_analyze_member_rule_option(tmp_path, rule):
                         top_images=1, dtype="fp64", member_rule=rule)  # fmt: skip
     run_analyze(cfg, progress=False)
     m = json.loads((out / "metrics.json").read_text())
-    assert m["membership"]["rule"] == ("energy" if rule == "gain" else rule)  # no gains here
+    assert m["membership"]["rule"] == ("fit" if rule == "fit" else "energy")  # no gains here
     assert m["membership"]["needed_nowhere"] == 0
     df = pd.read_parquet(out / "concepts.parquet")
     keys = ["m0", "m1", "m2"]
