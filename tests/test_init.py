@@ -17,11 +17,15 @@ from usae.trainer.config import TrainConfig
 from usae.trainer.inputs import (
     SEED_COSINE,
     image_masks,
+    inverse_second_moment,
     model_spec,
     open_store,
+    seed_pool,
+    seed_start,
     seed_tokens,
     spread_out,
     start_bias,
+    whitening_matrix,
 )
 from usae.trainer.model import STD_EPS, USAE
 from usae.trainer.train import run_train
@@ -134,12 +138,103 @@ def test_more_concepts_than_tokens_keeps_the_rest_random(store, tmp_path):
 
 
 def test_each_seeded_concept_responds_most_to_its_own_token(store, tmp_path):
-    cfg, st, keys, model, train, _ = _opened(store, tmp_path, concepts=40)
+    cfg, st, keys, model, train, _ = _opened(store, tmp_path, concepts=40, encoder_start="token")
     rows = seed_tokens(st, keys, model, train, seed=0)
     model.seed_from_tokens(rows)
     for j, r in enumerate(rows):
         lin = model.encoders[j](r)  # before BatchNorm: |x_c| cos(x_c, row_c')
         assert (lin.argmax(1) == torch.arange(len(r))).all()
+
+
+def test_whitened_start_is_the_seed_token_through_the_inverse_second_moment(store, tmp_path):
+    """encoder_start whitened: the metric is (C + eps mean(eig C) I)^-1 of the seed pool (a slow
+    numpy reference), the encoder row is the token through it, normalised, and each seeded
+    concept responds most to its own token by cosine in that metric."""
+    cfg, st, keys, model, train, _ = _opened(store, tmp_path, concepts=40)
+    assert cfg.encoder_start == "whitened"  # the fidelity recipe's
+    rows, metrics = seed_start(st, keys, model, train, 0, "whitened")
+    pool = seed_pool(st, keys, model, train, 0)
+    assert all(
+        torch.equal(a, b) for a, b in zip(rows, seed_tokens(st, keys, model, train, 0), strict=True)
+    )
+    model.seed_from_tokens(rows, metrics)
+    for j, r in enumerate(rows):
+        x = pool[j].double().numpy()
+        c = x.T @ x / len(x)
+        lam = np.linalg.eigvalsh(c)
+        slow = np.linalg.inv(c + 0.01 * lam.mean() * np.eye(len(c)))
+        np.testing.assert_allclose(metrics[j].double().numpy(), slow, rtol=1e-4, atol=1e-6)
+        w = r.double() @ metrics[j].double()
+        assert torch.allclose(
+            model.encoders[j].weight[: len(r)].double(), F.normalize(w, dim=1), atol=1e-5
+        )
+        s = metrics[j].double()
+        rd = r.double()
+        cos_s = (rd @ s @ rd.T) / torch.outer(
+            *(2 * [torch.einsum("nd,de,ne->n", rd, s, rd).sqrt()])
+        )
+        assert (cos_s.argmax(1) == torch.arange(len(r))).all()  # its own token, in the metric
+    _, none = seed_start(st, keys, model, train, 0, "token")
+    assert none is None
+
+
+def test_inverse_second_moment_is_the_whitening_squared():
+    x = torch.randn(200, 5, generator=torch.Generator().manual_seed(0)) * torch.tensor(
+        [3, 1, 1, 0.1, 0.01]
+    )
+    p = whitening_matrix(x, 0.05)
+    assert torch.allclose(inverse_second_moment(x, 0.05), p @ p, rtol=1e-10, atol=1e-12)
+
+
+def write_mapped_twins(path: Path, a_dd: np.ndarray, n=16, t=8, seed=0) -> Path:
+    """A store holding one backbone's tokens `a` and the same tokens times a_dd as `b`."""
+    width = len(a_dd)
+    st = Store.create(path, [f"img{i}" for i in range(n)],
+                      [BackboneLayout("a", width), BackboneLayout("b", width)], grid=(2, t // 2),
+                      chunk_images=4, source="synth", fingerprint_of={"mapped": seed})  # fmt: skip
+    rng = np.random.default_rng(seed)
+    mix = np.linalg.qr(rng.normal(size=(width, width)))[0] * np.geomspace(2, 0.5, width)
+    for c in range(st.n_chunks):
+        x = 1.0 + rng.normal(size=(4 * t, width)) @ mix
+        st.write_chunk(c, {"a": x, "b": x @ a_dd}, np.ones(4, bool))
+    st.finalize()
+    return path
+
+
+@pytest.mark.parametrize("start,ridge", [("whitened", 1e-9), ("whitened", None), ("token", None)])
+def test_whitened_start_gives_mapped_twins_the_same_pre_activations(
+    tmp_path, monkeypatch, start, ridge
+):
+    """Twins b = a A (A invertible, not orthogonal) under the fidelity recipe at lr 0: the
+    whitened start gives every seeded concept the same pre-activations in both twins (up to its
+    row's scale; exactly without the ridge, nearly with it) and the same decoder row through A;
+    the token start (the control) does not."""
+    from usae.trainer import inputs
+    from usae.trainer.synth import random_map
+
+    if ridge is not None:
+        monkeypatch.setattr(inputs, "WHITEN_EPS", ridge)
+    a_dd = random_map(np.random.default_rng(1), 8, "affine", 0.7)
+    path = write_mapped_twins(tmp_path / "t.zarr", a_dd)
+    cfg = small_cfg(
+        path, tmp_path / "run", steps=1, lr=0.0, lr_min=0.0, concepts=40, encoder_start=start
+    )
+    run_train(cfg)
+    w = weights(tmp_path / "run")
+    st, keys = open_store(cfg)
+    model = started(st, keys, cfg.resolved())
+    x = [model.encoder_input(j, model.standardize(j, torch.from_numpy(np.concatenate(
+        [st.read_chunk(k, c) for c in range(st.n_chunks)])).float())).double() for j, k in enumerate(keys)]  # fmt: skip
+    pre = [x[j] @ w[f"encoders.{j}.weight"].double().T for j in range(2)]
+    cos = F.cosine_similarity(pre[0], pre[1], dim=0)  # per concept, over the tokens
+    mapped = F.cosine_similarity(
+        w["decoders.0"].double() @ torch.from_numpy(a_dd), w["decoders.1"].double(), dim=1
+    )
+    assert (mapped > 1 - 1e-6).all()  # the decoders start mapped either way
+    if start == "whitened":
+        assert (cos > (1 - 1e-5 if ridge else 0.98)).all(), cos.min()  # float32 rows
+    else:
+        assert cos.median() < 0.9, cos  # 0.82 here, min 0.37
 
 
 def write_twins(path: Path, n=16, t=8, width=6, seed=0) -> Path:
@@ -171,6 +266,23 @@ def test_twins_start_identical_and_the_run_starts_at_the_seed(tmp_path):
         F.normalize(w["decoders.0"], dim=1), F.normalize(rows[0], dim=1), atol=1e-6
     )
     assert torch.equal(w["encoders.0.bias"], torch.zeros(40))
+
+
+def test_config_encoder_start_resolves_to_the_recipe_and_old_runs_keep_theirs():
+    assert TrainConfig(recipe="fidelity").resolved().encoder_start == "whitened"
+    assert TrainConfig(recipe="paper").resolved().encoder_start == "token"
+    assert TrainConfig(recipe="fidelity", init="unit").resolved().encoder_start == "token"
+    assert TrainConfig(recipe="paper", init="data").resolved().encoder_start == "token"
+    got = TrainConfig(recipe="paper", init="data", encoder_start="whitened").resolved()
+    assert got.encoder_start == "whitened"
+    assert (
+        TrainConfig.from_dict({"recipe": "fidelity", "init": "data"}).resolved().encoder_start
+        == "token"
+    )
+    with pytest.raises(ValueError, match="encoder_start whitened needs the data-aligned start"):
+        TrainConfig(recipe="fidelity", init="unit", encoder_start="whitened")
+    with pytest.raises(ValueError, match="encoder_start must be"):
+        TrainConfig(encoder_start="pca")  # type: ignore[arg-type]
 
 
 def test_config_init_resolves_to_the_recipe_and_old_runs_keep_theirs():

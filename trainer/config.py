@@ -28,6 +28,7 @@ from usae.errors import UsaeError
 from usae.runtime import check_device_name
 
 OPTIMIZERS = ("adamw", "rowadamw")
+ENCODER_STARTS = ("token", "whitened")
 Mode = Literal["paper", "reference", "independent"]
 MODES: tuple[str, ...] = ("paper", "reference", "independent")
 
@@ -78,6 +79,8 @@ class TrainConfig:
     """How much faster than the other parameters the per-model gains learn (gain = softplus(rate x g); -1: the recipe's; recipes without gains ignore it)."""
     init: Literal["recipe", "randn", "unit", "data"] = "recipe"
     """Start of the decoder rows (recipe: the recipe's): randn (the paper: norm ~sqrt(d)), unit (random unit rows), or data (concept c starts in every backbone, decoder and encoder row, at that backbone's activation of one same random training token; docs/method.md section 8)."""
+    encoder_start: Literal["recipe", "token", "whitened"] = "recipe"
+    """With the data-aligned start (init data): token (each concept's encoder row is its seed token, as the encoder reads it, normalised: it first fires by plain cosine to that token) or whitened (that token times the inverse second moment of the encoder's training inputs, normalised: it first fires by cosine in the whitened basis, which is the same in two backbones that differ by an invertible linear map; docs/method.md section 8); recipe: the recipe's."""
     recipe: Literal["fidelity", "paper"] = "fidelity"
     """fidelity (default): decoder and encoder rows started at one same training token in every backbone, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch), a constant lr with a short final decay, and from half of the steps a code agreement between the backbones' encoders; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
     mode: Mode = "paper"
@@ -124,6 +127,15 @@ class TrainConfig:
             (
                 self.init in ("recipe", *DECODER_INITS),
                 f"init must be recipe, {', '.join(DECODER_INITS)}, got {self.init!r}",
+            ),
+            (
+                self.encoder_start in ("recipe", *ENCODER_STARTS),
+                f"encoder_start must be recipe, {', '.join(ENCODER_STARTS)}, got {self.encoder_start!r}",
+            ),
+            (
+                self.encoder_start != "whitened" or self.resolved_init() in ("data", None),
+                f"encoder_start whitened needs the data-aligned start (init data), "
+                f"not init {self.resolved_init()}",
             ),
             (self.k > 0, "k must be positive"),
             (
@@ -179,12 +191,14 @@ class TrainConfig:
         kw.setdefault("gain_rate", 1.0)  # and before gain rates at the common rate,
         kw.setdefault("init", "unit" if kw["recipe"] == "fidelity" else "randn")  # and inits
         kw.setdefault("optimizer", "adamw")  # and before the optimizer was a choice, with AdamW
+        kw.setdefault("encoder_start", "token")  # and data-aligned starts before it, by token
         kw["backbones"] = tuple(kw.get("backbones", ()))
         return cls(**kw)
 
     def resolved(self) -> TrainConfig:
-        """This config with every "the recipe's" field (agree_weight, agree_start, gain_rate, init, optimizer)
-        set from its recipe; gain_rate is 1 for a recipe without gains."""
+        """This config with every "the recipe's" field (agree_weight, agree_start, gain_rate, init,
+        encoder_start, optimizer) set from its recipe; gain_rate is 1 for a recipe without gains,
+        and encoder_start is token for a start that is not data-aligned (it has no seed tokens)."""
         rc = RECIPES[self.recipe]
         rate = (self.gain_rate if self.gain_rate > 0 else rc.gain_rate) if rc.gains else 1.0
         return replace(
@@ -192,9 +206,20 @@ class TrainConfig:
             agree_weight=self.agree_weight if self.agree_weight >= 0 else rc.agree,
             agree_start=self.agree_start if self.agree_start >= 0 else rc.agree_start,
             gain_rate=rate,
-            init=rc.decoder_init if self.init == "recipe" else self.init,
+            init=self.resolved_init(),
+            encoder_start=(
+                ("token" if self.resolved_init() != "data" else rc.encoder_start)
+                if self.encoder_start == "recipe"
+                else self.encoder_start
+            ),
             optimizer=self.optimizer_name(),
         )
+
+    def resolved_init(self) -> str | None:
+        """randn, unit or data: the init field, or the recipe's (None for an unknown recipe)."""
+        if self.init != "recipe":
+            return self.init
+        return RECIPES[self.recipe].decoder_init if self.recipe in RECIPES else None
 
     def optimizer_name(self) -> str:
         """adamw or rowadamw: the optimizer field, or the recipe's."""
@@ -226,11 +251,15 @@ class Recipe:
     """`ModelSpec.gain_rate`: how much faster than the other parameters the gains learn."""
     optimizer: str = "adamw"
     """adamw | rowadamw (`TrainConfig.optimizer`)."""
+    encoder_start: str = "token"
+    """token | whitened: the data-aligned start's encoder rows (`TrainConfig.encoder_start`)."""
 
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("randn", False, False, False, False, "cosine"),
-    "fidelity": Recipe("data", True, True, True, True, "tail", agree=1.0, gain_rate=10.0),
+    "fidelity": Recipe(
+        "data", True, True, True, True, "tail", agree=1.0, gain_rate=10.0, encoder_start="whitened"
+    ),
 }
 
 

@@ -59,7 +59,8 @@ class ModelSpec:
     decoder_init: str = "randn"
     """randn (the paper: rows of norm ~sqrt(d), normalised at use), unit (rows of norm 1), or data
     (unit rows that the trainer replaces before the first step: concept c starts in every backbone
-    at that backbone's activation of one same training token, `USAE.seed_from_tokens`)."""
+    at that backbone's activation of one same training token, `USAE.seed_from_tokens`; how its
+    encoder row starts is the trainer's `TrainConfig.encoder_start`)."""
     gains: bool = False
     """A learnable gain per concept and model, softplus(g_jk) >= 0 (starts at 1): decoder row =
     gain * unit row, so a concept can be weaker, stronger or absent (gain near 0) in a model."""
@@ -147,21 +148,26 @@ class USAE(nn.Module):
         return (acts_bd - self.mu[i]) / (self.sigma[i] + STD_EPS)
 
     @torch.no_grad()
-    def seed_from_tokens(self, rows: list[Tensor]) -> None:
+    def seed_from_tokens(self, rows: list[Tensor], metrics: list[Tensor] | None = None) -> None:
         """Data-aligned start: rows[j] (n, d_j) holds backbone j's encoder inputs (standardised,
         less the decoder bias) of the same n tokens in every backbone. Concept c < n starts with
         decoder row and encoder row rows[j][c] / |rows[j][c]| in every backbone j, and encoder bias
         0, so it first fires most for its own token; concepts c >= n keep their random start.
         Tokens are aligned across backbones, so two identical backbones start identical.
-        With `ModelSpec.whiten` the decoder row is the token itself (the encoder input un-whitened)."""
+        With `ModelSpec.whiten` the decoder row is the token itself (the encoder input un-whitened).
+        With metrics (the whitened start), the encoder row is rows[j][c] @ metrics[j], normalised:
+        metrics[j] (d_j, d_j) symmetric, the inverse second moment S_j of backbone j's encoder
+        inputs (`usae.trainer.inputs.inverse_second_moment`). The concept then first fires by
+        x S_j x_c, a cosine in the whitened basis, and under x -> x A (A invertible) S -> A^-1 S
+        A^-T, so two backbones that differ by A start with the same pre-activations."""
         for j, r in enumerate(rows):
             n = r.shape[0]
             r = r.to(self.decoders[j].dtype)
-            u = F.normalize(r, dim=1)
+            enc = r if metrics is None else r @ metrics[j].to(r.dtype)
             p = self.whitening(j)
             data = r if p is None else torch.linalg.solve(p.to(r.dtype), r.T).T  # P symmetric
             self.decoders[j][:n].copy_(F.normalize(data, dim=1))
-            self.encoders[j].weight[:n].copy_(u)
+            self.encoders[j].weight[:n].copy_(F.normalize(enc, dim=1))
             self.encoders[j].bias[:n].zero_()
 
     def decoder_weight(self, j: int) -> Float[Tensor, "m d"]:

@@ -38,7 +38,7 @@ from usae.trainer.inputs import (
     make_loader,
     model_spec,
     open_store,
-    seed_tokens,
+    seed_start,
     start_bias,
     start_whitening,
 )
@@ -341,7 +341,9 @@ def _run(
     if not restoring:  # the checkpoint holds the whitening of a resumed run
         start_whitening(s.model, st, keys, train_images, cfg.seed, cfg.whiten_ridge)
     if spec.decoder_init == "data" and not restoring:  # read with the bias just set
-        s.model.seed_from_tokens(seed_tokens(st, keys, s.model, train_images, cfg.seed))
+        s.model.seed_from_tokens(
+            *seed_start(st, keys, s.model, train_images, cfg.seed, cfg.encoder_start)
+        )
     if resuming:
         if rank0:
             ckpt.remove_stale_temporaries(paths.checkpoint)
