@@ -45,6 +45,8 @@ from usae.runtime import heldout_images
 RECIPES = {
     "paper": dict(recipe="paper"),
     "fidelity": dict(recipe="fidelity"),
+    # the default with its encoder rows started at the plain seed token (before the whitened start)
+    "fidelity-token": dict(recipe="fidelity", encoder_start="token"),
     # the default with per-coordinate AdamW (before RowAdamW), and with RowAdamW named
     "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw"),
     "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),

@@ -20,7 +20,6 @@ from usae.trainer.inputs import (
     inverse_second_moment,
     model_spec,
     open_store,
-    seed_pool,
     seed_start,
     seed_tokens,
     spread_out,
@@ -146,20 +145,20 @@ def test_each_seeded_concept_responds_most_to_its_own_token(store, tmp_path):
         assert (lin.argmax(1) == torch.arange(len(r))).all()
 
 
-def test_whitened_start_is_the_seed_token_through_the_inverse_second_moment(store, tmp_path):
-    """encoder_start whitened: the metric is (C + eps mean(eig C) I)^-1 of the seed pool (a slow
-    numpy reference), the encoder row is the token through it, normalised, and each seeded
-    concept responds most to its own token by cosine in that metric."""
+def test_dual_start_is_the_seed_token_through_the_inverse_second_moment(store, tmp_path):
+    """encoder_start dual: the metric is (C + eps mean(eig C) I)^-1 of the seed tokens (a slow
+    numpy reference), the encoder row is the token through it, normalised, each seeded concept
+    responds most to its own token by cosine in that metric, and with a tiny ridge the encoder
+    rows are the least-squares inverse of the seed dictionary (codes x S X^T / n rebuild it)."""
     cfg, st, keys, model, train, _ = _opened(store, tmp_path, concepts=40)
-    assert cfg.encoder_start == "whitened"  # the fidelity recipe's
-    rows, metrics = seed_start(st, keys, model, train, 0, "whitened")
-    pool = seed_pool(st, keys, model, train, 0)
+    assert cfg.encoder_start == "dual"  # the fidelity recipe's
+    rows, metrics = seed_start(st, keys, model, train, 0, "dual")
     assert all(
         torch.equal(a, b) for a, b in zip(rows, seed_tokens(st, keys, model, train, 0), strict=True)
     )
     model.seed_from_tokens(rows, metrics)
     for j, r in enumerate(rows):
-        x = pool[j].double().numpy()
+        x = r.double().numpy()
         c = x.T @ x / len(x)
         lam = np.linalg.eigvalsh(c)
         slow = np.linalg.inv(c + 0.01 * lam.mean() * np.eye(len(c)))
@@ -174,6 +173,10 @@ def test_whitened_start_is_the_seed_token_through_the_inverse_second_moment(stor
             *(2 * [torch.einsum("nd,de,ne->n", rd, s, rd).sqrt()])
         )
         assert (cos_s.argmax(1) == torch.arange(len(r))).all()  # its own token, in the metric
+        exact = inverse_second_moment(rd, 1e-12)
+        y = torch.randn(5, rd.shape[1], dtype=torch.float64)
+        codes = y @ exact @ rd.T / len(rd)  # the dual frame's codes of any input...
+        assert torch.allclose(codes @ rd, y, atol=1e-6)  # ...rebuild it from the seeds
     _, none = seed_start(st, keys, model, train, 0, "token")
     assert none is None
 
@@ -201,12 +204,12 @@ def write_mapped_twins(path: Path, a_dd: np.ndarray, n=16, t=8, seed=0) -> Path:
     return path
 
 
-@pytest.mark.parametrize("start,ridge", [("whitened", 1e-9), ("whitened", None), ("token", None)])
-def test_whitened_start_gives_mapped_twins_the_same_pre_activations(
+@pytest.mark.parametrize("start,ridge", [("dual", 1e-9), ("dual", None), ("token", None)])
+def test_dual_start_gives_mapped_twins_the_same_pre_activations(
     tmp_path, monkeypatch, start, ridge
 ):
     """Twins b = a A (A invertible, not orthogonal) under the fidelity recipe at lr 0: the
-    whitened start gives every seeded concept the same pre-activations in both twins (up to its
+    dual start gives every seeded concept the same pre-activations in both twins (up to its
     row's scale; exactly without the ridge, nearly with it) and the same decoder row through A;
     the token start (the control) does not."""
     from usae.trainer import inputs
@@ -231,7 +234,7 @@ def test_whitened_start_gives_mapped_twins_the_same_pre_activations(
         w["decoders.0"].double() @ torch.from_numpy(a_dd), w["decoders.1"].double(), dim=1
     )
     assert (mapped > 1 - 1e-6).all()  # the decoders start mapped either way
-    if start == "whitened":
+    if start == "dual":
         assert (cos > (1 - 1e-5 if ridge else 0.98)).all(), cos.min()  # float32 rows
     else:
         assert cos.median() < 0.9, cos  # 0.82 here, min 0.37
@@ -269,18 +272,18 @@ def test_twins_start_identical_and_the_run_starts_at_the_seed(tmp_path):
 
 
 def test_config_encoder_start_resolves_to_the_recipe_and_old_runs_keep_theirs():
-    assert TrainConfig(recipe="fidelity").resolved().encoder_start == "whitened"
+    assert TrainConfig(recipe="fidelity").resolved().encoder_start == "dual"
     assert TrainConfig(recipe="paper").resolved().encoder_start == "token"
     assert TrainConfig(recipe="fidelity", init="unit").resolved().encoder_start == "token"
     assert TrainConfig(recipe="paper", init="data").resolved().encoder_start == "token"
-    got = TrainConfig(recipe="paper", init="data", encoder_start="whitened").resolved()
-    assert got.encoder_start == "whitened"
+    got = TrainConfig(recipe="paper", init="data", encoder_start="dual").resolved()
+    assert got.encoder_start == "dual"
     assert (
         TrainConfig.from_dict({"recipe": "fidelity", "init": "data"}).resolved().encoder_start
         == "token"
     )
-    with pytest.raises(ValueError, match="encoder_start whitened needs the data-aligned start"):
-        TrainConfig(recipe="fidelity", init="unit", encoder_start="whitened")
+    with pytest.raises(ValueError, match="encoder_start dual needs the data-aligned start"):
+        TrainConfig(recipe="fidelity", init="unit", encoder_start="dual")
     with pytest.raises(ValueError, match="encoder_start must be"):
         TrainConfig(encoder_start="pca")  # type: ignore[arg-type]
 

@@ -28,7 +28,7 @@ from usae.errors import UsaeError
 from usae.runtime import check_device_name
 
 OPTIMIZERS = ("adamw", "rowadamw")
-ENCODER_STARTS = ("token", "whitened")
+ENCODER_STARTS = ("token", "dual")
 Mode = Literal["paper", "reference", "independent"]
 MODES: tuple[str, ...] = ("paper", "reference", "independent")
 
@@ -79,8 +79,8 @@ class TrainConfig:
     """How much faster than the other parameters the per-model gains learn (gain = softplus(rate x g); -1: the recipe's; recipes without gains ignore it)."""
     init: Literal["recipe", "randn", "unit", "data"] = "recipe"
     """Start of the decoder rows (recipe: the recipe's): randn (the paper: norm ~sqrt(d)), unit (random unit rows), or data (concept c starts in every backbone, decoder and encoder row, at that backbone's activation of one same random training token; docs/method.md section 8)."""
-    encoder_start: Literal["recipe", "token", "whitened"] = "recipe"
-    """With the data-aligned start (init data): token (each concept's encoder row is its seed token, as the encoder reads it, normalised: it first fires by plain cosine to that token) or whitened (that token times the inverse second moment of the encoder's training inputs, normalised: it first fires by cosine in the whitened basis, which is the same in two backbones that differ by an invertible linear map; docs/method.md section 8); recipe: the recipe's."""
+    encoder_start: Literal["recipe", "token", "dual"] = "recipe"
+    """With the data-aligned start (init data): token (each concept's encoder row is its seed token, as the encoder reads it, normalised: it first fires by cosine to that token) or dual (the encoder starts as the least-squares inverse of the decoder's seed tokens: row c is token c times the inverse second moment of the seed tokens, normalised, so two backbones that differ by an invertible linear map start with the same pre-activations; docs/method.md section 8); recipe: the recipe's."""
     recipe: Literal["fidelity", "paper"] = "fidelity"
     """fidelity (default): decoder and encoder rows started at one same training token in every backbone, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch), a constant lr with a short final decay, and from half of the steps a code agreement between the backbones' encoders; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
     mode: Mode = "paper"
@@ -133,8 +133,8 @@ class TrainConfig:
                 f"encoder_start must be recipe, {', '.join(ENCODER_STARTS)}, got {self.encoder_start!r}",
             ),
             (
-                self.encoder_start != "whitened" or self.resolved_init() in ("data", None),
-                f"encoder_start whitened needs the data-aligned start (init data), "
+                self.encoder_start != "dual" or self.resolved_init() in ("data", None),
+                f"encoder_start dual needs the data-aligned start (init data), "
                 f"not init {self.resolved_init()}",
             ),
             (self.k > 0, "k must be positive"),
@@ -252,13 +252,13 @@ class Recipe:
     optimizer: str = "adamw"
     """adamw | rowadamw (`TrainConfig.optimizer`)."""
     encoder_start: str = "token"
-    """token | whitened: the data-aligned start's encoder rows (`TrainConfig.encoder_start`)."""
+    """token | dual: the data-aligned start's encoder rows (`TrainConfig.encoder_start`)."""
 
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("randn", False, False, False, False, "cosine"),
     "fidelity": Recipe(
-        "data", True, True, True, True, "tail", agree=1.0, gain_rate=10.0, encoder_start="whitened"
+        "data", True, True, True, True, "tail", agree=1.0, gain_rate=10.0, encoder_start="dual"
     ),
 }
 

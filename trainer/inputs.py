@@ -109,12 +109,7 @@ SEED_COSINE = 0.9
 
 
 def seed_tokens(
-    st: Store,
-    keys: Sequence[str],
-    model: USAE,
-    images: np.ndarray,
-    seed: int,
-    pool: list[Tensor] | None = None,
+    st: Store, keys: Sequence[str], model: USAE, images: np.ndarray, seed: int
 ) -> list[Tensor]:
     """The data-aligned start's tokens (`USAE.seed_from_tokens`): up to m distinct training
     tokens as each backbone's encoder input (`model.encoder_input` of the standardised token, on
@@ -128,9 +123,8 @@ def seed_tokens(
     backbone's encoder could then settle on a different one of the two. When fewer tokens pass,
     the rest of the m are the pool's others, in its order. Tokens that are non-finite or zero in
     some backbone are left out. Held-out images are never read, and the draw depends only on the
-    store, the images and the seed (every DDP rank draws the same). `pool`: `seed_pool`'s
-    rows when the caller has read them already."""
-    rows = pool if pool is not None else seed_pool(st, keys, model, images, seed)
+    store, the images and the seed (every DDP rank draws the same)."""
+    rows = seed_pool(st, keys, model, images, seed)
     m, dev = model.spec.concepts, model.mu.device
     z = torch.cat([F.normalize(t, dim=1) for t in rows], 1) / math.sqrt(len(rows))
     kept = spread_out(z, SEED_COSINE, limit=m)
@@ -207,7 +201,7 @@ def whitening_matrix(x_nd: Tensor, eps: float = WHITEN_EPS) -> Tensor:
 
 
 def inverse_second_moment(x_nd: Tensor, eps: float = WHITEN_EPS) -> Tensor:
-    """(C + eps mean(eig C) I)^-1, float64: the whitened start's metric (`seed_start`)."""
+    """(C + eps mean(eig C) I)^-1, float64: the dual encoder start's metric (`seed_start`)."""
     return moment_power(x_nd, eps, -1.0)
 
 
@@ -228,14 +222,16 @@ def seed_start(
     seed: int,
     encoder_start: str,
 ) -> tuple[list[Tensor], list[Tensor] | None]:
-    """`USAE.seed_from_tokens`' arguments: `seed_tokens`' rows, and for the whitened encoder
-    start (`TrainConfig.encoder_start`) each backbone's `inverse_second_moment` over the same
-    `seed_pool` (None for the token start). One read of the pool serves both."""
-    pool = seed_pool(st, keys, model, images, seed)
-    rows = seed_tokens(st, keys, model, images, seed, pool=pool)
-    if encoder_start != "whitened":
+    """`USAE.seed_from_tokens`' arguments: `seed_tokens`' rows, and for the dual encoder start
+    (`TrainConfig.encoder_start`) each backbone's `inverse_second_moment` of those same rows
+    (None for the token start). With it, encoder row c is x_c (X^T X / n + eps)^-1, normalised:
+    up to the ridge and the scale, the least-squares inverse (dual frame) of the dictionary of
+    the n seed tokens X that the decoder starts at; for an invertible A the inverse of X A is
+    A^-1 times that of X, so two backbones that differ by A start with the same pre-activations."""
+    rows = seed_tokens(st, keys, model, images, seed)
+    if encoder_start != "dual":
         return rows, None
-    return rows, [inverse_second_moment(p, WHITEN_EPS).to(p.dtype) for p in pool]
+    return rows, [inverse_second_moment(r, WHITEN_EPS).to(r.dtype) for r in rows]
 
 
 def spread_out(z: Tensor, cosine: float, limit: int | None = None, block: int = 256) -> np.ndarray:

@@ -155,11 +155,11 @@ class USAE(nn.Module):
         0, so it first fires most for its own token; concepts c >= n keep their random start.
         Tokens are aligned across backbones, so two identical backbones start identical.
         With `ModelSpec.whiten` the decoder row is the token itself (the encoder input un-whitened).
-        With metrics (the whitened start), the encoder row is rows[j][c] @ metrics[j], normalised:
-        metrics[j] (d_j, d_j) symmetric, the inverse second moment S_j of backbone j's encoder
-        inputs (`usae.trainer.inputs.inverse_second_moment`). The concept then first fires by
-        x S_j x_c, a cosine in the whitened basis, and under x -> x A (A invertible) S -> A^-1 S
-        A^-T, so two backbones that differ by A start with the same pre-activations."""
+        With metrics (the dual start), the encoder row is rows[j][c] @ metrics[j], normalised:
+        metrics[j] (d_j, d_j) symmetric, the inverse second moment S_j of the rows
+        (`usae.trainer.inputs.seed_start`), so the encoder starts as the least-squares inverse
+        of the seed dictionary. Under x -> x A (A invertible) S -> A^-1 S A^-T, so two backbones
+        that differ by A start with the same pre-activations x S_j x_c."""
         for j, r in enumerate(rows):
             n = r.shape[0]
             r = r.to(self.decoders[j].dtype)
