@@ -41,9 +41,8 @@ RECIPES = {
     "fidelity-noagree": dict(recipe="fidelity", init="unit", agree_weight=0.0, gain_rate=1.0),
     "fidelity-unit": dict(recipe="fidelity", init="unit"),  # before the data-aligned start
     "fidelity": dict(recipe="fidelity"),
-    # the default with its encoder rows started at the plain seed token (before the dual start)
-    "fidelity-token": dict(recipe="fidelity", encoder_start="token"),
-    # measured before the dual start, so with the token start their table reports:
+    # the default with the dual encoder start (the seed dictionary's least-squares inverse)
+    "fidelity-dual": dict(recipe="fidelity", encoder_start="dual"),
     # per-concept second moments (RowAdamW): updates that do not depend on the basis
     "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw", encoder_start="token"),
     # and encoders that read whitened inputs (affine maps then look like rotations to them)

@@ -150,8 +150,8 @@ def test_dual_start_is_the_seed_token_through_the_inverse_second_moment(store, t
     numpy reference), the encoder row is the token through it, normalised, each seeded concept
     responds most to its own token by cosine in that metric, and with a tiny ridge the encoder
     rows are the least-squares inverse of the seed dictionary (codes x S X^T / n rebuild it)."""
-    cfg, st, keys, model, train, _ = _opened(store, tmp_path, concepts=40)
-    assert cfg.encoder_start == "dual"  # the fidelity recipe's
+    cfg, st, keys, model, train, _ = _opened(store, tmp_path, concepts=40, encoder_start="dual")
+    assert cfg.encoder_start == "dual"
     rows, metrics = seed_start(st, keys, model, train, 0, "dual")
     assert all(
         torch.equal(a, b) for a, b in zip(rows, seed_tokens(st, keys, model, train, 0), strict=True)
@@ -272,7 +272,8 @@ def test_twins_start_identical_and_the_run_starts_at_the_seed(tmp_path):
 
 
 def test_config_encoder_start_resolves_to_the_recipe_and_old_runs_keep_theirs():
-    assert TrainConfig(recipe="fidelity").resolved().encoder_start == "dual"
+    assert TrainConfig(recipe="fidelity").resolved().encoder_start == "token"
+    assert TrainConfig(recipe="fidelity", encoder_start="dual").resolved().encoder_start == "dual"
     assert TrainConfig(recipe="paper").resolved().encoder_start == "token"
     assert TrainConfig(recipe="fidelity", init="unit").resolved().encoder_start == "token"
     assert TrainConfig(recipe="paper", init="data").resolved().encoder_start == "token"

@@ -257,9 +257,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("randn", False, False, False, False, "cosine"),
-    "fidelity": Recipe(
-        "data", True, True, True, True, "tail", agree=1.0, gain_rate=10.0, encoder_start="dual"
-    ),
+    "fidelity": Recipe("data", True, True, True, True, "tail", agree=1.0, gain_rate=10.0),
 }
 
 
