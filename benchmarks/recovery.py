@@ -48,17 +48,16 @@ RECIPES = {
     # the default with the dual encoder start (the seed dictionary's least-squares inverse)
     "fidelity-dual": dict(recipe="fidelity", encoder_start="dual"),
     # the default with per-coordinate AdamW (before RowAdamW), and with RowAdamW named
-    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw", encoder_start="token"),
-    "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw", encoder_start="token"),
+    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw"),
+    "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),
     "paper+auxdead": dict(recipe="paper", aux="dead"),
-    "fidelity+auxdead": dict(recipe="fidelity", aux="dead", encoder_start="token"),
+    "fidelity+auxdead": dict(recipe="fidelity", aux="dead"),
     # the default started at random unit rows (the recipe before the data-aligned start)
     "fidelity-unit": dict(recipe="fidelity", init="unit"),
     # and also without its code agreement, gains at the common rate (the recipe before all three)
     "fidelity-noagree": dict(recipe="fidelity", init="unit", agree_weight=0.0, gain_rate=1.0),
     **{
-        f"fidelity@{t:g}": dict(recipe="fidelity", agree_start=t, encoder_start="token")
-        for t in (0.0, 0.3, 0.5, 0.6)
+        f"fidelity@{t:g}": dict(recipe="fidelity", agree_start=t) for t in (0.0, 0.3, 0.5, 0.6)
     },  # its start
 }
 # the default and its dual start at other seeds (run-to-run spread of a recovery figure)

@@ -44,23 +44,17 @@ RECIPES = {
     # the default with the dual encoder start (the seed dictionary's least-squares inverse)
     "fidelity-dual": dict(recipe="fidelity", encoder_start="dual"),
     # per-concept second moments (RowAdamW): updates that do not depend on the basis
-    "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw", encoder_start="token"),
+    "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),
     # and encoders that read whitened inputs (affine maps then look like rotations to them)
-    "fidelity-rowadamw-whiten": dict(
-        recipe="fidelity", optimizer="rowadamw", whiten=True, encoder_start="token"
-    ),
+    "fidelity-rowadamw-whiten": dict(recipe="fidelity", optimizer="rowadamw", whiten=True),
     # a shrunk whitening: weak directions amplified less (ridge 0.3 / 1 x the mean eigenvalue)
-    **{
-        f"fidelity-rowadamw-whiten{r:g}": dict(
-            recipe="fidelity",
-            optimizer="rowadamw",
-            whiten=True,
-            whiten_ridge=r,
-            encoder_start="token",
-        )
-        for r in (0.3, 1.0)
-    },  # fmt: skip
-    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw", encoder_start="token"),
+    "fidelity-rowadamw-whiten0.3": dict(
+        recipe="fidelity", optimizer="rowadamw", whiten=True, whiten_ridge=0.3
+    ),
+    "fidelity-rowadamw-whiten1": dict(
+        recipe="fidelity", optimizer="rowadamw", whiten=True, whiten_ridge=1.0
+    ),
+    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw"),
 }
 
 

@@ -189,21 +189,6 @@ def test_inverse_second_moment_is_the_whitening_squared():
     assert torch.allclose(inverse_second_moment(x, 0.05), p @ p, rtol=1e-10, atol=1e-12)
 
 
-def write_mapped_twins(path: Path, a_dd: np.ndarray, n=16, t=8, seed=0) -> Path:
-    """A store holding one backbone's tokens `a` and the same tokens times a_dd as `b`."""
-    width = len(a_dd)
-    st = Store.create(path, [f"img{i}" for i in range(n)],
-                      [BackboneLayout("a", width), BackboneLayout("b", width)], grid=(2, t // 2),
-                      chunk_images=4, source="synth", fingerprint_of={"mapped": seed})  # fmt: skip
-    rng = np.random.default_rng(seed)
-    mix = np.linalg.qr(rng.normal(size=(width, width)))[0] * np.geomspace(2, 0.5, width)
-    for c in range(st.n_chunks):
-        x = 1.0 + rng.normal(size=(4 * t, width)) @ mix
-        st.write_chunk(c, {"a": x, "b": x @ a_dd}, np.ones(4, bool))
-    st.finalize()
-    return path
-
-
 @pytest.mark.parametrize("start,ridge", [("dual", 1e-9), ("dual", None), ("token", None)])
 def test_dual_start_gives_mapped_twins_the_same_pre_activations(
     tmp_path, monkeypatch, start, ridge
@@ -218,7 +203,7 @@ def test_dual_start_gives_mapped_twins_the_same_pre_activations(
     if ridge is not None:
         monkeypatch.setattr(inputs, "WHITEN_EPS", ridge)
     a_dd = random_map(np.random.default_rng(1), 8, "affine", 0.7)
-    path = write_mapped_twins(tmp_path / "t.zarr", a_dd)
+    path = write_twins(tmp_path / "t.zarr", width=8, a_dd=a_dd)
     cfg = small_cfg(
         path, tmp_path / "run", steps=1, lr=0.0, lr_min=0.0, concepts=40, encoder_start=start
     )
@@ -240,15 +225,21 @@ def test_dual_start_gives_mapped_twins_the_same_pre_activations(
         assert cos.median() < 0.9, cos  # 0.82 here, min 0.37
 
 
-def write_twins(path: Path, n=16, t=8, width=6, seed=0) -> Path:
-    """A store holding one backbone's tokens twice (as `a` and `b`)."""
+def write_twins(path: Path, n=16, t=8, width=6, seed=0, a_dd: np.ndarray | None = None) -> Path:
+    """A store holding one backbone's tokens twice (as `a` and `b`); with a_dd (width, width),
+    `b` is `a` times a_dd, and `a`'s channels are mixed by a rotation with scales 2 to 0.5."""
+    fp = {"twins": seed} if a_dd is None else {"mapped": seed}
     st = Store.create(path, [f"img{i}" for i in range(n)],
                       [BackboneLayout("a", width), BackboneLayout("b", width)], grid=(2, t // 2),
-                      chunk_images=4, source="synth", fingerprint_of={"twins": seed})  # fmt: skip
+                      chunk_images=4, source="synth", fingerprint_of=fp)  # fmt: skip
     rng = np.random.default_rng(seed)
+    mix = None
+    if a_dd is not None:
+        mix = np.linalg.qr(rng.normal(size=(width, width)))[0] * np.geomspace(2, 0.5, width)
     for c in range(st.n_chunks):
-        x = 1.0 + rng.normal(size=(4 * t, width))
-        st.write_chunk(c, {"a": x, "b": x}, np.ones(4, bool))
+        x = rng.normal(size=(4 * t, width))
+        x = 1.0 + (x if mix is None else x @ mix)
+        st.write_chunk(c, {"a": x, "b": x if a_dd is None else x @ a_dd}, np.ones(4, bool))
     st.finalize()
     return path
 

@@ -134,7 +134,7 @@ class TrainConfig:
             ),
             (
                 self.encoder_start != "dual" or self.resolved_init() in ("data", None),
-                f"encoder_start dual needs the data-aligned start (init data), "
+                "encoder_start dual needs the data-aligned start (init data), "
                 f"not init {self.resolved_init()}",
             ),
             (self.k > 0, "k must be positive"),
@@ -199,19 +199,16 @@ class TrainConfig:
         """This config with every "the recipe's" field (agree_weight, agree_start, gain_rate, init,
         encoder_start, optimizer) set from its recipe; gain_rate is 1 for a recipe without gains,
         and encoder_start is token for a start that is not data-aligned (it has no seed tokens)."""
-        rc = RECIPES[self.recipe]
+        rc, init = RECIPES[self.recipe], self.resolved_init()
         rate = (self.gain_rate if self.gain_rate > 0 else rc.gain_rate) if rc.gains else 1.0
+        start = rc.encoder_start if init == "data" else "token"
         return replace(
             self,
             agree_weight=self.agree_weight if self.agree_weight >= 0 else rc.agree,
             agree_start=self.agree_start if self.agree_start >= 0 else rc.agree_start,
             gain_rate=rate,
-            init=self.resolved_init(),
-            encoder_start=(
-                ("token" if self.resolved_init() != "data" else rc.encoder_start)
-                if self.encoder_start == "recipe"
-                else self.encoder_start
-            ),
+            init=init,
+            encoder_start=start if self.encoder_start == "recipe" else self.encoder_start,
             optimizer=self.optimizer_name(),
         )
 
