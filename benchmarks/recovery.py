@@ -45,8 +45,8 @@ from usae.runtime import heldout_images
 RECIPES = {
     "paper": dict(recipe="paper"),
     "fidelity": dict(recipe="fidelity"),
-    # the default with the dual encoder start (the seed dictionary's least-squares inverse)
-    "fidelity-dual": dict(recipe="fidelity", encoder_start="dual"),
+    # the default with the token encoder start (the default before the dual start)
+    "fidelity-token": dict(recipe="fidelity", encoder_start="token"),
     # the default with per-coordinate AdamW (before RowAdamW), and with RowAdamW named
     "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw"),
     "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),
@@ -60,11 +60,11 @@ RECIPES = {
         f"fidelity@{t:g}": dict(recipe="fidelity", agree_start=t) for t in (0.0, 0.3, 0.5, 0.6)
     },  # its start
 }
-# the default and its dual start at other seeds (run-to-run spread of a recovery figure)
+# the default and its token start at other seeds (run-to-run spread of a recovery figure)
 RECIPES.update(
     {
         f"{r}-seed{s}": dict(RECIPES[r], seed=s)
-        for r in ("fidelity", "fidelity-dual")
+        for r in ("fidelity", "fidelity-token")
         for s in (1, 2)
     }
 )

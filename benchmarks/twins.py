@@ -41,8 +41,8 @@ RECIPES = {
     "fidelity-noagree": dict(recipe="fidelity", init="unit", agree_weight=0.0, gain_rate=1.0),
     "fidelity-unit": dict(recipe="fidelity", init="unit"),  # before the data-aligned start
     "fidelity": dict(recipe="fidelity"),
-    # the default with the dual encoder start (the seed dictionary's least-squares inverse)
-    "fidelity-dual": dict(recipe="fidelity", encoder_start="dual"),
+    # the default with the token encoder start (the default before the dual start)
+    "fidelity-token": dict(recipe="fidelity", encoder_start="token"),
     # per-concept second moments (RowAdamW): updates that do not depend on the basis
     "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),
     # and encoders that read whitened inputs (affine maps then look like rotations to them)

@@ -80,7 +80,7 @@ class TrainConfig:
     init: Literal["recipe", "randn", "unit", "data"] = "recipe"
     """Start of the decoder rows (recipe: the recipe's): randn (the paper: norm ~sqrt(d)), unit (random unit rows), or data (concept c starts in every backbone, decoder and encoder row, at that backbone's activation of one same random training token; docs/method.md section 8)."""
     encoder_start: Literal["recipe", "token", "dual"] = "recipe"
-    """With the data-aligned start (init data): token (each concept's encoder row is its seed token, as the encoder reads it, normalised: it first fires by cosine to that token) or dual (the encoder starts as the least-squares inverse of the decoder's seed tokens: row c is token c times the inverse second moment of the seed tokens, normalised, so two backbones that differ by an invertible linear map start with the same pre-activations; docs/method.md section 8); recipe: the recipe's."""
+    """With the data-aligned start (init data): token (each concept's encoder row is its seed token, as the encoder reads it, normalised: it first fires by cosine to that token) or dual (the fidelity recipe's: row c is token c times S, the ridge-regularised inverse second moment of the seed tokens, scaled so that its pre-activation on its own token is sqrt(x_c S x_c) times the backbone's token scale: two backbones that differ by an invertible linear map start with nearly the same pre-activations, exactly so without the ridge; docs/method.md section 8); recipe: the recipe's."""
     recipe: Literal["fidelity", "paper"] = "fidelity"
     """fidelity (default): decoder and encoder rows started at one same training token in every backbone, a learnable gain per concept and backbone, a decoder bias, the loss averaged over the targets, every backbone a source in every step (on its share of the batch), a constant lr with a short final decay, and from half of the steps a code agreement between the backbones' encoders; paper: the paper's recipe exactly (randn rows, no gains or bias, summed loss, one source per step, cosine decay). docs/method.md section 8."""
     mode: Mode = "paper"
@@ -254,7 +254,9 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "paper": Recipe("randn", False, False, False, False, "cosine"),
-    "fidelity": Recipe("data", True, True, True, True, "tail", agree=1.0, gain_rate=10.0),
+    "fidelity": Recipe(
+        "data", True, True, True, True, "tail", agree=1.0, gain_rate=10.0, encoder_start="dual"
+    ),
 }
 
 

@@ -214,6 +214,12 @@ def moment_power(x_nd: Tensor, eps: float, power: float) -> Tensor:
     return (v * lam.pow(power)) @ v.T
 
 
+DUAL_RIDGE = 1.0
+"""The dual start's ridge, relative to the mean eigenvalue of the seed tokens' second moment:
+directions stronger than the mean are damped as by the least-squares inverse, weaker ones are
+read nearly as the token start reads them (the inverse would amplify them, noise with them)."""
+
+
 def seed_start(
     st: Store,
     keys: Sequence[str],
@@ -221,17 +227,19 @@ def seed_start(
     images: np.ndarray,
     seed: int,
     encoder_start: str,
+    ridge: float | None = None,
 ) -> tuple[list[Tensor], list[Tensor] | None]:
     """`USAE.seed_from_tokens`' arguments: `seed_tokens`' rows, and for the dual encoder start
-    (`TrainConfig.encoder_start`) each backbone's `inverse_second_moment` of those same rows
-    (None for the token start). With it, encoder row c is x_c (X^T X / n + eps)^-1, normalised:
-    up to the ridge and the scale, the least-squares inverse (dual frame) of the dictionary of
-    the n seed tokens X that the decoder starts at; for an invertible A the inverse of X A is
-    A^-1 times that of X, so two backbones that differ by A start with the same pre-activations."""
+    (`TrainConfig.encoder_start`) each backbone's `inverse_second_moment` S of those same rows,
+    at `ridge` (default DUAL_RIDGE; None for the token start). Encoder row c is then x_c S: for
+    an invertible A, S of X A is A^-1 S A^-T, so two backbones that differ by A start with the
+    same pre-activations x S x_c (exactly at ridge 0, where x_c S is the least-squares inverse,
+    the dual frame, of the dictionary of the n seed tokens X that the decoder starts at)."""
     rows = seed_tokens(st, keys, model, images, seed)
     if encoder_start != "dual":
         return rows, None
-    return rows, [inverse_second_moment(r, WHITEN_EPS).to(r.dtype) for r in rows]
+    eps = DUAL_RIDGE if ridge is None else ridge
+    return rows, [inverse_second_moment(r, eps).to(r.dtype) for r in rows]
 
 
 def spread_out(z: Tensor, cosine: float, limit: int | None = None, block: int = 256) -> np.ndarray:

@@ -155,19 +155,28 @@ class USAE(nn.Module):
         0, so it first fires most for its own token; concepts c >= n keep their random start.
         Tokens are aligned across backbones, so two identical backbones start identical.
         With `ModelSpec.whiten` the decoder row is the token itself (the encoder input un-whitened).
-        With metrics (the dual start), the encoder row is rows[j][c] @ metrics[j], normalised:
-        metrics[j] (d_j, d_j) symmetric, the inverse second moment S_j of the rows
-        (`usae.trainer.inputs.seed_start`), so the encoder starts as the least-squares inverse
-        of the seed dictionary. Under x -> x A (A invertible) S -> A^-1 S A^-T, so two backbones
-        that differ by A start with the same pre-activations x S_j x_c."""
+        With metrics (the dual start), the encoder row is rows[j][c] @ metrics[j]: metrics[j]
+        (d_j, d_j) symmetric, the regularised inverse second moment S_j of the rows
+        (`usae.trainer.inputs.seed_start`), scaled so that its pre-activation on its own token
+        is sqrt(x_c S_j x_c) k_j, k_j = rms_c |x_c| / sqrt(d_j) (so the typical one is the token
+        start's |x_c|). Under x -> x A (A invertible) S -> A^-1 S A^-T: two backbones that
+        differ by A start with the same pre-activations x S_j x_c, each concept at the same
+        scale in both (up to k_j); a unit row would scale them by 1 / |x_c S_j|, which A
+        changes, and BatchNorm hides that scale from the loss but not from the steps."""
         for j, r in enumerate(rows):
             n = r.shape[0]
             r = r.to(self.decoders[j].dtype)
-            enc = r if metrics is None else r @ metrics[j].to(r.dtype)
             p = self.whitening(j)
             data = r if p is None else torch.linalg.solve(p.to(r.dtype), r.T).T  # P symmetric
             self.decoders[j][:n].copy_(F.normalize(data, dim=1))
-            self.encoders[j].weight[:n].copy_(F.normalize(enc, dim=1))
+            if metrics is None:
+                enc = F.normalize(r, dim=1)
+            else:
+                enc = r @ metrics[j].to(r.dtype)
+                own = (r * enc).sum(1, keepdim=True).clamp_min(1e-12)  # x_c S x_c > 0
+                k = r.pow(2).sum(1).mean().div(r.shape[1]).sqrt()
+                enc = enc * (own.rsqrt() * k)
+            self.encoders[j].weight[:n].copy_(enc)
             self.encoders[j].bias[:n].zero_()
 
     def decoder_weight(self, j: int) -> Float[Tensor, "m d"]:
