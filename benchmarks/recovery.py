@@ -47,18 +47,20 @@ RECIPES = {
     "fidelity": dict(recipe="fidelity"),
     # the default with the token encoder start (the default before the dual start)
     "fidelity-token": dict(recipe="fidelity", encoder_start="token"),
-    # the default with per-coordinate AdamW (before RowAdamW), and with RowAdamW named
-    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw"),
-    "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),
+    # measured with the token start, the default then (recovery_rowadamw.json, recovery_auxdead.json):
+    # per-coordinate AdamW (before RowAdamW), RowAdamW, and AuxK over dead concepts
+    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw", encoder_start="token"),
+    "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw", encoder_start="token"),
     "paper+auxdead": dict(recipe="paper", aux="dead"),
-    "fidelity+auxdead": dict(recipe="fidelity", aux="dead"),
+    "fidelity+auxdead": dict(recipe="fidelity", aux="dead", encoder_start="token"),
     # the default started at random unit rows (the recipe before the data-aligned start)
     "fidelity-unit": dict(recipe="fidelity", init="unit"),
     # and also without its code agreement, gains at the common rate (the recipe before all three)
     "fidelity-noagree": dict(recipe="fidelity", init="unit", agree_weight=0.0, gain_rate=1.0),
     **{
-        f"fidelity@{t:g}": dict(recipe="fidelity", agree_start=t) for t in (0.0, 0.3, 0.5, 0.6)
-    },  # its start
+        f"fidelity@{t:g}": dict(recipe="fidelity", agree_start=t, encoder_start="token")
+        for t in (0.0, 0.3, 0.5, 0.6)
+    },  # the agreement's start (chosen with the token start)
 }
 # the default and its token start at other seeds (run-to-run spread of a recovery figure)
 RECIPES.update(

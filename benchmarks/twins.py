@@ -43,18 +43,22 @@ RECIPES = {
     "fidelity": dict(recipe="fidelity"),
     # the default with the token encoder start (the default before the dual start)
     "fidelity-token": dict(recipe="fidelity", encoder_start="token"),
+    # measured with the token start, the default then (twins_*_rowadamw*.json):
     # per-concept second moments (RowAdamW): updates that do not depend on the basis
-    "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw"),
+    "fidelity-rowadamw": dict(recipe="fidelity", optimizer="rowadamw", encoder_start="token"),
     # and encoders that read whitened inputs (affine maps then look like rotations to them)
-    "fidelity-rowadamw-whiten": dict(recipe="fidelity", optimizer="rowadamw", whiten=True),
+    "fidelity-rowadamw-whiten": dict(
+        recipe="fidelity", optimizer="rowadamw", whiten=True, encoder_start="token"
+    ),
     # a shrunk whitening: weak directions amplified less (ridge 0.3 / 1 x the mean eigenvalue)
-    "fidelity-rowadamw-whiten0.3": dict(
-        recipe="fidelity", optimizer="rowadamw", whiten=True, whiten_ridge=0.3
-    ),
-    "fidelity-rowadamw-whiten1": dict(
-        recipe="fidelity", optimizer="rowadamw", whiten=True, whiten_ridge=1.0
-    ),
-    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw"),
+    **{
+        f"fidelity-rowadamw-whiten{r:g}": dict(
+            recipe="fidelity", optimizer="rowadamw", whiten=True, whiten_ridge=r,
+            encoder_start="token",
+        )
+        for r in (0.3, 1.0)
+    },
+    "fidelity-adamw": dict(recipe="fidelity", optimizer="adamw", encoder_start="token"),
 }
 
 
