@@ -53,7 +53,10 @@ RECIPES = {
     # a shrunk whitening: weak directions amplified less (ridge 0.3 / 1 x the mean eigenvalue)
     **{
         f"fidelity-rowadamw-whiten{r:g}": dict(
-            recipe="fidelity", optimizer="rowadamw", whiten=True, whiten_ridge=r,
+            recipe="fidelity",
+            optimizer="rowadamw",
+            whiten=True,
+            whiten_ridge=r,
             encoder_start="token",
         )
         for r in (0.3, 1.0)
