@@ -167,19 +167,16 @@ def test_dual_start_is_the_seed_token_through_the_inverse_second_moment(store, t
         np.testing.assert_allclose(metrics[j].double().numpy(), slow, rtol=1e-4, atol=1e-6)
         w = x @ slow
         own = np.einsum("nd,nd->n", x, w)
-        scale = np.sqrt((x**2).sum(1).mean() / x.shape[1]) / np.sqrt(own)
+        scale = np.sqrt((x**2).sum(1).mean() / x.shape[1] / own)
         np.testing.assert_allclose(
             model.encoders[j].weight[: len(r)].detach().double().numpy(),
             w * scale[:, None],
             rtol=1e-4,
             atol=1e-5,
         )
-        pre = (
-            model.encoders[j](r).detach().double().diagonal().numpy()
-        )  # its own token: sqrt(x S x) k
-        np.testing.assert_allclose(
-            pre, np.sqrt(own) * np.sqrt((x**2).sum(1).mean() / x.shape[1]), rtol=1e-4
-        )
+        k = np.sqrt((x**2).sum(1).mean() / x.shape[1])
+        pre = model.encoders[j](r).detach().double().diagonal().numpy()  # on its own token
+        np.testing.assert_allclose(pre, np.sqrt(own) * k, rtol=1e-4)
         s = metrics[j].double()
         rd = r.double()
         cos_s = (rd @ s @ rd.T) / torch.outer(

@@ -227,19 +227,17 @@ def seed_start(
     images: np.ndarray,
     seed: int,
     encoder_start: str,
-    ridge: float | None = None,
 ) -> tuple[list[Tensor], list[Tensor] | None]:
     """`USAE.seed_from_tokens`' arguments: `seed_tokens`' rows, and for the dual encoder start
     (`TrainConfig.encoder_start`) each backbone's `inverse_second_moment` S of those same rows,
-    at `ridge` (default DUAL_RIDGE; None for the token start). Encoder row c is then x_c S: for
+    at ridge DUAL_RIDGE (None for the token start). Encoder row c is then x_c S: for
     an invertible A, S of X A is A^-1 S A^-T, so two backbones that differ by A start with the
     same pre-activations x S x_c (exactly at ridge 0, where x_c S is the least-squares inverse,
     the dual frame, of the dictionary of the n seed tokens X that the decoder starts at)."""
     rows = seed_tokens(st, keys, model, images, seed)
     if encoder_start != "dual":
         return rows, None
-    eps = DUAL_RIDGE if ridge is None else ridge
-    return rows, [inverse_second_moment(r, eps).to(r.dtype) for r in rows]
+    return rows, [inverse_second_moment(r, DUAL_RIDGE).to(r.dtype) for r in rows]
 
 
 def spread_out(z: Tensor, cosine: float, limit: int | None = None, block: int = 256) -> np.ndarray:
